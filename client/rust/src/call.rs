@@ -1,0 +1,167 @@
+//! Typed calls, issued with `HVC #0` (SMCCC 1.1 SMC64 convention).
+
+use crate::{func, Error, Regs};
+
+/// Issues `HVC #0` with x0 = `id`, x1..x5 = `args`; returns x0..x4.
+///
+/// x6..x17 are declared clobbered although the contract preserves x4..x17,
+/// so a hypervisor that breaks that promise cannot corrupt the caller.
+#[inline(always)]
+pub fn hvc(id: u64, args: [u64; 5]) -> Regs {
+    let (r0, r1, r2, r3, r4);
+    // SAFETY: HVC transfers control to the hypervisor, which returns to the
+    // next instruction with results in x0..x4; every register it may write is
+    // declared as an output or clobber, and it touches no memory of ours.
+    unsafe {
+        core::arch::asm!(
+            "hvc #0",
+            inout("x0") id => r0,
+            inout("x1") args[0] => r1,
+            inout("x2") args[1] => r2,
+            inout("x3") args[2] => r3,
+            inout("x4") args[3] => r4,
+            inout("x5") args[4] => _,
+            out("x6") _, out("x7") _, out("x8") _, out("x9") _,
+            out("x10") _, out("x11") _, out("x12") _, out("x13") _,
+            out("x14") _, out("x15") _, out("x16") _, out("x17") _,
+            options(nostack),
+        );
+    }
+    Regs([r0, r1, r2, r3, r4])
+}
+
+fn call(id: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> Result<Regs, Error> {
+    hvc(id, [a1, a2, a3, a4, 0]).ok()
+}
+
+/// FEATURES: bitmap of implemented vendor-hypervisor functions.
+pub fn features() -> u64 {
+    hvc(func::FEATURES, [0; 5]).0[0]
+}
+
+/// CALL_UID: the four UID words.
+pub fn call_uid() -> [u64; 4] {
+    let r = hvc(func::CALL_UID, [0; 5]).0;
+    [r[0], r[1], r[2], r[3]]
+}
+
+/// REVISION: (major, minor).
+pub fn revision() -> (u64, u64) {
+    let r = hvc(func::REVISION, [0; 5]).0;
+    (r[0], r[1])
+}
+
+/// What HYP_FEATURES reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HypFeatures {
+    pub block_sizes: u64,
+    pub max_vms: u64,
+    pub max_vcpus: u64,
+}
+
+pub fn hyp_features() -> Result<HypFeatures, Error> {
+    let r = call(func::HYP_FEATURES, 0, 0, 0, 0)?.0;
+    Ok(HypFeatures { block_sizes: r[1], max_vms: r[2], max_vcpus: r[3] })
+}
+
+pub fn host_share_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
+    call(func::HOST_SHARE_HYP, pfn, nr, 0, 0).map(drop)
+}
+
+pub fn host_unshare_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
+    call(func::HOST_UNSHARE_HYP, pfn, nr, 0, 0).map(drop)
+}
+
+pub fn host_donate_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
+    call(func::HOST_DONATE_HYP, pfn, nr, 0, 0).map(drop)
+}
+
+pub fn host_reclaim(pfn: u64, nr: u64) -> Result<(), Error> {
+    call(func::HOST_RECLAIM, pfn, nr, 0, 0).map(drop)
+}
+
+/// What MEM_STATE and VM_MEM_STATE report for one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemState {
+    /// MEM_STATE: owner code; VM_MEM_STATE: the pfn behind the IPA.
+    pub owner_or_pfn: u64,
+    pub state: u64,
+    /// Size in bytes of the stage-2 mapping covering the page, 0 if unmapped.
+    pub map_size: u64,
+}
+
+pub fn mem_state(pfn: u64) -> Result<MemState, Error> {
+    let r = call(func::MEM_STATE, pfn, 0, 0, 0)?.0;
+    Ok(MemState { owner_or_pfn: r[1], state: r[2], map_size: r[3] })
+}
+
+pub fn hyp_stats(counter: u64) -> Result<u64, Error> {
+    Ok(call(func::HYP_STATS, counter, 0, 0, 0)?.0[1])
+}
+
+pub fn vm_create(nr_vcpus: u64) -> Result<u64, Error> {
+    Ok(call(func::VM_CREATE, nr_vcpus, 0, 0, 0)?.0[1])
+}
+
+pub fn vm_destroy(handle: u64) -> Result<(), Error> {
+    call(func::VM_DESTROY, handle, 0, 0, 0).map(drop)
+}
+
+pub fn vcpu_init(handle: u64, vcpu: u64, entry_ipa: u64, x0: u64) -> Result<(), Error> {
+    call(func::VCPU_INIT, handle, vcpu, entry_ipa, x0).map(drop)
+}
+
+/// A VCPU_RUN exit: reason and details x2..x4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub reason: u64,
+    pub details: [u64; 3],
+}
+
+pub fn vcpu_run(handle: u64, vcpu: u64, completion: u64) -> Result<Exit, Error> {
+    let r = call(func::VCPU_RUN, handle, vcpu, completion, 0)?.0;
+    Ok(Exit { reason: r[1], details: [r[2], r[3], r[4]] })
+}
+
+pub fn vm_donate(handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), Error> {
+    call(func::VM_DONATE, handle, pfn, ipa, nr).map(drop)
+}
+
+pub fn vm_share(handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), Error> {
+    call(func::VM_SHARE, handle, pfn, ipa, nr).map(drop)
+}
+
+pub fn vm_unshare(handle: u64, ipa: u64, nr: u64) -> Result<(), Error> {
+    call(func::VM_UNSHARE, handle, ipa, nr, 0).map(drop)
+}
+
+pub fn vm_mem_state(handle: u64, ipa: u64) -> Result<MemState, Error> {
+    let r = call(func::VM_MEM_STATE, handle, ipa, 0, 0)?.0;
+    Ok(MemState { owner_or_pfn: r[1], state: r[2], map_size: r[3] })
+}
+
+pub fn host_pin(pfn: u64, nr: u64) -> Result<(), Error> {
+    call(func::HOST_PIN, pfn, nr, 0, 0).map(drop)
+}
+
+pub fn host_unpin(pfn: u64, nr: u64) -> Result<(), Error> {
+    call(func::HOST_UNPIN, pfn, nr, 0, 0).map(drop)
+}
+
+/// Guest calls (pKVM-compatible).
+pub mod guest {
+    use super::*;
+
+    pub fn hyp_meminfo() -> u64 {
+        hvc(func::HYP_MEMINFO, [0; 5]).0[0]
+    }
+    pub fn mem_share(ipa: u64, nr: u64) -> Result<(), Error> {
+        call(func::MEM_SHARE, ipa, nr, 0, 0).map(drop)
+    }
+    pub fn mem_unshare(ipa: u64, nr: u64) -> Result<(), Error> {
+        call(func::MEM_UNSHARE, ipa, nr, 0, 0).map(drop)
+    }
+    pub fn mem_relinquish(ipa: u64, nr: u64) -> Result<(), Error> {
+        call(func::MEM_RELINQUISH, ipa, nr, 0, 0).map(drop)
+    }
+}
