@@ -1,1 +1,335 @@
-//! The hypervisor's own EL2 stage-1 translation tables (owned by the boot work).
+//! The hypervisor's own EL2 stage-1 translation tables (non-VHE EL2: one VA
+//! range through TTBR0_EL2, 4K granule, 48-bit VA, walks start at level 0).
+//!
+//! keel maps only what it owns or borrows, identity (VA == PA): its image
+//! with per-section permissions, its stacks with unmapped guard pages, its
+//! page pool, the console, and pages the host shares with it. A mapping is
+//! made with 2M blocks where alignment allows and 4K pages elsewhere;
+//! `unmap` removes whole leaves, so callers unmap what they mapped.
+
+use tock_registers::fields::FieldValue;
+use tock_registers::register_bitfields;
+
+const PAGE: u64 = 4096;
+const ENTRIES: usize = 512;
+/// Level-2 block size.
+const BLOCK_2M: u64 = 1 << 21;
+/// Output-address bits [47:12] of a descriptor.
+const OA_MASK: u64 = 0x0000_ffff_ffff_f000;
+/// Highest VA + 1 (T0SZ = 16).
+pub const VA_LIMIT: u64 = 1 << 48;
+
+register_bitfields! {u64,
+    /// An EL2 stage-1 descriptor (block, page, or table).
+    pub S1_DESC [
+        VALID OFFSET(0) NUMBITS(1) [],
+        /// 1: table (levels 0-2) or page (level 3); 0: block.
+        TABLE_OR_PAGE OFFSET(1) NUMBITS(1) [],
+        /// Index into MAIR_EL2.
+        ATTR_INDX OFFSET(2) NUMBITS(3) [Device = 0, Normal = 1],
+        /// AP[2:1]: at EL2 AP[1] is RES1, AP[2] makes the page read-only.
+        AP OFFSET(6) NUMBITS(2) [ReadWrite = 0b01, ReadOnly = 0b11],
+        SH OFFSET(8) NUMBITS(2) [Non = 0b00, Inner = 0b11],
+        AF OFFSET(10) NUMBITS(1) [],
+        /// Execute-never (bit 54 in the EL2 regime).
+        XN OFFSET(54) NUMBITS(1) []
+    ]
+}
+
+/// MAIR_EL2 that matches `ATTR_INDX`: 0 Device-nGnRE, 1 Normal write-back.
+pub const MAIR_EL2: u64 = 0x04 | (0xff << 8);
+
+/// What a mapping is for; each gives one set of permissions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Perm {
+    /// Code: read-only, executable.
+    Text,
+    /// Read-only data, never executable.
+    ReadOnly,
+    /// Read-write data, never executable.
+    ReadWrite,
+    /// MMIO: Device-nGnRE, read-write, never executable.
+    Device,
+}
+
+impl Perm {
+    fn leaf_bits(self) -> u64 {
+        use S1_DESC::*;
+        let v: FieldValue<u64, S1_DESC::Register> = match self {
+            Perm::Text => ATTR_INDX::Normal + AP::ReadOnly + SH::Inner,
+            Perm::ReadOnly => ATTR_INDX::Normal + AP::ReadOnly + SH::Inner + XN::SET,
+            Perm::ReadWrite => ATTR_INDX::Normal + AP::ReadWrite + SH::Inner + XN::SET,
+            Perm::Device => ATTR_INDX::Device + AP::ReadWrite + SH::Non + XN::SET,
+        };
+        (v + VALID::SET + AF::SET).value
+    }
+}
+
+/// Where stage-1 table pages come from, and how to reach them.
+pub trait TablePages {
+    /// A zeroed 4 KiB page's physical address, or None when exhausted.
+    fn alloc_table(&mut self) -> Option<u64>;
+    /// Returns a page `alloc_table` gave out.
+    fn free_table(&mut self, pa: u64);
+    /// Where the hypervisor can read and write the page at `pa`.
+    fn table_ptr(&self, pa: u64) -> *mut [u64; ENTRIES];
+}
+
+/// Errors of stage-1 operations. BadRange, AlreadyMapped and NotMapped are
+/// found before anything changes; NoMemory part-way through `map` leaves
+/// what was mapped so far (stage 1 is built at boot, from a pool sized for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S1Error {
+    /// Zero length, misaligned, or beyond the VA space.
+    BadRange,
+    /// Part of the range is already mapped.
+    AlreadyMapped,
+    /// Part of the range is not mapped by a leaf that lies wholly inside it.
+    NotMapped,
+    /// No page for a table.
+    NoMemory,
+}
+
+/// One EL2 stage-1 address space.
+pub struct Stage1 {
+    root: u64,
+}
+
+fn index(va: u64, level: usize) -> usize {
+    ((va >> (39 - 9 * level)) & 0x1ff) as usize
+}
+
+fn check_range(va: u64, pa: u64, len: u64) -> Result<(), S1Error> {
+    let aligned = (va | pa | len) % PAGE == 0;
+    let end_ok = va.checked_add(len).is_some_and(|e| e <= VA_LIMIT);
+    if len == 0 || !aligned || !end_ok || pa.checked_add(len).is_none() {
+        return Err(S1Error::BadRange);
+    }
+    Ok(())
+}
+
+impl Stage1 {
+    pub fn new(pages: &mut impl TablePages) -> Result<Self, S1Error> {
+        let root = pages.alloc_table().ok_or(S1Error::NoMemory)?;
+        Ok(Stage1 { root })
+    }
+
+    /// The value for TTBR0_EL2.
+    pub fn ttbr(&self) -> u64 {
+        self.root
+    }
+
+    fn entry(pages: &impl TablePages, table: u64, idx: usize) -> u64 {
+        // SAFETY: `table` is one of our table pages, reachable through
+        // `table_ptr`; idx < 512.
+        unsafe { (*pages.table_ptr(table))[idx] }
+    }
+
+    fn set_entry(pages: &impl TablePages, table: u64, idx: usize, desc: u64) {
+        // SAFETY: as in `entry`; a volatile store so the table walker sees
+        // exactly one write of the whole descriptor.
+        unsafe { core::ptr::write_volatile(&mut (*pages.table_ptr(table))[idx], desc) }
+    }
+
+    /// The table at `level + 1` under `table[idx]`, created if absent.
+    fn next_table(
+        pages: &mut impl TablePages,
+        table: u64,
+        idx: usize,
+    ) -> Result<u64, S1Error> {
+        let desc = Self::entry(pages, table, idx);
+        if desc & 1 == 0 {
+            let new = pages.alloc_table().ok_or(S1Error::NoMemory)?;
+            Self::set_entry(pages, table, idx, new | 0b11);
+            return Ok(new);
+        }
+        if desc & 0b10 == 0 {
+            return Err(S1Error::AlreadyMapped);
+        }
+        Ok(desc & OA_MASK)
+    }
+
+    /// Maps [va, va + len) to [pa, pa + len) with `perm`. Fails, mapping
+    /// nothing new, if any page of the range is already mapped.
+    pub fn map(
+        &mut self,
+        va: u64,
+        pa: u64,
+        len: u64,
+        perm: Perm,
+        pages: &mut impl TablePages,
+    ) -> Result<(), S1Error> {
+        check_range(va, pa, len)?;
+        if (0..len).step_by(PAGE as usize).any(|off| self.translate(va + off, pages).is_some()) {
+            return Err(S1Error::AlreadyMapped);
+        }
+        let bits = perm.leaf_bits();
+        let mut off = 0;
+        while off < len {
+            let (v, p) = (va + off, pa + off);
+            let use_block = (v | p) % BLOCK_2M == 0 && len - off >= BLOCK_2M;
+            let mut table = self.root;
+            let leaf_level = if use_block { 2 } else { 3 };
+            for level in 0..leaf_level {
+                table = Self::next_table(pages, table, index(v, level))?;
+            }
+            let kind = if use_block { 0 } else { 0b10 };
+            Self::set_entry(pages, table, index(v, leaf_level), p | bits | kind);
+            off += if use_block { BLOCK_2M } else { PAGE };
+        }
+        Ok(())
+    }
+
+    /// Removes the leaves that map [va, va + len); each leaf must lie wholly
+    /// inside the range. Returns how many leaves were removed; the caller
+    /// invalidates the TLB for the range.
+    pub fn unmap(&mut self, va: u64, len: u64, pages: &impl TablePages) -> Result<usize, S1Error> {
+        check_range(va, 0, len)?;
+        // Check the whole range first, so a failure changes nothing.
+        let mut off = 0;
+        while off < len {
+            let (_, size) = self.leaf(va + off, pages).ok_or(S1Error::NotMapped)?;
+            if (va + off) % size != 0 || len - off < size {
+                return Err(S1Error::NotMapped);
+            }
+            off += size;
+        }
+        let mut removed = 0;
+        let mut off = 0;
+        while off < len {
+            let (slot_table, slot_idx, size) = self.leaf_slot(va + off, pages).ok_or(S1Error::NotMapped)?;
+            Self::set_entry(pages, slot_table, slot_idx, 0);
+            removed += 1;
+            off += size;
+        }
+        Ok(removed)
+    }
+
+    /// The table, index and size of the leaf that maps `va`.
+    fn leaf_slot(&self, va: u64, pages: &impl TablePages) -> Option<(u64, usize, u64)> {
+        let mut table = self.root;
+        for level in 0..4 {
+            let idx = index(va, level);
+            let desc = Self::entry(pages, table, idx);
+            if desc & 1 == 0 {
+                return None;
+            }
+            let size = 1u64 << (39 - 9 * level);
+            if level == 3 || desc & 0b10 == 0 {
+                return Some((table, idx, size));
+            }
+            table = desc & OA_MASK;
+        }
+        None
+    }
+
+    /// The descriptor and size of the leaf that maps `va`.
+    pub fn leaf(&self, va: u64, pages: &impl TablePages) -> Option<(u64, u64)> {
+        let (table, idx, size) = self.leaf_slot(va, pages)?;
+        Some((Self::entry(pages, table, idx), size))
+    }
+
+    /// The physical address `va` maps to, and the permission bits' leaf.
+    pub fn translate(&self, va: u64, pages: &impl TablePages) -> Option<u64> {
+        let (desc, size) = self.leaf(va, pages)?;
+        Some((desc & OA_MASK & !(size - 1)) | (va & (size - 1)))
+    }
+
+    /// Whether the leaf mapping `va` is writable and executable.
+    pub fn permissions(&self, va: u64, pages: &impl TablePages) -> Option<(bool, bool)> {
+        let (desc, _) = self.leaf(va, pages)?;
+        let writable = (desc >> 6) & 0b11 == 0b01;
+        let executable = desc & (1 << 54) == 0;
+        Some((writable, executable))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Table pages from a Vec, with PA = index * 4096 + a fake base.
+    struct VecPages {
+        pages: Vec<Box<[u64; ENTRIES]>>,
+        freed: usize,
+    }
+    const BASE: u64 = 0x8000_0000;
+
+    impl TablePages for VecPages {
+        fn alloc_table(&mut self) -> Option<u64> {
+            if self.pages.len() >= 64 {
+                return None;
+            }
+            self.pages.push(Box::new([0; ENTRIES]));
+            Some(BASE + (self.pages.len() as u64 - 1) * PAGE)
+        }
+        fn free_table(&mut self, _pa: u64) {
+            self.freed += 1;
+        }
+        fn table_ptr(&self, pa: u64) -> *mut [u64; ENTRIES] {
+            let i = ((pa - BASE) / PAGE) as usize;
+            &*self.pages[i] as *const _ as *mut _
+        }
+    }
+
+    fn pages() -> VecPages {
+        VecPages { pages: Vec::new(), freed: 0 }
+    }
+
+    #[test]
+    fn maps_blocks_where_aligned_and_pages_elsewhere() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        // 4 KiB before a 2 MiB boundary, then a full block, then 8 KiB.
+        let va = 0x4020_0000 - PAGE;
+        s1.map(va, va, PAGE + BLOCK_2M + 2 * PAGE, Perm::ReadWrite, &mut p).unwrap();
+        assert_eq!(s1.leaf(va, &p).unwrap().1, PAGE);
+        assert_eq!(s1.leaf(0x4020_0000, &p).unwrap().1, BLOCK_2M);
+        assert_eq!(s1.leaf(0x4040_0000 + PAGE, &p).unwrap().1, PAGE);
+        assert_eq!(s1.translate(0x4030_1234, &p), Some(0x4030_1234));
+        assert_eq!(s1.translate(0x4040_2000, &p), None);
+        assert_eq!(s1.permissions(va, &p), Some((true, false)));
+    }
+
+    #[test]
+    fn permissions_follow_perm() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        s1.map(0x1000, 0x1000, PAGE, Perm::Text, &mut p).unwrap();
+        s1.map(0x2000, 0x2000, PAGE, Perm::ReadOnly, &mut p).unwrap();
+        s1.map(0x900_0000, 0x900_0000, PAGE, Perm::Device, &mut p).unwrap();
+        assert_eq!(s1.permissions(0x1000, &p), Some((false, true)));
+        assert_eq!(s1.permissions(0x2000, &p), Some((false, false)));
+        assert_eq!(s1.permissions(0x900_0000, &p), Some((true, false)));
+        let (desc, _) = s1.leaf(0x900_0000, &p).unwrap();
+        assert_eq!((desc >> 2) & 0b111, 0, "device memory uses MAIR index 0");
+    }
+
+    #[test]
+    fn refuses_bad_and_overlapping_ranges() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        assert_eq!(s1.map(0, 0, 0, Perm::ReadWrite, &mut p), Err(S1Error::BadRange));
+        assert_eq!(s1.map(0x10, 0, PAGE, Perm::ReadWrite, &mut p), Err(S1Error::BadRange));
+        assert_eq!(s1.map(VA_LIMIT - PAGE, 0, 2 * PAGE, Perm::ReadWrite, &mut p), Err(S1Error::BadRange));
+        assert_eq!(s1.map(u64::MAX - 0xfff, 0, PAGE, Perm::ReadWrite, &mut p), Err(S1Error::BadRange));
+        s1.map(0x5000, 0x5000, PAGE, Perm::ReadWrite, &mut p).unwrap();
+        assert_eq!(s1.map(0x4000, 0x4000, 2 * PAGE, Perm::ReadWrite, &mut p), Err(S1Error::AlreadyMapped));
+        assert_eq!(s1.translate(0x4000, &p), None, "a refused map changes nothing");
+    }
+
+    #[test]
+    fn unmap_removes_whole_leaves_only() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        s1.map(0x20_0000, 0x20_0000, BLOCK_2M, Perm::ReadWrite, &mut p).unwrap();
+        s1.map(0x40_0000, 0x40_0000, 2 * PAGE, Perm::ReadWrite, &mut p).unwrap();
+        assert_eq!(s1.unmap(0x20_0000, PAGE, &p), Err(S1Error::NotMapped));
+        assert_eq!(s1.unmap(0x40_0000, 3 * PAGE, &p), Err(S1Error::NotMapped));
+        assert!(s1.translate(0x40_0000, &p).is_some(), "a refused unmap changes nothing");
+        assert_eq!(s1.unmap(0x40_0000, 2 * PAGE, &p), Ok(2));
+        assert_eq!(s1.unmap(0x20_0000, BLOCK_2M, &p), Ok(1));
+        assert_eq!(s1.translate(0x20_0000, &p), None);
+        assert_eq!(p.freed, 0);
+    }
+}

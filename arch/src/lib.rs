@@ -1,0 +1,63 @@
+//! Everything aarch64-specific in keel: system registers, barriers, TLB and
+//! cache maintenance, exception vectors and trap frames, SMCCC calls to
+//! firmware, the PL011 console and the semihosting exit.
+//!
+//! The architecture-neutral parts (ESR decoding, exception-injection
+//! arithmetic) build everywhere and are tested on the build machine; the rest
+//! exists only when compiling for aarch64.
+#![cfg_attr(not(test), no_std)]
+
+pub mod esr;
+pub mod inject;
+
+#[cfg(target_arch = "aarch64")]
+pub mod barrier;
+#[cfg(target_arch = "aarch64")]
+pub mod cache;
+#[cfg(target_arch = "aarch64")]
+pub mod console;
+#[cfg(target_arch = "aarch64")]
+pub mod exception;
+#[cfg(target_arch = "aarch64")]
+pub mod exit;
+#[cfg(target_arch = "aarch64")]
+pub mod firmware;
+#[cfg(target_arch = "aarch64")]
+pub mod sysreg;
+#[cfg(target_arch = "aarch64")]
+pub mod tlb;
+
+/// General-purpose registers x0..x30 of the interrupted context, as the
+/// exception vectors save them on the hypervisor's stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrapFrame {
+    pub x: [u64; 31],
+    /// Keeps the frame a multiple of 16 bytes (the stack alignment).
+    pub _pad: u64,
+}
+
+/// Per-CPU data reached through TPIDR_EL2. The exception vectors read
+/// `emergency_sp` (offset 0) to get a usable stack when the hypervisor
+/// faults, e.g. on its own stack's guard page.
+#[repr(C)]
+#[derive(Debug)]
+pub struct CpuLocal {
+    pub emergency_sp: u64,
+    pub cpu_index: u64,
+    pub mpidr: u64,
+    /// Bottom (lowest address) of this CPU's stack guard page.
+    pub guard_page: u64,
+}
+
+impl CpuLocal {
+    pub const fn new() -> Self {
+        CpuLocal { emergency_sp: 0, cpu_index: 0, mpidr: 0, guard_page: 0 }
+    }
+}
+
+impl Default for CpuLocal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
