@@ -1,0 +1,20 @@
+//! The suites, by the name `suite=NAME` selects. tests/run.py keeps the list
+//! of suites it boots; each suite's tests are announced by its `plan` line.
+
+use crate::harness::Suite;
+
+pub mod boot;
+pub mod demo;
+pub mod isolation;
+pub mod selftest;
+
+pub static ALL: [&Suite; 4] = [
+    &boot::SUITE,
+    &isolation::SUITE,
+    &selftest::SUITE,
+    &demo::SUITE,
+];
+
+pub fn find(name: &str) -> Option<&'static Suite> {
+    ALL.iter().copied().find(|s| s.name == name)
+}
