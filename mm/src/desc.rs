@@ -1,0 +1,311 @@
+//! Stage-2 descriptor layout (VMSAv8-64, 4 KiB granule), declared once.
+//!
+//! Valid leaf and table descriptors follow the architecture; invalid
+//! descriptors (bit 0 clear) are ignored by the table walker, so the engine
+//! keeps an ownership annotation in them (as pKVM does for the host).
+
+use tock_registers::register_bitfields;
+use tock_registers::LocalRegisterCopy;
+
+register_bitfields! {u64,
+    /// A valid stage-2 descriptor: block (levels 1-2), page (level 3) or
+    /// table (levels 0-2).
+    pub S2_DESC [
+        VALID OFFSET(0) NUMBITS(1) [],
+        /// 1 at levels 0-2 means "table", at level 3 it is required for a page.
+        TYPE OFFSET(1) NUMBITS(1) [
+            Block = 0,
+            TableOrPage = 1
+        ],
+        /// MemAttr[3:0] without FEAT_S2FWB: [3:2] outer, [1:0] inner.
+        MEMATTR OFFSET(2) NUMBITS(4) [
+            DeviceNGnRE = 0b0001,
+            NormalWriteBack = 0b1111
+        ],
+        /// S2AP: bit 6 read, bit 7 write.
+        S2AP OFFSET(6) NUMBITS(2) [
+            None = 0b00,
+            ReadOnly = 0b01,
+            WriteOnly = 0b10,
+            ReadWrite = 0b11
+        ],
+        SH OFFSET(8) NUMBITS(2) [
+            NonShareable = 0b00,
+            OuterShareable = 0b10,
+            InnerShareable = 0b11
+        ],
+        /// Access flag: with it clear the first access faults.
+        AF OFFSET(10) NUMBITS(1) [],
+        /// Output address (leaf) or next-level table address, bits [47:12].
+        ADDR OFFSET(12) NUMBITS(36) [],
+        /// XN[1] (execute never at EL1 and EL0; XN[0] is left 0).
+        XN OFFSET(54) NUMBITS(1) [],
+        /// Software bits [56:55]: the ownership state of the mapped page.
+        SW_STATE OFFSET(55) NUMBITS(2) [
+            Owned = 0,
+            SharedOwned = 1,
+            SharedBorrowed = 2
+        ]
+    ],
+    /// An invalid stage-2 descriptor: the walker ignores bits [63:1].
+    pub S2_INVALID [
+        VALID OFFSET(0) NUMBITS(1) [],
+        /// Who owns the unmapped range (0 = nothing recorded).
+        ANNOTATION OFFSET(2) NUMBITS(32) []
+    ]
+}
+
+/// Bits of a valid leaf that describe its attributes and state (everything
+/// but the output address and the block/page type bit).
+const LEAF_META_MASK: u64 =
+    !(S2_DESC::ADDR.mask << S2_DESC::ADDR.shift) & !(S2_DESC::TYPE.mask << S2_DESC::TYPE.shift);
+
+/// Stage-2 memory type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemType {
+    /// Normal memory, inner and outer write-back cacheable.
+    NormalWriteBack,
+    /// Device-nGnRE (MMIO).
+    Device,
+}
+
+/// Shareability of a leaf (ignored by hardware for Device memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shareability {
+    Non,
+    Outer,
+    Inner,
+}
+
+/// The hardware attributes of a stage-2 leaf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct S2Attrs {
+    pub mem: MemType,
+    /// S2AP[0]
+    pub read: bool,
+    /// S2AP[1]
+    pub write: bool,
+    /// false sets XN.
+    pub exec: bool,
+    pub shareability: Shareability,
+    /// false leaves AF clear, so the first access faults to EL2.
+    pub access_flag: bool,
+}
+
+impl S2Attrs {
+    /// Ordinary RAM: normal write-back, inner shareable, read/write/execute.
+    pub const NORMAL_RWX: Self = Self {
+        mem: MemType::NormalWriteBack,
+        read: true,
+        write: true,
+        exec: true,
+        shareability: Shareability::Inner,
+        access_flag: true,
+    };
+    /// MMIO: Device-nGnRE, read/write, execute never.
+    pub const DEVICE_RW: Self = Self {
+        mem: MemType::Device,
+        read: true,
+        write: true,
+        exec: false,
+        shareability: Shareability::Non,
+        access_flag: true,
+    };
+}
+
+/// Ownership state of a mapped page, kept in the software bits of its leaf.
+/// The numeric values are the ABI's (MEM_STATE: 0 OWNED, 1 SHARED_OWNED,
+/// 2 SHARED_BORROWED; 3 NOPAGE is an unmapped page, see [`Annotation`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PageState {
+    Owned = 0,
+    SharedOwned = 1,
+    SharedBorrowed = 2,
+}
+
+/// What an invalid entry records about the pages it covers: typically the
+/// id of their owner when they are not mapped here (donated elsewhere), or
+/// 0 for nothing recorded (a fresh table is all 0). A uniformly annotated
+/// range is kept as one invalid entry as high in the tree as it fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Annotation(pub u32);
+
+/// Translation-table levels of the 4 KiB granule.
+pub const LEAF_LEVEL: u8 = 3;
+/// Entries in one table.
+pub const ENTRIES: usize = 512;
+
+/// Bytes covered by one entry at `level` (0..=3).
+pub const fn level_size(level: u8) -> u64 {
+    1u64 << level_shift(level)
+}
+
+/// log2 of [`level_size`].
+pub const fn level_shift(level: u8) -> u32 {
+    12 + 9 * (LEAF_LEVEL - level) as u32
+}
+
+/// A raw descriptor as stored in a table.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(transparent)]
+pub(crate) struct Pte(pub(crate) u64);
+
+impl Pte {
+    fn reg(self) -> LocalRegisterCopy<u64, S2_DESC::Register> {
+        LocalRegisterCopy::new(self.0)
+    }
+
+    pub(crate) fn invalid(annotation: Annotation) -> Self {
+        let mut r = LocalRegisterCopy::<u64, S2_INVALID::Register>::new(0);
+        r.modify(S2_INVALID::ANNOTATION.val(u64::from(annotation.0)));
+        Self(r.get())
+    }
+
+    pub(crate) fn table(pa: u64) -> Self {
+        let mut r = LocalRegisterCopy::<u64, S2_DESC::Register>::new(0);
+        r.modify(S2_DESC::VALID::SET + S2_DESC::TYPE::TableOrPage + S2_DESC::ADDR.val(pa >> 12));
+        Self(r.get())
+    }
+
+    /// A block (levels 1-2) or page (level 3) mapping `pa`.
+    pub(crate) fn leaf(level: u8, pa: u64, attrs: S2Attrs, state: PageState) -> Self {
+        let mut r = LocalRegisterCopy::<u64, S2_DESC::Register>::new(0);
+        r.modify(
+            S2_DESC::VALID::SET
+                + if level == LEAF_LEVEL {
+                    S2_DESC::TYPE::TableOrPage
+                } else {
+                    S2_DESC::TYPE::Block
+                }
+                + S2_DESC::ADDR.val(pa >> 12),
+        );
+        Self(r.get() | Self::meta_bits(attrs, state))
+    }
+
+    /// The attribute and state bits of a leaf with `attrs` and `state`.
+    fn meta_bits(attrs: S2Attrs, state: PageState) -> u64 {
+        let mut r = LocalRegisterCopy::<u64, S2_DESC::Register>::new(0);
+        r.modify(match attrs.mem {
+            MemType::NormalWriteBack => S2_DESC::MEMATTR::NormalWriteBack,
+            MemType::Device => S2_DESC::MEMATTR::DeviceNGnRE,
+        });
+        r.modify(match (attrs.read, attrs.write) {
+            (false, false) => S2_DESC::S2AP::None,
+            (true, false) => S2_DESC::S2AP::ReadOnly,
+            (false, true) => S2_DESC::S2AP::WriteOnly,
+            (true, true) => S2_DESC::S2AP::ReadWrite,
+        });
+        r.modify(match attrs.shareability {
+            Shareability::Non => S2_DESC::SH::NonShareable,
+            Shareability::Outer => S2_DESC::SH::OuterShareable,
+            Shareability::Inner => S2_DESC::SH::InnerShareable,
+        });
+        if attrs.access_flag {
+            r.modify(S2_DESC::AF::SET);
+        }
+        if !attrs.exec {
+            r.modify(S2_DESC::XN::SET);
+        }
+        r.modify(match state {
+            PageState::Owned => S2_DESC::SW_STATE::Owned,
+            PageState::SharedOwned => S2_DESC::SW_STATE::SharedOwned,
+            PageState::SharedBorrowed => S2_DESC::SW_STATE::SharedBorrowed,
+        });
+        r.get()
+    }
+
+    pub(crate) fn is_valid(self) -> bool {
+        self.reg().is_set(S2_DESC::VALID)
+    }
+
+    /// A table descriptor (only meaningful above the leaf level).
+    pub(crate) fn is_table(self, level: u8) -> bool {
+        level < LEAF_LEVEL && self.is_valid() && self.reg().is_set(S2_DESC::TYPE)
+    }
+
+    /// Output address of a leaf, or address of a next-level table.
+    pub(crate) fn addr(self) -> u64 {
+        self.reg().read(S2_DESC::ADDR) << 12
+    }
+
+    pub(crate) fn annotation(self) -> Annotation {
+        let r = LocalRegisterCopy::<u64, S2_INVALID::Register>::new(self.0);
+        Annotation(r.read(S2_INVALID::ANNOTATION) as u32)
+    }
+
+    /// Attribute and state bits of a valid leaf, comparable across levels.
+    pub(crate) fn meta(self) -> u64 {
+        self.0 & LEAF_META_MASK
+    }
+
+    /// This leaf with other attribute and state bits (same output address).
+    pub(crate) fn with_meta(self, level: u8, attrs: S2Attrs, state: PageState) -> Self {
+        Self::leaf(level, self.addr(), attrs, state)
+    }
+
+    pub(crate) fn attrs(self) -> S2Attrs {
+        let r = self.reg();
+        let s2ap = r.read(S2_DESC::S2AP);
+        S2Attrs {
+            mem: if r.read(S2_DESC::MEMATTR) == S2_DESC::MEMATTR::DeviceNGnRE.value {
+                MemType::Device
+            } else {
+                MemType::NormalWriteBack
+            },
+            read: s2ap & 1 != 0,
+            write: s2ap & 2 != 0,
+            exec: !r.is_set(S2_DESC::XN),
+            shareability: match r.read_as_enum(S2_DESC::SH) {
+                Some(S2_DESC::SH::Value::OuterShareable) => Shareability::Outer,
+                Some(S2_DESC::SH::Value::InnerShareable) => Shareability::Inner,
+                _ => Shareability::Non,
+            },
+            access_flag: r.is_set(S2_DESC::AF),
+        }
+    }
+
+    pub(crate) fn state(self) -> PageState {
+        match self.reg().read_as_enum(S2_DESC::SW_STATE) {
+            Some(S2_DESC::SW_STATE::Value::SharedOwned) => PageState::SharedOwned,
+            Some(S2_DESC::SW_STATE::Value::SharedBorrowed) => PageState::SharedBorrowed,
+            _ => PageState::Owned,
+        }
+    }
+
+    /// Whether replacing valid leaf `self` by valid leaf `new` changes only
+    /// what the architecture lets software change without break-before-make
+    /// (permissions, access flag, software bits).
+    pub(crate) fn bbm_free_change(self, new: Self) -> bool {
+        let relaxed = (S2_DESC::S2AP.mask << S2_DESC::S2AP.shift)
+            | (S2_DESC::AF.mask << S2_DESC::AF.shift)
+            | (S2_DESC::XN.mask << S2_DESC::XN.shift)
+            | SW_MASK;
+        (self.0 ^ new.0) & !relaxed == 0
+    }
+
+    /// Whether `self` and `new` differ only in software bits, which no TLB
+    /// entry depends on.
+    pub(crate) fn sw_only_change(self, new: Self) -> bool {
+        (self.0 ^ new.0) & !SW_MASK == 0
+    }
+
+    /// The entry `index` of a table that is equivalent to leaf `self` at
+    /// `level` (the contents a split gives the new table).
+    pub(crate) fn child(self, level: u8, index: usize) -> Self {
+        if !self.is_valid() {
+            return self;
+        }
+        let child_level = level + 1;
+        let pa = self.addr() + ((index as u64) << level_shift(child_level));
+        let base = if child_level == LEAF_LEVEL {
+            self.0 | (S2_DESC::TYPE.mask << S2_DESC::TYPE.shift)
+        } else {
+            self.0
+        };
+        Self((base & !ADDR_MASK) | (pa & ADDR_MASK))
+    }
+}
+
+const SW_MASK: u64 = S2_DESC::SW_STATE.mask << S2_DESC::SW_STATE.shift;
+const ADDR_MASK: u64 = S2_DESC::ADDR.mask << S2_DESC::ADDR.shift;

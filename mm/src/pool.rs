@@ -1,0 +1,191 @@
+//! The page pool: 4 KiB pages of physical memory handed to the hypervisor,
+//! from which every translation table is allocated.
+//!
+//! The pool is a buddy allocator (`buddy_system_allocator::Heap`, which needs
+//! no global allocator) over the pool's *virtual* addresses. Physical and
+//! virtual addresses differ by a fixed offset: the hypervisor runs with
+//! VA == PA (offset 0); host tests back the pool with an aligned `Vec` and
+//! pretend it sits at some physical address, so the engine really does
+//! translate every table address it follows.
+//!
+//! Not `Sync`: the hypervisor keeps the pool behind its own spin lock.
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use buddy_system_allocator::Heap;
+
+use crate::MmError;
+
+/// Size of a pool page and of a translation table.
+pub const PAGE_SIZE: usize = 4096;
+const PAGE_SHIFT: u32 = 12;
+
+/// Largest block the buddy allocator tracks is 2^(ORDER-1) bytes (2 GiB),
+/// larger ranges are simply added as several blocks.
+const ORDER: usize = 32;
+
+/// The PA-to-VA offset must keep physical alignment up to this size, so that
+/// a block aligned in virtual addresses (what the buddy allocator sees) is
+/// aligned in physical addresses too (what the table walker needs; a
+/// concatenated stage-2 root of 16 tables needs 64 KiB alignment).
+pub const MAX_CONTIGUOUS_PAGES: usize = 16;
+
+/// Hands out distinct pool identities so that a page-table owner can refuse
+/// a pool that is not the one its tables came from.
+static NEXT_POOL_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A pool of 4 KiB physical pages.
+pub struct PagePool {
+    heap: Heap<ORDER>,
+    /// `va = pa + va_offset` (wrapping).
+    va_offset: usize,
+    total_pages: usize,
+    free_pages: usize,
+    id: u32,
+}
+
+impl PagePool {
+    /// An empty pool whose memory is reachable at `pa + va_offset`
+    /// (wrapping); the hypervisor passes 0. `va_offset` must be a multiple of
+    /// `MAX_CONTIGUOUS_PAGES * PAGE_SIZE`.
+    pub fn new(va_offset: usize) -> Result<Self, MmError> {
+        if !va_offset.is_multiple_of(MAX_CONTIGUOUS_PAGES * PAGE_SIZE) {
+            return Err(MmError::Misaligned);
+        }
+        Ok(Self {
+            heap: Heap::new(),
+            va_offset,
+            total_pages: 0,
+            free_pages: 0,
+            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Gives the pool the physical range `[pa, pa + len)`; may be called at
+    /// any time (e.g. when the host donates pages). Returns the number of
+    /// pages added.
+    ///
+    /// # Safety
+    /// The range must be memory that nothing else uses from now on, readable
+    /// and writable at `pa + va_offset`, and never given to any pool before.
+    pub unsafe fn add_range(&mut self, pa: u64, len: usize) -> Result<usize, MmError> {
+        if len == 0 {
+            return Err(MmError::ZeroLength);
+        }
+        if !pa.is_multiple_of(PAGE_SIZE as u64) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(MmError::Misaligned);
+        }
+        let pa = usize::try_from(pa).map_err(|_| MmError::Overflow)?;
+        let va = pa.wrapping_add(self.va_offset);
+        // The heap works on VAs: the whole range must be representable
+        // without wrapping, with room for the heap's own end arithmetic.
+        let end = va
+            .checked_add(len)
+            .filter(|end| end.checked_add(PAGE_SIZE).is_some())
+            .ok_or(MmError::Overflow)?;
+        if pa.checked_add(len).is_none() || va == 0 {
+            return Err(MmError::Overflow);
+        }
+        // SAFETY: the caller hands us exclusive use of this range at these
+        // virtual addresses; it is page aligned and does not wrap.
+        unsafe { self.heap.add_to_heap(va, end) };
+        let pages = len >> PAGE_SHIFT;
+        self.total_pages += pages;
+        self.free_pages += pages;
+        Ok(pages)
+    }
+
+    /// A zeroed page, by physical address.
+    pub fn alloc_zeroed(&mut self) -> Result<u64, MmError> {
+        self.alloc_contiguous_zeroed(1)
+    }
+
+    /// `pages` (a power of two, at most `MAX_CONTIGUOUS_PAGES`) contiguous
+    /// zeroed pages aligned to their total size, by physical address of the
+    /// first one.
+    pub fn alloc_contiguous_zeroed(&mut self, pages: usize) -> Result<u64, MmError> {
+        let pa = self.alloc_contiguous(pages)?;
+        // SAFETY: the pages were just taken from the heap, so they are ours
+        // alone and mapped at this VA (contract of `add_range`).
+        unsafe { core::ptr::write_bytes(self.va(pa), 0, pages * PAGE_SIZE) };
+        Ok(pa)
+    }
+
+    /// One page whose content is unspecified: for callers that overwrite
+    /// all of it anyway (a table filled on a block split).
+    pub(crate) fn alloc_uninit(&mut self) -> Result<u64, MmError> {
+        self.alloc_contiguous(1)
+    }
+
+    fn alloc_contiguous(&mut self, pages: usize) -> Result<u64, MmError> {
+        if pages == 0 || !pages.is_power_of_two() || pages > MAX_CONTIGUOUS_PAGES {
+            return Err(MmError::InvalidArgument);
+        }
+        let layout = Self::layout(pages)?;
+        let ptr = self.heap.alloc(layout).map_err(|_| MmError::NoMemory)?;
+        self.free_pages -= pages;
+        Ok((ptr.as_ptr() as usize).wrapping_sub(self.va_offset) as u64)
+    }
+
+    /// Returns one page to the pool.
+    ///
+    /// # Safety
+    /// `pa` must come from `alloc_*` of this pool (one page, or `pages`
+    /// pages for `free_contiguous`) and must not be used afterwards.
+    pub unsafe fn free(&mut self, pa: u64) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_contiguous(pa, 1) }
+    }
+
+    /// Returns `pages` contiguous pages allocated together.
+    ///
+    /// # Safety
+    /// As for [`free`](Self::free), with the same `pages` as the allocation.
+    pub unsafe fn free_contiguous(&mut self, pa: u64, pages: usize) {
+        let Ok(layout) = Self::layout(pages) else {
+            return;
+        };
+        let Some(ptr) = NonNull::new(self.va(pa)) else {
+            return;
+        };
+        self.heap.dealloc(ptr, layout);
+        self.free_pages += pages;
+    }
+
+    fn layout(pages: usize) -> Result<Layout, MmError> {
+        Layout::from_size_align(pages * PAGE_SIZE, pages * PAGE_SIZE)
+            .map_err(|_| MmError::InvalidArgument)
+    }
+
+    /// Pages ever given to the pool.
+    pub fn total_pages(&self) -> usize {
+        self.total_pages
+    }
+
+    /// Pages currently free.
+    pub fn free_pages(&self) -> usize {
+        self.free_pages
+    }
+
+    /// Where the pool's page at `pa` can be accessed.
+    pub fn va(&self, pa: u64) -> *mut u8 {
+        (pa as usize).wrapping_add(self.va_offset) as *mut u8
+    }
+
+    /// This pool's identity (distinct for every pool created).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl core::fmt::Debug for PagePool {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PagePool")
+            .field("id", &self.id)
+            .field("total_pages", &self.total_pages)
+            .field("free_pages", &self.free_pages)
+            .finish()
+    }
+}

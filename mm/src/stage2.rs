@@ -1,0 +1,1024 @@
+//! The stage-2 page-table engine (4 KiB granule).
+//!
+//! Every change goes through two phases: [`Stage2::plan`] walks the range
+//! and counts the table pages the change will create, without writing
+//! anything (tables that do not exist yet are walked virtually, as the
+//! subdivision of the leaf they will replace); those pages are then taken
+//! from the pool into a private reserve, or the call fails with
+//! [`MmError::NoMemory`] having changed nothing; the commit then cannot fail.
+//!
+//! Tables are kept in canonical form: a table is created only where the
+//! final contents of an entry's range cannot be one leaf, and a table whose
+//! entries became one uniform leaf is replaced by that leaf (a merge). Live
+//! entries are replaced with break-before-make. See docs/mm.md.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use tock_registers::{register_bitfields, LocalRegisterCopy};
+
+use crate::desc::{
+    level_shift, level_size, Annotation, PageState, Pte, S2Attrs, ENTRIES, LEAF_LEVEL,
+};
+use crate::pool::PagePool;
+use crate::tlb::{TlbMaintenance, Vmid};
+use crate::MmError;
+
+/// Above this many IPA invalidations for one subtree, invalidate the whole
+/// VMID instead: one broadcast beats hundreds (Linux uses a similar cut).
+const MAX_IPA_INVALIDATIONS: usize = 64;
+
+register_bitfields! {u64,
+    /// The fields of VTCR_EL2 that depend on the stage-2 geometry.
+    VTCR [
+        T0SZ OFFSET(0) NUMBITS(6) [],
+        /// Start level for the 4 KiB granule: 0 = level 2, 1 = level 1, 2 = level 0.
+        SL0 OFFSET(6) NUMBITS(2) [],
+        IRGN0 OFFSET(8) NUMBITS(2) [WriteBackWriteAllocate = 0b01],
+        ORGN0 OFFSET(10) NUMBITS(2) [WriteBackWriteAllocate = 0b01],
+        SH0 OFFSET(12) NUMBITS(2) [Inner = 0b11],
+        TG0 OFFSET(14) NUMBITS(2) [Granule4K = 0b00],
+        PS OFFSET(16) NUMBITS(3) []
+    ],
+    VTTBR [
+        /// Root table address (bit 0 is CnP, left 0).
+        BADDR OFFSET(1) NUMBITS(47) [],
+        VMID OFFSET(48) NUMBITS(16) []
+    ]
+}
+
+/// The shape of a stage-2 table for an IPA size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    ipa_bits: u8,
+    start_level: u8,
+    root_pages: usize,
+}
+
+impl Geometry {
+    /// The geometry for `ipa_bits` (32 to 48): the fewest levels whose root
+    /// fits in at most 16 concatenated tables, as the architecture allows
+    /// (e.g. 40 bits: start at level 1 with 2 concatenated tables).
+    pub fn new(ipa_bits: u8) -> Result<Self, MmError> {
+        if !(32..=48).contains(&ipa_bits) {
+            return Err(MmError::UnsupportedIpaSize);
+        }
+        // Level 2 start takes up to 13 index bits (16 tables), level 1 too;
+        // level 0 is never concatenated (48 bits need only 9).
+        let start_level = [2u8, 1, 0]
+            .into_iter()
+            .find(|&l| u32::from(ipa_bits) - level_shift(l) <= 13)
+            .unwrap_or(0);
+        let root_entries = 1usize << (u32::from(ipa_bits) - level_shift(start_level));
+        Ok(Self {
+            ipa_bits,
+            start_level,
+            root_pages: root_entries.div_ceil(ENTRIES),
+        })
+    }
+
+    pub fn ipa_bits(&self) -> u8 {
+        self.ipa_bits
+    }
+    /// Level of the root table (0, 1 or 2).
+    pub fn start_level(&self) -> u8 {
+        self.start_level
+    }
+    /// Concatenated pages of the root table (1 to 16).
+    pub fn root_pages(&self) -> usize {
+        self.root_pages
+    }
+    /// Bytes of IPA space.
+    pub fn ipa_size(&self) -> u64 {
+        1u64 << self.ipa_bits
+    }
+    fn root_entries(&self) -> usize {
+        1usize << (u32::from(self.ipa_bits) - level_shift(self.start_level))
+    }
+    /// VTCR_EL2.T0SZ.
+    pub fn t0sz(&self) -> u64 {
+        64 - u64::from(self.ipa_bits)
+    }
+    /// VTCR_EL2.SL0 for the 4 KiB granule.
+    pub fn sl0(&self) -> u64 {
+        2 - u64::from(self.start_level)
+    }
+    /// VTCR_EL2 for this geometry: T0SZ, SL0, 4 KiB granule, inner-shareable
+    /// write-back walks, PS = the smallest PARange encoding that holds the
+    /// IPA size. The hypervisor adds VS (16-bit VMIDs) and RES1 bits itself.
+    pub fn vtcr(&self) -> u64 {
+        let ps = match self.ipa_bits {
+            0..=32 => 0,
+            33..=36 => 1,
+            37..=40 => 2,
+            41..=42 => 3,
+            43..=44 => 4,
+            _ => 5,
+        };
+        let mut r = LocalRegisterCopy::<u64, VTCR::Register>::new(0);
+        r.modify(
+            VTCR::T0SZ.val(self.t0sz())
+                + VTCR::SL0.val(self.sl0())
+                + VTCR::IRGN0::WriteBackWriteAllocate
+                + VTCR::ORGN0::WriteBackWriteAllocate
+                + VTCR::SH0::Inner
+                + VTCR::TG0::Granule4K
+                + VTCR::PS.val(ps),
+        );
+        r.get()
+    }
+}
+
+/// What [`Stage2::lookup`] and the leaf visitor report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    /// First IPA of the leaf (aligned to `size`).
+    pub ipa: u64,
+    /// Translation level of the entry (3 = page).
+    pub level: u8,
+    /// Bytes the entry covers.
+    pub size: u64,
+    pub kind: LeafKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeafKind {
+    /// A valid block or page; `pa` is the output address of `Leaf::ipa`.
+    Mapped {
+        pa: u64,
+        attrs: S2Attrs,
+        state: PageState,
+    },
+    /// An invalid entry and the annotation it records.
+    Unmapped(Annotation),
+}
+
+impl Leaf {
+    /// The output address of `ipa` (inside this leaf), if mapped.
+    pub fn pa_of(&self, ipa: u64) -> Option<u64> {
+        match self.kind {
+            LeafKind::Mapped { pa, .. } => Some(pa + (ipa - self.ipa)),
+            LeafKind::Unmapped(_) => None,
+        }
+    }
+}
+
+/// Counters of one stage-2 table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stage2Stats {
+    /// Table pages below the root.
+    pub table_pages: usize,
+    /// Pages of the (possibly concatenated) root.
+    pub root_pages: usize,
+    /// Valid blocks replaced by tables.
+    pub splits: u64,
+    /// Tables replaced by valid blocks.
+    pub merges: u64,
+}
+
+/// Result of [`Stage2::audit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Audit {
+    /// Table pages below the root found in the audited range.
+    pub table_pages: usize,
+    /// The first table (its IPA and level) that could have been one leaf:
+    /// `None` when the tables are in canonical form.
+    pub non_canonical: Option<(u64, u8)>,
+}
+
+/// One change applied to every page of a range.
+#[derive(Clone, Copy)]
+enum Change {
+    /// Page `x` maps `pa + (x - ipa)`.
+    Map {
+        ipa: u64,
+        pa: u64,
+        attrs: S2Attrs,
+        state: PageState,
+    },
+    Unmap(Annotation),
+    Attrs(S2Attrs),
+    State(PageState),
+}
+
+impl Change {
+    fn requires_mapped(self) -> bool {
+        matches!(self, Change::Attrs(_) | Change::State(_))
+    }
+
+    /// The leaf an entry at `level` based at `base`, wholly inside the
+    /// range, becomes when it is now leaf `old`; `None` if its new contents
+    /// cannot be a single entry at this level.
+    fn whole_entry(self, level: u8, base: u64, old: Pte) -> Option<Pte> {
+        match self {
+            Change::Map {
+                ipa,
+                pa,
+                attrs,
+                state,
+            } => {
+                let out = pa + (base - ipa);
+                // Level 0 holds no blocks with the 4 KiB granule.
+                (level > 0 && out & (level_size(level) - 1) == 0)
+                    .then(|| Pte::leaf(level, out, attrs, state))
+            }
+            Change::Unmap(a) => Some(Pte::invalid(a)),
+            Change::Attrs(a) => Some(old.with_meta(level, a, old.state())),
+            Change::State(s) => Some(old.with_meta(level, old.attrs(), s)),
+        }
+    }
+
+    /// The leaf that replaces a whole subtree, for changes that do not
+    /// depend on what is there.
+    fn replaces_subtree(self, level: u8, base: u64) -> Option<Pte> {
+        match self {
+            Change::Map { .. } | Change::Unmap(_) => self.whole_entry(level, base, Pte(0)),
+            Change::Attrs(_) | Change::State(_) => None,
+        }
+    }
+
+    /// Whether applying the change to part of leaf `old` keeps it as is.
+    fn leaves_unchanged(self, level: u8, base: u64, old: Pte) -> bool {
+        match self {
+            Change::Map {
+                ipa,
+                pa,
+                attrs,
+                state,
+            } => {
+                old.is_valid()
+                    && old.meta() == Pte::leaf(level, 0, attrs, state).meta()
+                    && old.addr().wrapping_sub(base) == pa.wrapping_sub(ipa)
+            }
+            Change::Unmap(a) => old == Pte::invalid(a),
+            Change::Attrs(_) | Change::State(_) => self.whole_entry(level, base, old) == Some(old),
+        }
+    }
+}
+
+/// Where the planner reads a table's entries from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// A table that exists, by physical address.
+    Real(u64),
+    /// A table the commit will create by splitting this leaf at this level.
+    Split(Pte, u8),
+}
+
+/// Pages taken from the pool for one change, threaded through their first
+/// word.
+struct Reserve {
+    head: Option<u64>,
+}
+
+impl Reserve {
+    fn take(pool: &mut PagePool, pages: usize) -> Result<Self, MmError> {
+        let mut reserve = Reserve { head: None };
+        for _ in 0..pages {
+            match pool.alloc_uninit() {
+                Ok(pa) => {
+                    // SAFETY: `pa` is a pool page we just allocated.
+                    unsafe { (pool.va(pa) as *mut u64).write(reserve.head.unwrap_or(u64::MAX)) };
+                    reserve.head = Some(pa);
+                }
+                Err(e) => {
+                    reserve.release(pool);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(reserve)
+    }
+
+    fn pop(&mut self, pool: &PagePool) -> Option<u64> {
+        let pa = self.head?;
+        // SAFETY: reserved pages are ours and hold the next link.
+        let next = unsafe { (pool.va(pa) as *const u64).read() };
+        self.head = (next != u64::MAX).then_some(next);
+        Some(pa)
+    }
+
+    fn release(&mut self, pool: &mut PagePool) {
+        while let Some(pa) = self.pop(pool) {
+            // SAFETY: the page came from this pool and is no longer used.
+            unsafe { pool.free(pa) };
+        }
+    }
+}
+
+fn entry(pool: &PagePool, table: u64, index: usize) -> &AtomicU64 {
+    // SAFETY: `table` is a table page (or concatenated root) of a Stage2
+    // built from this pool, so it is mapped at `pool.va`, 8-byte aligned,
+    // and `index` is below its entry count. Descriptors are only accessed
+    // as atomics (the table walker reads them concurrently).
+    unsafe { AtomicU64::from_ptr((pool.va(table) as *mut u64).add(index)) }
+}
+
+fn read(pool: &PagePool, table: u64, index: usize) -> Pte {
+    Pte(entry(pool, table, index).load(Ordering::Relaxed))
+}
+
+/// Stores one descriptor with a single 64-bit store (single-copy atomic for
+/// the walker); ordering against the walker comes from the explicit
+/// barriers of [`TlbMaintenance`].
+fn write(pool: &PagePool, table: u64, index: usize, pte: Pte) {
+    entry(pool, table, index).store(pte.0, Ordering::Relaxed);
+}
+
+/// Indices of the entries of a table based at `base` at `level`, with
+/// `entries` entries, that intersect `[start, end)`.
+fn span(
+    level: u8,
+    base: u64,
+    entries: usize,
+    start: u64,
+    end: u64,
+) -> core::ops::RangeInclusive<usize> {
+    let shift = level_shift(level);
+    let table_end = base + ((entries as u64) << shift);
+    let first = (start.max(base) - base) >> shift;
+    let last = (end.min(table_end) - 1 - base) >> shift;
+    first as usize..=last as usize
+}
+
+/// A stage-2 translation table for one VMID.
+///
+/// The table pages come from a [`PagePool`] passed to each call (the same
+/// one every time); call [`destroy`](Self::destroy) to give them back, as
+/// dropping a `Stage2` leaks them.
+pub struct Stage2<T: TlbMaintenance> {
+    geometry: Geometry,
+    vmid: Vmid,
+    root: u64,
+    pool_id: u32,
+    destroyed: bool,
+    tlb: T,
+    stats: Stage2Stats,
+}
+
+impl<T: TlbMaintenance> Stage2<T> {
+    /// An empty table (everything unmapped, annotation 0).
+    pub fn new(
+        geometry: Geometry,
+        vmid: Vmid,
+        pool: &mut PagePool,
+        tlb: T,
+    ) -> Result<Self, MmError> {
+        let root = pool.alloc_contiguous_zeroed(geometry.root_pages)?;
+        Ok(Self {
+            geometry,
+            vmid,
+            root,
+            pool_id: pool.id(),
+            destroyed: false,
+            tlb,
+            stats: Stage2Stats {
+                root_pages: geometry.root_pages,
+                ..Stage2Stats::default()
+            },
+        })
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    pub fn vmid(&self) -> Vmid {
+        self.vmid
+    }
+    /// Physical address of the root table.
+    pub fn root_pa(&self) -> u64 {
+        self.root
+    }
+    /// VTTBR_EL2: root address and VMID (16-bit VMIDs need VTCR_EL2.VS;
+    /// with 8-bit VMIDs keep `vmid` below 256).
+    pub fn vttbr(&self) -> u64 {
+        let mut r = LocalRegisterCopy::<u64, VTTBR::Register>::new(0);
+        r.modify(VTTBR::BADDR.val(self.root >> 1) + VTTBR::VMID.val(u64::from(self.vmid)));
+        r.get()
+    }
+    /// VTCR_EL2 geometry fields (see [`Geometry::vtcr`]).
+    pub fn vtcr(&self) -> u64 {
+        self.geometry.vtcr()
+    }
+    pub fn stats(&self) -> Stage2Stats {
+        self.stats
+    }
+    pub fn tlb(&self) -> &T {
+        &self.tlb
+    }
+    pub fn tlb_mut(&mut self) -> &mut T {
+        &mut self.tlb
+    }
+
+    fn check_pool(&self, pool: &PagePool) -> Result<(), MmError> {
+        if self.destroyed {
+            Err(MmError::Destroyed)
+        } else if pool.id() != self.pool_id {
+            Err(MmError::WrongPool)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `[ipa, ipa + len)` as `(start, end)` if it is a valid range here.
+    fn check_range(&self, ipa: u64, len: u64) -> Result<(u64, u64), MmError> {
+        if len == 0 {
+            return Err(MmError::ZeroLength);
+        }
+        if (ipa | len) & (crate::PAGE_SIZE as u64 - 1) != 0 {
+            return Err(MmError::Misaligned);
+        }
+        let end = ipa.checked_add(len).ok_or(MmError::Overflow)?;
+        if end > self.geometry.ipa_size() {
+            return Err(MmError::OutOfRange);
+        }
+        Ok((ipa, end))
+    }
+
+    /// Maps `[ipa, ipa + len)` onto `[pa, pa + len)` with the largest
+    /// blocks alignment allows, replacing whatever was there.
+    pub fn map(
+        &mut self,
+        pool: &mut PagePool,
+        ipa: u64,
+        len: u64,
+        pa: u64,
+        attrs: S2Attrs,
+        state: PageState,
+    ) -> Result<(), MmError> {
+        let (start, end) = self.check_range(ipa, len)?;
+        if pa & (crate::PAGE_SIZE as u64 - 1) != 0 {
+            return Err(MmError::Misaligned);
+        }
+        let pa_end = pa.checked_add(len).ok_or(MmError::Overflow)?;
+        if pa_end > 1 << 48 {
+            return Err(MmError::OutOfRange);
+        }
+        self.apply(
+            pool,
+            start,
+            end,
+            Change::Map {
+                ipa,
+                pa,
+                attrs,
+                state,
+            },
+        )
+    }
+
+    /// Unmaps `[ipa, ipa + len)`, recording `annotation` in the invalid
+    /// entries (e.g. the owner the pages were given to).
+    pub fn unmap(
+        &mut self,
+        pool: &mut PagePool,
+        ipa: u64,
+        len: u64,
+        annotation: Annotation,
+    ) -> Result<(), MmError> {
+        let (start, end) = self.check_range(ipa, len)?;
+        self.apply(pool, start, end, Change::Unmap(annotation))
+    }
+
+    /// Sets the hardware attributes of every page of a fully mapped range.
+    pub fn set_attrs(
+        &mut self,
+        pool: &mut PagePool,
+        ipa: u64,
+        len: u64,
+        attrs: S2Attrs,
+    ) -> Result<(), MmError> {
+        let (start, end) = self.check_range(ipa, len)?;
+        self.apply(pool, start, end, Change::Attrs(attrs))
+    }
+
+    /// Sets the ownership state of every page of a fully mapped range.
+    pub fn set_state(
+        &mut self,
+        pool: &mut PagePool,
+        ipa: u64,
+        len: u64,
+        state: PageState,
+    ) -> Result<(), MmError> {
+        let (start, end) = self.check_range(ipa, len)?;
+        self.apply(pool, start, end, Change::State(state))
+    }
+
+    /// Plan, reserve, commit.
+    fn apply(
+        &mut self,
+        pool: &mut PagePool,
+        start: u64,
+        end: u64,
+        change: Change,
+    ) -> Result<(), MmError> {
+        self.check_pool(pool)?;
+        let pages = self.plan(
+            pool,
+            change,
+            start,
+            end,
+            self.geometry.start_level,
+            0,
+            Source::Real(self.root),
+            self.geometry.root_entries(),
+        )?;
+        let mut reserve = Reserve::take(pool, pages)?;
+        let mut walk = Commit {
+            pool,
+            reserve: &mut reserve,
+            change,
+            start,
+            end,
+        };
+        self.commit(
+            &mut walk,
+            self.geometry.start_level,
+            0,
+            self.root,
+            self.geometry.root_entries(),
+            true,
+        );
+        self.tlb.publish_writes();
+        // The plan is exact, but never keep a page it over-counted.
+        reserve.release(pool);
+        Ok(())
+    }
+
+    /// How many table pages committing `change` over `[start, end)` within
+    /// the table `src` (at `level`, based at `base`) will create; also
+    /// refuses attribute/state changes of unmapped pages. Writes nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &self,
+        pool: &PagePool,
+        change: Change,
+        start: u64,
+        end: u64,
+        level: u8,
+        base: u64,
+        src: Source,
+        entries: usize,
+    ) -> Result<usize, MmError> {
+        // Pages never need a table; a split leaf is mapped if its parent is.
+        if level == LEAF_LEVEL && !(change.requires_mapped() && matches!(src, Source::Real(_))) {
+            return Ok(0);
+        }
+        let size = level_size(level);
+        let mut pages = 0;
+        for i in span(level, base, entries, start, end) {
+            let pte = match src {
+                Source::Real(table) => read(pool, table, i),
+                Source::Split(parent, parent_level) => parent.child(parent_level, i),
+            };
+            let entry_base = base + i as u64 * size;
+            let whole = start <= entry_base && entry_base + size <= end;
+            if pte.is_table(level) {
+                if whole && change.replaces_subtree(level, entry_base).is_some() {
+                    continue;
+                }
+                pages += self.plan(
+                    pool,
+                    change,
+                    start,
+                    end,
+                    level + 1,
+                    entry_base,
+                    Source::Real(pte.addr()),
+                    ENTRIES,
+                )?;
+                continue;
+            }
+            if change.requires_mapped() && !pte.is_valid() {
+                return Err(MmError::NotMapped);
+            }
+            let keeps_leaf = if whole {
+                change.whole_entry(level, entry_base, pte).is_some()
+            } else {
+                change.leaves_unchanged(level, entry_base, pte)
+            };
+            if !keeps_leaf {
+                pages += 1 + self.plan(
+                    pool,
+                    change,
+                    start,
+                    end,
+                    level + 1,
+                    entry_base,
+                    Source::Split(pte, level),
+                    ENTRIES,
+                )?;
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Applies the change to the entries of table `table` (at `level`,
+    /// based at `base`) that intersect the range. `live` says whether the
+    /// table is reachable by the walker (a table being filled after a split
+    /// is not, so it needs no break-before-make).
+    fn commit(
+        &mut self,
+        walk: &mut Commit<'_>,
+        level: u8,
+        base: u64,
+        table: u64,
+        entries: usize,
+        live: bool,
+    ) {
+        let size = level_size(level);
+        for i in span(level, base, entries, walk.start, walk.end) {
+            let pte = read(walk.pool, table, i);
+            let entry_base = base + i as u64 * size;
+            let whole = walk.start <= entry_base && entry_base + size <= walk.end;
+            if pte.is_table(level) {
+                if whole {
+                    if let Some(new) = walk.change.replaces_subtree(level, entry_base) {
+                        self.replace_subtree(walk.pool, table, i, pte, new, level, entry_base);
+                        continue;
+                    }
+                }
+                self.commit(walk, level + 1, entry_base, pte.addr(), ENTRIES, live);
+                self.try_merge(walk.pool, table, i, level, entry_base);
+                continue;
+            }
+            if whole {
+                if let Some(new) = walk.change.whole_entry(level, entry_base, pte) {
+                    if new != pte {
+                        self.write_leaf(walk.pool, table, i, pte, new, level, entry_base, live);
+                    }
+                    continue;
+                }
+            } else if walk.change.leaves_unchanged(level, entry_base, pte) {
+                continue;
+            }
+            self.split(walk, table, i, pte, level, entry_base, live);
+        }
+    }
+
+    /// Replaces leaf `pte` (entry `i` of `table`) by a table holding the
+    /// equivalent entries with the change already applied, then installs
+    /// it with break-before-make.
+    #[allow(clippy::too_many_arguments)]
+    fn split(
+        &mut self,
+        walk: &mut Commit<'_>,
+        table: u64,
+        i: usize,
+        pte: Pte,
+        level: u8,
+        base: u64,
+        live: bool,
+    ) {
+        let new_table = match walk.reserve.pop(walk.pool) {
+            Some(pa) => pa,
+            // The plan counts exactly the splits the commit makes.
+            None => panic!("stage-2 commit needs a table page the plan did not reserve"),
+        };
+        for j in 0..ENTRIES {
+            write(walk.pool, new_table, j, pte.child(level, j));
+        }
+        self.commit(walk, level + 1, base, new_table, ENTRIES, false);
+        if live && pte.is_valid() {
+            write(walk.pool, table, i, Pte::invalid(Annotation(0)));
+            self.tlb.publish_writes();
+            self.tlb.invalidate_ipa(self.vmid, base, Some(level));
+            self.tlb.complete(self.vmid);
+        }
+        // A plain invalid entry can be replaced directly: no TLB holds it.
+        write(walk.pool, table, i, Pte::table(new_table));
+        self.stats.table_pages += 1;
+        if pte.is_valid() {
+            self.stats.splits += 1;
+        }
+    }
+
+    /// Replaces leaf `old` by leaf `new` in entry `i` of `table`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_leaf(
+        &mut self,
+        pool: &PagePool,
+        table: u64,
+        i: usize,
+        old: Pte,
+        new: Pte,
+        level: u8,
+        base: u64,
+        live: bool,
+    ) {
+        if !live || !old.is_valid() || old.sw_only_change(new) {
+            // Nothing cached depends on what changes.
+            write(pool, table, i, new);
+            return;
+        }
+        if !new.is_valid() || old.bbm_free_change(new) {
+            // Unmapping is its own break; permission changes need none.
+            write(pool, table, i, new);
+            self.tlb.publish_writes();
+            self.tlb.invalidate_ipa(self.vmid, base, Some(level));
+            self.tlb.complete(self.vmid);
+            return;
+        }
+        write(pool, table, i, Pte::invalid(Annotation(0)));
+        self.tlb.publish_writes();
+        self.tlb.invalidate_ipa(self.vmid, base, Some(level));
+        self.tlb.complete(self.vmid);
+        write(pool, table, i, new);
+    }
+
+    /// Replaces table entry `old` (entry `i` of `table`, a live table) by
+    /// leaf `new` with break-before-make, and frees the subtree.
+    #[allow(clippy::too_many_arguments)]
+    fn replace_subtree(
+        &mut self,
+        pool: &mut PagePool,
+        table: u64,
+        i: usize,
+        old: Pte,
+        new: Pte,
+        level: u8,
+        base: u64,
+    ) {
+        write(
+            pool,
+            table,
+            i,
+            if new.is_valid() {
+                Pte::invalid(Annotation(0))
+            } else {
+                new
+            },
+        );
+        self.tlb.publish_writes();
+        let mut ops = 0;
+        count_invalidations(pool, old.addr(), level + 1, &mut ops);
+        if ops > MAX_IPA_INVALIDATIONS {
+            self.tlb.invalidate_vmid(self.vmid);
+        } else {
+            self.invalidate_subtree(pool, old.addr(), level + 1, base);
+        }
+        self.tlb.complete(self.vmid);
+        if new.is_valid() {
+            write(pool, table, i, new);
+        }
+        self.free_subtree(pool, old.addr(), level + 1);
+    }
+
+    /// One IPA invalidation per valid leaf (with its level), and one
+    /// without a level per table so its walk-cache entries go too.
+    fn invalidate_subtree(&mut self, pool: &PagePool, table: u64, level: u8, base: u64) {
+        self.tlb.invalidate_ipa(self.vmid, base, None);
+        for j in 0..ENTRIES {
+            let pte = read(pool, table, j);
+            let entry_base = base + ((j as u64) << level_shift(level));
+            if pte.is_table(level) {
+                self.invalidate_subtree(pool, pte.addr(), level + 1, entry_base);
+            } else if pte.is_valid() {
+                self.tlb.invalidate_ipa(self.vmid, entry_base, Some(level));
+            }
+        }
+    }
+
+    fn free_subtree(&mut self, pool: &mut PagePool, table: u64, level: u8) {
+        for j in 0..ENTRIES {
+            let pte = read(pool, table, j);
+            if pte.is_table(level) {
+                self.free_subtree(pool, pte.addr(), level + 1);
+            }
+        }
+        // SAFETY: the page was allocated from this pool for this tree, it
+        // is unlinked and its TLB entries are gone.
+        unsafe { pool.free(table) };
+        self.stats.table_pages -= 1;
+    }
+
+    /// If the table under entry `i` of `table` is now one uniform leaf,
+    /// replaces it by that leaf.
+    fn try_merge(&mut self, pool: &mut PagePool, table: u64, i: usize, level: u8, base: u64) {
+        let pte = read(pool, table, i);
+        if let Some(leaf) = merged_leaf(pool, pte.addr(), level) {
+            self.replace_subtree(pool, table, i, pte, leaf, level, base);
+            if leaf.is_valid() {
+                self.stats.merges += 1;
+            }
+        }
+    }
+
+    /// The entry covering `ipa`.
+    pub fn lookup(&self, pool: &PagePool, ipa: u64) -> Result<Leaf, MmError> {
+        self.check_pool(pool)?;
+        if ipa >= self.geometry.ipa_size() {
+            return Err(MmError::OutOfRange);
+        }
+        let mut level = self.geometry.start_level;
+        let mut table = self.root;
+        loop {
+            let shift = level_shift(level);
+            let index = if level == self.geometry.start_level {
+                (ipa >> shift) as usize
+            } else {
+                ((ipa >> shift) as usize) % ENTRIES
+            };
+            let pte = read(pool, table, index);
+            if pte.is_table(level) {
+                table = pte.addr();
+                level += 1;
+                continue;
+            }
+            return Ok(leaf_info(pte, level, ipa & !(level_size(level) - 1)));
+        }
+    }
+
+    /// Calls `f` for every leaf (valid or not) intersecting `[ipa, ipa+len)`,
+    /// in IPA order.
+    pub fn visit_leaves(
+        &self,
+        pool: &PagePool,
+        ipa: u64,
+        len: u64,
+        f: &mut dyn FnMut(&Leaf),
+    ) -> Result<(), MmError> {
+        self.check_pool(pool)?;
+        let (start, end) = self.check_range(ipa, len)?;
+        visit(
+            pool,
+            self.root,
+            self.geometry.start_level,
+            0,
+            self.geometry.root_entries(),
+            start,
+            end,
+            f,
+        );
+        Ok(())
+    }
+
+    /// Counts the table pages intersecting `[ipa, ipa+len)` and finds any
+    /// that is not canonical (could be a single leaf).
+    pub fn audit(&self, pool: &PagePool, ipa: u64, len: u64) -> Result<Audit, MmError> {
+        self.check_pool(pool)?;
+        let (start, end) = self.check_range(ipa, len)?;
+        let mut audit = Audit {
+            table_pages: 0,
+            non_canonical: None,
+        };
+        audit_table(
+            pool,
+            self.root,
+            self.geometry.start_level,
+            0,
+            self.geometry.root_entries(),
+            start,
+            end,
+            &mut audit,
+        );
+        Ok(audit)
+    }
+
+    /// Frees every table page and the root, after invalidating the VMID's
+    /// TLB entries. The table must no longer be in use by any CPU (VTTBR).
+    pub fn destroy(&mut self, pool: &mut PagePool) -> Result<(), MmError> {
+        self.check_pool(pool)?;
+        self.tlb.invalidate_vmid(self.vmid);
+        self.tlb.complete(self.vmid);
+        for i in 0..self.geometry.root_entries() {
+            let pte = read(pool, self.root, i);
+            if pte.is_table(self.geometry.start_level) {
+                self.free_subtree(pool, pte.addr(), self.geometry.start_level + 1);
+            }
+        }
+        // SAFETY: the root came from this pool in `new` and nothing points
+        // to it once the VMID's TLB entries are gone.
+        unsafe { pool.free_contiguous(self.root, self.geometry.root_pages) };
+        self.stats.root_pages = 0;
+        self.destroyed = true;
+        Ok(())
+    }
+}
+
+/// State of one commit walk.
+struct Commit<'a> {
+    pool: &'a mut PagePool,
+    reserve: &'a mut Reserve,
+    change: Change,
+    start: u64,
+    end: u64,
+}
+
+fn count_invalidations(pool: &PagePool, table: u64, level: u8, ops: &mut usize) {
+    *ops += 1;
+    for j in 0..ENTRIES {
+        if *ops > MAX_IPA_INVALIDATIONS {
+            return;
+        }
+        let pte = read(pool, table, j);
+        if pte.is_table(level) {
+            count_invalidations(pool, pte.addr(), level + 1, ops);
+        } else if pte.is_valid() {
+            *ops += 1;
+        }
+    }
+}
+
+/// The leaf at `parent_level` equivalent to the whole table `table`, if
+/// its entries are uniform: all invalid with one annotation, or all valid
+/// with identical attributes and state mapping one contiguous output range
+/// aligned for a block at `parent_level`.
+fn merged_leaf(pool: &PagePool, table: u64, parent_level: u8) -> Option<Pte> {
+    let level = parent_level + 1;
+    let first = read(pool, table, 0);
+    if first.is_table(level) {
+        return None;
+    }
+    let candidate = if first.is_valid() {
+        if parent_level == 0 || first.addr() & (level_size(parent_level) - 1) != 0 {
+            return None;
+        }
+        first.with_meta(parent_level, first.attrs(), first.state())
+    } else {
+        first
+    };
+    (1..ENTRIES)
+        .all(|j| read(pool, table, j) == candidate.child(parent_level, j))
+        .then_some(candidate)
+}
+
+fn leaf_info(pte: Pte, level: u8, ipa: u64) -> Leaf {
+    Leaf {
+        ipa,
+        level,
+        size: level_size(level),
+        kind: if pte.is_valid() {
+            LeafKind::Mapped {
+                pa: pte.addr(),
+                attrs: pte.attrs(),
+                state: pte.state(),
+            }
+        } else {
+            LeafKind::Unmapped(pte.annotation())
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn visit(
+    pool: &PagePool,
+    table: u64,
+    level: u8,
+    base: u64,
+    entries: usize,
+    start: u64,
+    end: u64,
+    f: &mut dyn FnMut(&Leaf),
+) {
+    for i in span(level, base, entries, start, end) {
+        let pte = read(pool, table, i);
+        let entry_base = base + ((i as u64) << level_shift(level));
+        if pte.is_table(level) {
+            visit(
+                pool,
+                pte.addr(),
+                level + 1,
+                entry_base,
+                ENTRIES,
+                start,
+                end,
+                f,
+            );
+        } else {
+            f(&leaf_info(pte, level, entry_base));
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit_table(
+    pool: &PagePool,
+    table: u64,
+    level: u8,
+    base: u64,
+    entries: usize,
+    start: u64,
+    end: u64,
+    audit: &mut Audit,
+) {
+    for i in span(level, base, entries, start, end) {
+        let pte = read(pool, table, i);
+        let entry_base = base + ((i as u64) << level_shift(level));
+        if pte.is_table(level) {
+            audit.table_pages += 1;
+            if audit.non_canonical.is_none() && merged_leaf(pool, pte.addr(), level).is_some() {
+                audit.non_canonical = Some((entry_base, level + 1));
+            }
+            audit_table(
+                pool,
+                pte.addr(),
+                level + 1,
+                entry_base,
+                ENTRIES,
+                start,
+                end,
+                audit,
+            );
+        }
+    }
+}
