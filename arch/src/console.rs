@@ -15,7 +15,9 @@ static CONSOLE: Mutex<Option<Uart<'static>>> = Mutex::new(None);
 /// `base` must be the physical (identity-mapped) address of a PL011 that
 /// nothing else in the hypervisor accesses.
 pub unsafe fn init(base: usize) {
-    let Some(ptr) = NonNull::new(base as *mut PL011Registers) else { return };
+    let Some(ptr) = NonNull::new(base as *mut PL011Registers) else {
+        return;
+    };
     // SAFETY: the caller promises `base` is a PL011 owned by us from now on.
     let regs = unsafe { UniqueMmioPointer::new(ptr) };
     *CONSOLE.lock() = Some(Uart::new(regs));
@@ -44,20 +46,27 @@ impl Writer<'_> {
     }
 }
 
-/// Writes formatted text to the console (nothing before `init`).
-pub fn print(args: fmt::Arguments) {
-    if let Some(uart) = CONSOLE.lock().as_mut() {
-        let _ = Writer(uart).write_fmt(args);
+/// Writes formatted text to the console; false (nothing written) before
+/// `init`.
+pub fn print(args: fmt::Arguments) -> bool {
+    match CONSOLE.lock().as_mut() {
+        Some(uart) => {
+            let _ = Writer(uart).write_fmt(args);
+            true
+        }
+        None => false,
     }
 }
 
 /// Writes to the console even if another path holds its lock (used when
 /// the machine is about to stop: a panic or fatal exception must be seen).
-pub fn print_forced(args: fmt::Arguments) {
-    // SAFETY: only called on the way to stopping the machine; at worst the
-    // output interleaves with that of the lock holder.
-    unsafe { CONSOLE.force_unlock() };
-    print(args);
+pub fn print_forced(args: fmt::Arguments) -> bool {
+    if CONSOLE.is_locked() {
+        // SAFETY: only called on the way to stopping the machine; at worst
+        // the output interleaves with that of the lock holder.
+        unsafe { CONSOLE.force_unlock() };
+    }
+    print(args)
 }
 
 struct Logger;
@@ -69,7 +78,11 @@ impl log::Log for Logger {
 
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
-            print(format_args!("[keel] {:<5} {}\n", record.level(), record.args()));
+            print(format_args!(
+                "[keel] {:<5} {}\n",
+                record.level(),
+                record.args()
+            ));
         }
     }
 

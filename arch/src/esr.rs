@@ -89,7 +89,8 @@ mod tests {
         assert_eq!(hvc.ec(), ec::HVC64);
         assert_eq!(hvc.imm16(), 0x1234);
         // A 4-byte write of x5 that stage 2 refused (translation fault, level 3).
-        let dabt = Esr((ec::DABT_LOWER << 26) | IL | (1 << 24) | (2 << 22) | (5 << 16) | ISS_WNR | 0x07);
+        let dabt =
+            Esr((ec::DABT_LOWER << 26) | IL | (1 << 24) | (2 << 22) | (5 << 16) | ISS_WNR | 0x07);
         assert!(dabt.isv());
         assert_eq!(dabt.access_size(), 4);
         assert_eq!(dabt.srt(), 5);

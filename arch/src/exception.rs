@@ -23,10 +23,22 @@ pub mod kind {
     /// Human-readable vector name.
     pub fn name(kind: u64) -> &'static str {
         const NAMES: [&str; 16] = [
-            "EL2t sync", "EL2t IRQ", "EL2t FIQ", "EL2t SError",
-            "EL2h sync", "EL2h IRQ", "EL2h FIQ", "EL2h SError",
-            "lower AArch64 sync", "lower AArch64 IRQ", "lower AArch64 FIQ", "lower AArch64 SError",
-            "lower AArch32 sync", "lower AArch32 IRQ", "lower AArch32 FIQ", "lower AArch32 SError",
+            "EL2t sync",
+            "EL2t IRQ",
+            "EL2t FIQ",
+            "EL2t SError",
+            "EL2h sync",
+            "EL2h IRQ",
+            "EL2h FIQ",
+            "EL2h SError",
+            "lower AArch64 sync",
+            "lower AArch64 IRQ",
+            "lower AArch64 FIQ",
+            "lower AArch64 SError",
+            "lower AArch32 sync",
+            "lower AArch32 IRQ",
+            "lower AArch32 FIQ",
+            "lower AArch32 SError",
         ];
         NAMES.get(kind as usize).copied().unwrap_or("?")
     }

@@ -27,10 +27,12 @@ pub struct Injection {
 }
 
 /// Offset of the synchronous vector for an exception taken from `spsr`'s
-/// mode into EL1, or None for AArch32 contexts (keel hosts are AArch64).
+/// mode into EL1: AArch32 EL0 uses the lower-EL AArch32 vector; an AArch32
+/// EL1 cannot exist (HCR_EL2.RW = 1), so None.
 fn sync_vector_offset(spsr: u64) -> Option<u64> {
     if spsr & SPSR_NRW != 0 {
-        return None;
+        // AArch32 M[3:0] = 0b0000 is User mode (EL0).
+        return (spsr & M_MASK == 0).then_some(0x600);
     }
     match spsr & M_MASK {
         M_EL1T => Some(0x000),
@@ -41,7 +43,11 @@ fn sync_vector_offset(spsr: u64) -> Option<u64> {
 }
 
 fn target_spsr(old_spsr: u64, sctlr_el1: u64) -> u64 {
-    let pan = if sctlr_el1 & SCTLR_SPAN == 0 { SPSR_PAN } else { old_spsr & SPSR_PAN };
+    let pan = if sctlr_el1 & SCTLR_SPAN == 0 {
+        SPSR_PAN
+    } else {
+        old_spsr & SPSR_PAN
+    };
     M_EL1H | DAIF | pan
 }
 
@@ -50,7 +56,7 @@ fn target_spsr(old_spsr: u64, sctlr_el1: u64) -> u64 {
 /// EL), delivered to EL1 with VBAR_EL1 = `vbar`.
 pub fn external_abort(fault_esr: u64, spsr: u64, sctlr_el1: u64, vbar: u64) -> Option<Injection> {
     let offset = sync_vector_offset(spsr)?;
-    let from_el1 = offset != 0x400;
+    let from_el1 = offset < 0x400;
     let fault = Esr(fault_esr);
     let class = match (fault.ec(), from_el1) {
         (ec::IABT_LOWER, true) => ec::IABT_CUR,
@@ -58,7 +64,11 @@ pub fn external_abort(fault_esr: u64, spsr: u64, sctlr_el1: u64, vbar: u64) -> O
         (_, true) => ec::DABT_CUR,
         (_, false) => ec::DABT_LOWER,
     };
-    let wnr = if fault.ec() == ec::DABT_LOWER { fault_esr & ISS_WNR } else { 0 };
+    let wnr = if fault.ec() == ec::DABT_LOWER {
+        fault_esr & ISS_WNR
+    } else {
+        0
+    };
     Some(Injection {
         vector: vbar + offset,
         spsr: target_spsr(spsr, sctlr_el1),
@@ -70,7 +80,11 @@ pub fn external_abort(fault_esr: u64, spsr: u64, sctlr_el1: u64, vbar: u64) -> O
 /// keel does not emulate.
 pub fn undefined(spsr: u64, sctlr_el1: u64, vbar: u64) -> Option<Injection> {
     let offset = sync_vector_offset(spsr)?;
-    Some(Injection { vector: vbar + offset, spsr: target_spsr(spsr, sctlr_el1), esr: IL })
+    Some(Injection {
+        vector: vbar + offset,
+        spsr: target_spsr(spsr, sctlr_el1),
+        esr: IL,
+    })
 }
 
 #[cfg(test)]
@@ -108,9 +122,12 @@ mod tests {
     fn instruction_abort_from_el1t_and_aarch32_refused() {
         let esr = (ec::IABT_LOWER << 26) | IL;
         assert_eq!(external_abort(esr, M_EL1T, 0, VBAR).unwrap().vector, VBAR);
-        assert_eq!(Esr(external_abort(esr, M_EL1T, 0, VBAR).unwrap().esr).ec(), ec::IABT_CUR);
+        assert_eq!(
+            Esr(external_abort(esr, M_EL1T, 0, VBAR).unwrap().esr).ec(),
+            ec::IABT_CUR
+        );
         assert!(external_abort(esr, SPSR_NRW | 0x3, 0, VBAR).is_none());
-        assert!(undefined(SPSR_NRW, 0, VBAR).is_none());
+        assert_eq!(undefined(SPSR_NRW, 0, VBAR).unwrap().vector, VBAR + 0x600);
         assert_eq!(undefined(M_EL1H, 0, VBAR).unwrap().esr, IL);
     }
 }

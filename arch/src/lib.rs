@@ -52,7 +52,12 @@ pub struct CpuLocal {
 
 impl CpuLocal {
     pub const fn new() -> Self {
-        CpuLocal { emergency_sp: 0, cpu_index: 0, mpidr: 0, guard_page: 0 }
+        CpuLocal {
+            emergency_sp: 0,
+            cpu_index: 0,
+            mpidr: 0,
+            guard_page: 0,
+        }
     }
 }
 

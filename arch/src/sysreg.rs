@@ -51,6 +51,7 @@ sysreg_read! {
     vttbr_el2 => "vttbr_el2",
     sctlr_el2 => "sctlr_el2",
     tpidr_el2 => "tpidr_el2",
+    spsr_el1 => "spsr_el1",
 }
 
 sysreg_write! {
@@ -58,6 +59,8 @@ sysreg_write! {
     set_spsr_el2 => "spsr_el2",
     set_esr_el1 => "esr_el1",
     set_far_el1 => "far_el1",
+    set_elr_el1 => "elr_el1",
+    set_spsr_el1 => "spsr_el1",
     set_hcr_el2 => "hcr_el2",
     set_vtcr_el2 => "vtcr_el2",
     set_vttbr_el2 => "vttbr_el2",

@@ -1,32 +1,28 @@
-//! TLB maintenance for stage 2 (per VMID) and for the hypervisor's stage 1.
+//! TLB maintenance instructions. Callers put them in the break-before-make
+//! order with the barriers of [`crate::barrier`].
 
 use core::arch::asm;
 
 use crate::barrier::{dsb_ish, dsb_ishst, isb};
 
-/// Invalidates stage-2 entries for one IPA in the VMID currently in VTTBR_EL2
-/// and, since combined entries may cache it, all stage-1 entries of that VMID.
-pub fn invalidate_ipa(ipa: u64) {
+/// TLBI IPAS2E1IS: stage-2 entries for one IPA of the VMID in VTTBR_EL2
+/// (non-last-level form, so walk-cache entries of a freed table go too).
+pub fn ipas2e1is(ipa: u64) {
     let arg = (ipa >> 12) & ((1 << 36) - 1);
-    dsb_ishst();
     // SAFETY: TLB invalidation only drops cached translations.
-    unsafe {
-        asm!("tlbi ipas2e1is, {}", in(reg) arg, options(nostack, preserves_flags));
-    }
-    dsb_ish();
-    // SAFETY: as above.
-    unsafe { asm!("tlbi vmalle1is", options(nostack, preserves_flags)) };
-    dsb_ish();
-    isb();
+    unsafe { asm!("tlbi ipas2e1is, {}", in(reg) arg, options(nostack, preserves_flags)) };
 }
 
-/// Invalidates every stage-1 and stage-2 entry of the VMID in VTTBR_EL2.
-pub fn invalidate_vmid() {
-    dsb_ishst();
+/// TLBI VMALLE1IS: stage-1 (and combined) entries of the VMID in VTTBR_EL2.
+pub fn vmalle1is() {
+    // SAFETY: TLB invalidation only drops cached translations.
+    unsafe { asm!("tlbi vmalle1is", options(nostack, preserves_flags)) };
+}
+
+/// TLBI VMALLS12E1IS: every stage-1 and stage-2 entry of the VMID in VTTBR_EL2.
+pub fn vmalls12e1is() {
     // SAFETY: TLB invalidation only drops cached translations.
     unsafe { asm!("tlbi vmalls12e1is", options(nostack, preserves_flags)) };
-    dsb_ish();
-    isb();
 }
 
 /// Invalidates one page of the hypervisor's own (EL2) stage 1.

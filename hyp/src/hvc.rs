@@ -20,7 +20,10 @@ pub struct Return {
 impl Return {
     /// Only x0, a status.
     pub fn status(s: i64) -> Self {
-        Return { regs: [s as u64, 0, 0, 0, 0], count: 1 }
+        Return {
+            regs: [s as u64, 0, 0, 0, 0],
+            count: 1,
+        }
     }
 
     /// x0 = SUCCESS, then `values` in x1...
@@ -62,7 +65,10 @@ pub struct Call {
 impl Call {
     /// Reads x0..x5 of a saved register file.
     pub fn from_regs(x: &[u64; 31]) -> Self {
-        Call { id: x[0], args: [x[1], x[2], x[3], x[4], x[5]] }
+        Call {
+            id: x[0],
+            args: [x[1], x[2], x[3], x[4], x[5]],
+        }
     }
 }
 
@@ -102,7 +108,10 @@ pub fn dispatch(caller: Caller, imm: u64, call: &Call, limits: &Limits) -> Retur
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_vms: 8, max_vcpus: 4 };
+    const LIMITS: Limits = Limits {
+        max_vms: 8,
+        max_vcpus: 4,
+    };
 
     fn call(id: u64) -> Call {
         Call { id, args: [0; 5] }

@@ -132,11 +132,7 @@ impl Stage1 {
     }
 
     /// The table at `level + 1` under `table[idx]`, created if absent.
-    fn next_table(
-        pages: &mut impl TablePages,
-        table: u64,
-        idx: usize,
-    ) -> Result<u64, S1Error> {
+    fn next_table(pages: &mut impl TablePages, table: u64, idx: usize) -> Result<u64, S1Error> {
         let desc = Self::entry(pages, table, idx);
         if desc & 1 == 0 {
             let new = pages.alloc_table().ok_or(S1Error::NoMemory)?;
@@ -160,7 +156,10 @@ impl Stage1 {
         pages: &mut impl TablePages,
     ) -> Result<(), S1Error> {
         check_range(va, pa, len)?;
-        if (0..len).step_by(PAGE as usize).any(|off| self.translate(va + off, pages).is_some()) {
+        if (0..len)
+            .step_by(PAGE as usize)
+            .any(|off| self.translate(va + off, pages).is_some())
+        {
             return Err(S1Error::AlreadyMapped);
         }
         let bits = perm.leaf_bits();
@@ -197,7 +196,8 @@ impl Stage1 {
         let mut removed = 0;
         let mut off = 0;
         while off < len {
-            let (slot_table, slot_idx, size) = self.leaf_slot(va + off, pages).ok_or(S1Error::NotMapped)?;
+            let (slot_table, slot_idx, size) =
+                self.leaf_slot(va + off, pages).ok_or(S1Error::NotMapped)?;
             Self::set_entry(pages, slot_table, slot_idx, 0);
             removed += 1;
             off += size;
@@ -273,7 +273,10 @@ mod tests {
     }
 
     fn pages() -> VecPages {
-        VecPages { pages: Vec::new(), freed: 0 }
+        VecPages {
+            pages: Vec::new(),
+            freed: 0,
+        }
     }
 
     #[test]
@@ -282,7 +285,8 @@ mod tests {
         let mut s1 = Stage1::new(&mut p).unwrap();
         // 4 KiB before a 2 MiB boundary, then a full block, then 8 KiB.
         let va = 0x4020_0000 - PAGE;
-        s1.map(va, va, PAGE + BLOCK_2M + 2 * PAGE, Perm::ReadWrite, &mut p).unwrap();
+        s1.map(va, va, PAGE + BLOCK_2M + 2 * PAGE, Perm::ReadWrite, &mut p)
+            .unwrap();
         assert_eq!(s1.leaf(va, &p).unwrap().1, PAGE);
         assert_eq!(s1.leaf(0x4020_0000, &p).unwrap().1, BLOCK_2M);
         assert_eq!(s1.leaf(0x4040_0000 + PAGE, &p).unwrap().1, PAGE);
@@ -296,8 +300,10 @@ mod tests {
         let mut p = pages();
         let mut s1 = Stage1::new(&mut p).unwrap();
         s1.map(0x1000, 0x1000, PAGE, Perm::Text, &mut p).unwrap();
-        s1.map(0x2000, 0x2000, PAGE, Perm::ReadOnly, &mut p).unwrap();
-        s1.map(0x900_0000, 0x900_0000, PAGE, Perm::Device, &mut p).unwrap();
+        s1.map(0x2000, 0x2000, PAGE, Perm::ReadOnly, &mut p)
+            .unwrap();
+        s1.map(0x900_0000, 0x900_0000, PAGE, Perm::Device, &mut p)
+            .unwrap();
         assert_eq!(s1.permissions(0x1000, &p), Some((false, true)));
         assert_eq!(s1.permissions(0x2000, &p), Some((false, false)));
         assert_eq!(s1.permissions(0x900_0000, &p), Some((true, false)));
@@ -309,24 +315,49 @@ mod tests {
     fn refuses_bad_and_overlapping_ranges() {
         let mut p = pages();
         let mut s1 = Stage1::new(&mut p).unwrap();
-        assert_eq!(s1.map(0, 0, 0, Perm::ReadWrite, &mut p), Err(S1Error::BadRange));
-        assert_eq!(s1.map(0x10, 0, PAGE, Perm::ReadWrite, &mut p), Err(S1Error::BadRange));
-        assert_eq!(s1.map(VA_LIMIT - PAGE, 0, 2 * PAGE, Perm::ReadWrite, &mut p), Err(S1Error::BadRange));
-        assert_eq!(s1.map(u64::MAX - 0xfff, 0, PAGE, Perm::ReadWrite, &mut p), Err(S1Error::BadRange));
-        s1.map(0x5000, 0x5000, PAGE, Perm::ReadWrite, &mut p).unwrap();
-        assert_eq!(s1.map(0x4000, 0x4000, 2 * PAGE, Perm::ReadWrite, &mut p), Err(S1Error::AlreadyMapped));
-        assert_eq!(s1.translate(0x4000, &p), None, "a refused map changes nothing");
+        assert_eq!(
+            s1.map(0, 0, 0, Perm::ReadWrite, &mut p),
+            Err(S1Error::BadRange)
+        );
+        assert_eq!(
+            s1.map(0x10, 0, PAGE, Perm::ReadWrite, &mut p),
+            Err(S1Error::BadRange)
+        );
+        assert_eq!(
+            s1.map(VA_LIMIT - PAGE, 0, 2 * PAGE, Perm::ReadWrite, &mut p),
+            Err(S1Error::BadRange)
+        );
+        assert_eq!(
+            s1.map(u64::MAX - 0xfff, 0, PAGE, Perm::ReadWrite, &mut p),
+            Err(S1Error::BadRange)
+        );
+        s1.map(0x5000, 0x5000, PAGE, Perm::ReadWrite, &mut p)
+            .unwrap();
+        assert_eq!(
+            s1.map(0x4000, 0x4000, 2 * PAGE, Perm::ReadWrite, &mut p),
+            Err(S1Error::AlreadyMapped)
+        );
+        assert_eq!(
+            s1.translate(0x4000, &p),
+            None,
+            "a refused map changes nothing"
+        );
     }
 
     #[test]
     fn unmap_removes_whole_leaves_only() {
         let mut p = pages();
         let mut s1 = Stage1::new(&mut p).unwrap();
-        s1.map(0x20_0000, 0x20_0000, BLOCK_2M, Perm::ReadWrite, &mut p).unwrap();
-        s1.map(0x40_0000, 0x40_0000, 2 * PAGE, Perm::ReadWrite, &mut p).unwrap();
+        s1.map(0x20_0000, 0x20_0000, BLOCK_2M, Perm::ReadWrite, &mut p)
+            .unwrap();
+        s1.map(0x40_0000, 0x40_0000, 2 * PAGE, Perm::ReadWrite, &mut p)
+            .unwrap();
         assert_eq!(s1.unmap(0x20_0000, PAGE, &p), Err(S1Error::NotMapped));
         assert_eq!(s1.unmap(0x40_0000, 3 * PAGE, &p), Err(S1Error::NotMapped));
-        assert!(s1.translate(0x40_0000, &p).is_some(), "a refused unmap changes nothing");
+        assert!(
+            s1.translate(0x40_0000, &p).is_some(),
+            "a refused unmap changes nothing"
+        );
         assert_eq!(s1.unmap(0x40_0000, 2 * PAGE, &p), Ok(2));
         assert_eq!(s1.unmap(0x20_0000, BLOCK_2M, &p), Ok(1));
         assert_eq!(s1.translate(0x20_0000, &p), None);

@@ -61,7 +61,11 @@ pub struct HypFeatures {
 
 pub fn hyp_features() -> Result<HypFeatures, Error> {
     let r = call(func::HYP_FEATURES, 0, 0, 0, 0)?.0;
-    Ok(HypFeatures { block_sizes: r[1], max_vms: r[2], max_vcpus: r[3] })
+    Ok(HypFeatures {
+        block_sizes: r[1],
+        max_vms: r[2],
+        max_vcpus: r[3],
+    })
 }
 
 pub fn host_share_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
@@ -92,7 +96,11 @@ pub struct MemState {
 
 pub fn mem_state(pfn: u64) -> Result<MemState, Error> {
     let r = call(func::MEM_STATE, pfn, 0, 0, 0)?.0;
-    Ok(MemState { owner_or_pfn: r[1], state: r[2], map_size: r[3] })
+    Ok(MemState {
+        owner_or_pfn: r[1],
+        state: r[2],
+        map_size: r[3],
+    })
 }
 
 pub fn hyp_stats(counter: u64) -> Result<u64, Error> {
@@ -120,7 +128,10 @@ pub struct Exit {
 
 pub fn vcpu_run(handle: u64, vcpu: u64, completion: u64) -> Result<Exit, Error> {
     let r = call(func::VCPU_RUN, handle, vcpu, completion, 0)?.0;
-    Ok(Exit { reason: r[1], details: [r[2], r[3], r[4]] })
+    Ok(Exit {
+        reason: r[1],
+        details: [r[2], r[3], r[4]],
+    })
 }
 
 pub fn vm_donate(handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), Error> {
@@ -137,7 +148,11 @@ pub fn vm_unshare(handle: u64, ipa: u64, nr: u64) -> Result<(), Error> {
 
 pub fn vm_mem_state(handle: u64, ipa: u64) -> Result<MemState, Error> {
     let r = call(func::VM_MEM_STATE, handle, ipa, 0, 0)?.0;
-    Ok(MemState { owner_or_pfn: r[1], state: r[2], map_size: r[3] })
+    Ok(MemState {
+        owner_or_pfn: r[1],
+        state: r[2],
+        map_size: r[3],
+    })
 }
 
 pub fn host_pin(pfn: u64, nr: u64) -> Result<(), Error> {

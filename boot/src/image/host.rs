@@ -1,0 +1,249 @@
+//! From the plan to the running host: page pool, host device tree, stage 1
+//! and MMU, the host stage 2, EL2 configuration, and the entry at EL1.
+
+use core::ptr::addr_of_mut;
+
+use keel_arch::{barrier, exception, sysreg, tlb, TrapFrame};
+use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
+use keel_boot::layout::Layout;
+use keel_hyp::hvc::Limits;
+use keel_hyp::stats::Stats;
+use keel_mm::stage1::TablePages;
+use keel_mm::{Annotation, Geometry, PagePool, PageState, S2Attrs, Stage2, TlbMaintenance, Vmid};
+use log::info;
+use spin::Mutex;
+
+use super::{boot_fail, image_sections, mmu, Hyp, HYP, KEEL_CPU_LOCAL};
+
+/// The annotation of host stage-2 entries for pages the hypervisor owns.
+pub const OWNER_HYP: Annotation = Annotation(1);
+
+/// Stage-2 TLB maintenance with real instructions. Invalidation applies to
+/// the VMID in VTTBR_EL2, which is the table's own while keel changes it.
+pub struct HwTlb;
+
+impl TlbMaintenance for HwTlb {
+    fn publish_writes(&mut self) {
+        barrier::dsb_ishst();
+    }
+    fn invalidate_ipa(&mut self, _vmid: Vmid, ipa: u64, _level: Option<u8>) {
+        tlb::ipas2e1is(ipa);
+    }
+    fn invalidate_vmid(&mut self, _vmid: Vmid) {
+        tlb::vmalls12e1is();
+    }
+    fn complete(&mut self, _vmid: Vmid) {
+        barrier::dsb_ish();
+        tlb::vmalle1is();
+        barrier::dsb_ish();
+        barrier::isb();
+    }
+}
+
+/// The pool as the stage-1 builder sees it.
+struct Pages<'a>(&'a mut PagePool);
+
+impl TablePages for Pages<'_> {
+    fn alloc_table(&mut self) -> Option<u64> {
+        self.0.alloc_zeroed().ok()
+    }
+    fn free_table(&mut self, pa: u64) {
+        // SAFETY: `pa` came from `alloc_table` of this pool.
+        unsafe { self.0.free(pa) }
+    }
+    fn table_ptr(&self, pa: u64) -> *mut [u64; 512] {
+        self.0.va(pa).cast()
+    }
+}
+
+/// VTCR_EL2 bits keel adds to the geometry: RES1 bit 31, 16-bit VMIDs off
+/// (VMIDs stay below 256).
+const VTCR_RES1: u64 = 1 << 31;
+
+/// HCR_EL2 while the host runs: stage 2 on (VM), EL1 is AArch64 (RW), SMCs
+/// trap (TSC), pointer authentication is the host's own (API, APK).
+/// Interrupts are not routed to EL2: the host owns the GIC.
+pub const HCR_HOST: u64 = 1 | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41);
+
+/// The IPA size of the host stage 2: RAM and the MMIO above it must fit,
+/// at least 40 bits, never more than the CPU's PA size (or 48).
+fn host_ipa_bits(info: &BootInfo) -> u8 {
+    let top = info.ram.iter().map(|r| r.end).max().unwrap_or(0);
+    let needed = 64 - top.saturating_sub(1).leading_zeros();
+    needed.max(40).min(sysreg::pa_bits().min(48)) as u8
+}
+
+fn build_host_stage2(info: &BootInfo, plan: &Layout, pool: &mut PagePool) -> Stage2<HwTlb> {
+    let geometry = match Geometry::new(host_ipa_bits(info)) {
+        Ok(g) => g,
+        Err(e) => boot_fail(format_args!("host stage 2 geometry: {e:?}")),
+    };
+    let mut s2 = match Stage2::new(geometry, 0, pool, HwTlb) {
+        Ok(s) => s,
+        Err(e) => boot_fail(format_args!("host stage 2 root: {e:?}")),
+    };
+    let mut map = |r: PhysRange, attrs: S2Attrs, pool: &mut PagePool| {
+        if let Err(e) = s2.map(pool, r.start, r.size(), r.start, attrs, PageState::Owned) {
+            boot_fail(format_args!(
+                "host stage 2: mapping {:#x}..{:#x}: {e:?}",
+                r.start, r.end
+            ));
+        }
+    };
+    for w in info.mmio_windows(geometry.ipa_size()).iter() {
+        map(*w, S2Attrs::DEVICE_RW, pool);
+    }
+    for r in info.ram.iter() {
+        // RAM below and above the reservation (if it lies in this region).
+        let below = PhysRange::new(r.start, plan.reserved.start.clamp(r.start, r.end));
+        let above = PhysRange::new(plan.reserved.end.clamp(r.start, r.end), r.end);
+        for part in [below, above] {
+            if !part.is_empty() {
+                map(part, S2Attrs::NORMAL_RWX, pool);
+            }
+        }
+    }
+    let res = plan.reserved;
+    if let Err(e) = s2.unmap(pool, res.start, res.size(), OWNER_HYP) {
+        boot_fail(format_args!(
+            "host stage 2: recording the hypervisor's pages: {e:?}"
+        ));
+    }
+    s2
+}
+
+/// Everything EL2 sets so that an unmodified OS runs at EL1 without
+/// noticing it is not alone.
+fn configure_el2_for_host(s2: &Stage2<HwTlb>) {
+    let sme = (sysreg::id_aa64pfr1_el1() >> 24) & 0xf != 0;
+    // CPTR_EL2 (non-VHE): RES1 bits [7:0], 9, 13 (and 12 unless it is
+    // TSM); TZ, TFP, TSM, TTA, TAM, TCPAC clear: FP, SVE and SME are the
+    // host's, untrapped.
+    let cptr = 0x22ff | if sme { 0 } else { 1 << 12 };
+    // MDCR_EL2: the host sees every PMU counter; no debug traps.
+    let hpmn = (sysreg::pmcr_el0() >> 11) & 0x1f;
+    // SAFETY: these only configure what the host at EL1 may do; none of
+    // them affects the hypervisor's own translation or stacks. VTTBR/VTCR
+    // take the fully built host stage 2.
+    unsafe {
+        sysreg::set_cptr_el2(cptr);
+        sysreg::set_mdcr_el2(hpmn);
+        sysreg::set_hstr_el2(0);
+        // EL1 may use the physical counter and timer.
+        sysreg::set_cnthctl_el2(0b11);
+        sysreg::set_cntvoff_el2(0);
+        // The host uses the GIC's system registers directly; no vGIC.
+        sysreg::set_icc_sre_el2(0b1001);
+        sysreg::set_ich_hcr_el2(0);
+        sysreg::set_vpidr_el2(sysreg::midr_el1());
+        sysreg::set_vmpidr_el2(sysreg::mpidr_el1());
+        // SCTLR_EL1: RES1 bits only (MMU off, little-endian), as at reset.
+        sysreg::set_sctlr_el1(0x30d0_0800);
+        sysreg::set_vtcr_el2(s2.vtcr() | VTCR_RES1);
+        sysreg::set_vttbr_el2(s2.vttbr());
+        barrier::isb();
+        tlb::vmalls12e1is();
+        barrier::dsb_ish();
+        sysreg::set_hcr_el2(HCR_HOST);
+    }
+    barrier::isb();
+}
+
+/// Boots the host; never returns.
+pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
+    let mut pool = match PagePool::new(0) {
+        Ok(p) => p,
+        Err(e) => boot_fail(format_args!("page pool: {e:?}")),
+    };
+    // SAFETY: the plan reserved this range for the pool alone; it is RAM,
+    // identity mapped (MMU off now, stage 1 later).
+    if let Err(e) = unsafe { pool.add_range(plan.pool.start, plan.pool.size() as usize) } {
+        boot_fail(format_args!("page pool: {e:?}"));
+    }
+
+    // The host's device tree, written while the MMU is off and all of RAM
+    // is reachable.
+    let edits = HostDtbEdits {
+        remove: &[plan.reserved],
+        bootargs: info.kernel.bootargs,
+        initrd: info.ramdisk,
+    };
+    // SAFETY: the plan placed host_dtb in host RAM that overlaps neither the
+    // boot DTB, the modules nor the reservation.
+    let out = unsafe {
+        core::slice::from_raw_parts_mut(
+            plan.host_dtb.start as *mut u8,
+            plan.host_dtb.size() as usize,
+        )
+    };
+    let host_dtb_len = match keel_boot::dt::write_host_dtb(boot_dtb, out, &edits) {
+        Ok(n) => n,
+        Err(e) => boot_fail(format_args!("host device tree: {e}")),
+    };
+
+    // Per-CPU data of the boot CPU (entry.S filled emergency_sp).
+    let slot = plan.stack_slot(0);
+    // SAFETY: only the boot CPU runs; nothing else holds a reference.
+    unsafe {
+        let cpu0 = &mut (*addr_of_mut!(KEEL_CPU_LOCAL))[0];
+        cpu0.cpu_index = 0;
+        cpu0.mpidr = sysreg::mpidr_el1() & 0xff_00ff_ffff;
+        cpu0.guard_page = slot.guard.start;
+    }
+
+    let s1 = match mmu::build(
+        &image_sections(),
+        plan,
+        info.cpus.len(),
+        Some(info.uart.start),
+        &mut Pages(&mut pool),
+    ) {
+        Ok(s) => s,
+        Err(e) => boot_fail(format_args!("hypervisor stage 1: {e:?}")),
+    };
+    mmu::enable(&s1);
+    info!("MMU on: stage 1 at {:#x}", s1.ttbr());
+
+    let s2 = build_host_stage2(info, plan, &mut pool);
+    let stats = s2.stats();
+    configure_el2_for_host(&s2);
+    info!(
+        "host stage 2: {}-bit IPA, {} root + {} table pages; {} pool pages free",
+        s2.geometry().ipa_bits(),
+        stats.root_pages,
+        stats.table_pages,
+        pool.free_pages()
+    );
+    info!(
+        "figures: hyp_reserved_bytes={} host_stage2_table_pages={}",
+        plan.reserved.size(),
+        stats.root_pages + stats.table_pages
+    );
+
+    HYP.call_once(|| Hyp {
+        limits: Limits {
+            max_vms: 0,
+            max_vcpus: 0,
+        },
+        stats: Stats::new(),
+        pool: Mutex::new(pool),
+        host_s2: Mutex::new(s2),
+        host_dtb: plan.host_dtb.start,
+    });
+
+    let entry = info.kernel.range.start;
+    info!(
+        "entering host at {entry:#x} (EL1h), device tree at {:#x} ({host_dtb_len} bytes)",
+        plan.host_dtb.start
+    );
+    let mut frame = TrapFrame::default();
+    frame.x[0] = plan.host_dtb.start;
+    // SAFETY: the host stage 2 and EL2 configuration are in force; the host
+    // starts at EL1h with DAIF masked at its kernel's first byte; the boot
+    // stack is not needed again.
+    unsafe {
+        sysreg::set_elr_el2(entry);
+        sysreg::set_spsr_el2(0x3c5);
+        exception::enter_lower(&frame, slot.stack.end)
+    }
+}

@@ -1,0 +1,136 @@
+//! Exceptions from the host (lower EL): hypercalls, SMCs, and stage-2
+//! faults.
+
+use keel_arch::esr::{ec, Esr};
+use keel_arch::exception::kind;
+use keel_arch::firmware::{self, psci};
+use keel_arch::{exit, inject, sysreg, TrapFrame};
+use keel_hyp::hvc::{self, Call, Caller};
+use log::{debug, info, warn};
+
+use super::{exit_code, report, HYP};
+
+/// Called by the vectors with the interrupted context's registers.
+#[no_mangle]
+extern "C" fn keel_lower_exception(k: u64, frame: &mut TrapFrame) {
+    if k != kind::LOWER64_SYNC {
+        let esr = sysreg::esr_el2();
+        report(format_args!(
+            "[keel] FATAL: unexpected {} from the host: ESR={esr:#x} ELR={:#x} FAR={:#x}\n",
+            kind::name(k),
+            sysreg::elr_el2(),
+            sysreg::far_el2()
+        ));
+        exit::exit(exit_code::FATAL_EXCEPTION);
+    }
+    let esr = Esr(sysreg::esr_el2());
+    match esr.ec() {
+        ec::HVC64 => {
+            let hyp = HYP.get().expect("traps before init");
+            hyp.stats.count_hypercall();
+            let ret = hvc::dispatch(
+                Caller::Host,
+                esr.imm16(),
+                &Call::from_regs(&frame.x),
+                &hyp.limits,
+            );
+            ret.apply(&mut frame.x);
+        }
+        ec::SMC64 => handle_smc(frame),
+        ec::DABT_LOWER | ec::IABT_LOWER => refuse_access(esr),
+        _ => {
+            warn!(
+                "host: unexpected trap ({}, ESR {:#x}) at {:#x}: undefined instruction injected",
+                esr.class_name(),
+                esr.0,
+                sysreg::elr_el2()
+            );
+            inject_into_host(
+                inject::undefined(sysreg::spsr_el2(), sysreg::sctlr_el1(), sysreg::vbar_el1()),
+                None,
+            );
+        }
+    }
+}
+
+/// A trapped SMC: the return address is the SMC itself, so step over it,
+/// then relay to firmware what may be relayed.
+fn handle_smc(frame: &mut TrapFrame) {
+    // SAFETY: ELR_EL2 points at the 4-byte SMC; the host resumes after it.
+    unsafe { sysreg::set_elr_el2(sysreg::elr_el2() + 4) };
+    let fid = frame.x[0] as u32;
+    match fid {
+        psci::SYSTEM_OFF | psci::SYSTEM_RESET => {
+            info!(
+                "host asked for PSCI {}",
+                if fid == psci::SYSTEM_OFF {
+                    "SYSTEM_OFF"
+                } else {
+                    "SYSTEM_RESET"
+                }
+            );
+        }
+        // Starting or resuming a CPU at a host address would run host code
+        // without the host stage 2; refused until those calls are relayed
+        // through keel's own entry point.
+        psci::CPU_ON
+        | psci::CPU_ON_32
+        | psci::CPU_SUSPEND
+        | psci::CPU_SUSPEND_32
+        | 0x8400_000E
+        | 0xC400_000E => {
+            frame.x[0] = psci::DENIED as u64;
+            return;
+        }
+        _ => {}
+    }
+    let mut args = [0u64; 17];
+    args.copy_from_slice(&frame.x[1..18]);
+    let r = firmware::smc(fid, args);
+    frame.x[..18].copy_from_slice(&r);
+}
+
+/// The host touched memory it neither owns nor borrows (a stage-2 fault):
+/// the access never happens; the host gets a synchronous external abort at
+/// the faulting address and carries on.
+fn refuse_access(esr: Esr) {
+    let far = sysreg::far_el2();
+    let ipa = ((sysreg::hpfar_el2() >> 4) << 12) | (far & 0xfff);
+    let injection = inject::external_abort(
+        esr.0,
+        sysreg::spsr_el2(),
+        sysreg::sctlr_el1(),
+        sysreg::vbar_el1(),
+    );
+    if let Some(hyp) = HYP.get() {
+        hyp.stats.count_host_abort();
+    }
+    debug!(
+        "host {} at {ipa:#x} (VA {far:#x}) refused",
+        esr.class_name()
+    );
+    inject_into_host(injection, Some(far));
+}
+
+fn inject_into_host(injection: Option<inject::Injection>, far: Option<u64>) {
+    let Some(i) = injection else {
+        report(format_args!(
+            "[keel] FATAL: cannot inject into a host context with SPSR {:#x}\n",
+            sysreg::spsr_el2()
+        ));
+        exit::exit(exit_code::FATAL_EXCEPTION);
+    };
+    // SAFETY: this emulates the architecture's exception entry to EL1: the
+    // interrupted PC and PSTATE go to ELR_EL1/SPSR_EL1, the syndrome to
+    // ESR_EL1/FAR_EL1, and the ERET lands on the host's own vector.
+    unsafe {
+        sysreg::set_elr_el1(sysreg::elr_el2());
+        sysreg::set_spsr_el1(sysreg::spsr_el2());
+        sysreg::set_esr_el1(i.esr);
+        if let Some(far) = far {
+            sysreg::set_far_el1(far);
+        }
+        sysreg::set_elr_el2(i.vector);
+        sysreg::set_spsr_el2(i.spsr);
+    }
+}
