@@ -110,7 +110,7 @@ impl PhysRange {
 }
 
 /// A list with a fixed capacity, for a `no_std` crate without `alloc`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct FixedList<T: Copy + Default, const N: usize> {
     items: [T; N],
     len: usize,
@@ -144,6 +144,12 @@ impl<T: Copy + Default, const N: usize> FixedList<T, N> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+impl<T: Copy + Default + fmt::Debug, const N: usize> fmt::Debug for FixedList<T, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
     }
 }
 

@@ -14,7 +14,7 @@ pub(crate) const FDT_BEGIN_NODE: u32 = 1;
 pub(crate) const FDT_END_NODE: u32 = 2;
 pub(crate) const FDT_PROP: u32 = 3;
 pub(crate) const FDT_NOP: u32 = 4;
-pub(crate) const FDT_END: u32 = 5;
+pub(crate) const FDT_END: u32 = 9;
 
 pub(crate) const HEADER_SIZE: usize = 40;
 /// The version we write, and the oldest we read: version 17 is the first

@@ -53,7 +53,10 @@ impl<'b> FdtWriter<'b> {
     }
 
     fn free(&self) -> usize {
-        self.buf.len() - self.strings_len - self.cursor
+        // The header's room is not checked until the first write.
+        self.buf
+            .len()
+            .saturating_sub(self.strings_len + self.cursor)
     }
 
     fn put_struct(&mut self, bytes: &[u8]) -> Result<(), DtError> {
