@@ -25,7 +25,7 @@ use core::fmt;
 use fdt::node::FdtNode;
 use fdt::Fdt;
 
-pub use host::{write_host_dtb, HostDtbEdits};
+pub use host::{host_dtb_size_bound, write_host_dtb, HostDtbEdits};
 pub use writer::FdtWriter;
 
 pub const MAX_RAM_REGIONS: usize = 8;

@@ -1,7 +1,7 @@
 //! The host's device tree: a token-by-token copy of the boot DTB with the
 //! edits of the boot protocol (docs/design.md, "Boot protocol").
 
-use super::blob::{Blob, Token, Tokens};
+use super::blob::{align4, Blob, Token, Tokens, HEADER_SIZE};
 use super::writer::FdtWriter;
 use super::{is_memory_node, read_cells, reg_entries, Cells, DtError, PhysRange};
 
@@ -22,6 +22,41 @@ pub struct HostDtbEdits<'s> {
 const MAX_HOST_MEMORY_ENTRIES: usize = 32;
 /// Two cells of address and two of size per entry at most.
 const MAX_MEMORY_REG_BYTES: usize = MAX_HOST_MEMORY_ENTRIES * 16;
+
+/// An upper bound on the size `write_host_dtb` needs for these edits, for
+/// callers that must reserve the output buffer before writing it.
+pub fn host_dtb_size_bound(boot_dtb: &[u8], edits: &HostDtbEdits<'_>) -> Result<usize, DtError> {
+    let blob = Blob::check(boot_dtb)?;
+    let header = &blob.header;
+    let reservations = blob.reservations().count();
+    // Each /memory reg entry splits into at most one piece per removal, plus one.
+    let mut memory_entries = 0usize;
+    let mut depth = 0usize;
+    let mut in_memory = false;
+    for token in blob.tokens() {
+        match token? {
+            Token::BeginNode(name) => {
+                depth += 1;
+                in_memory = depth == 2 && is_memory_node(name);
+            }
+            Token::Property { name: "reg", value } if in_memory && depth == 2 => {
+                memory_entries += value.len() / 8;
+            }
+            Token::Property { .. } => {}
+            Token::EndNode => {
+                depth = depth.saturating_sub(1);
+                in_memory = false;
+            }
+        }
+    }
+    let property = |len: usize| 12 + align4(len);
+    let added = property(edits.bootargs.len() + 1)
+        + 2 * property(8)
+        + "chosen".len() + 12 // a /chosen node, if there was none
+        + "bootargs linux,initrd-start linux,initrd-end ".len()
+        + memory_entries * edits.remove.len() * 16;
+    Ok(HEADER_SIZE + (reservations + 1) * 16 + header.structs.len() + header.strings.len() + added)
+}
 
 /// Writes the host's DTB into `out` and returns its size. The result is the
 /// boot DTB, node for node and property for property, except that:

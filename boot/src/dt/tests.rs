@@ -650,6 +650,31 @@ fn a_small_buffer_is_an_error_at_every_size() {
 }
 
 #[test]
+fn the_size_bound_is_never_too_small() {
+    let removals = [
+        range(0x4000_0000, MIB),
+        range(0x4800_0000, MIB),
+        range(0x8_9000_0000, MIB),
+    ];
+    let long_bootargs = "x".repeat(1000);
+    for boot in [VIRT_2G, VIRT_4G_MODULES, TWO_BANKS] {
+        for bootargs in ["", "quiet", long_bootargs.as_str()] {
+            for remove_count in 0..=removals.len() {
+                let edits = HostDtbEdits {
+                    remove: &removals[..remove_count],
+                    bootargs,
+                    initrd: Some(range(0x4900_0000, MIB)),
+                };
+                let bound = host_dtb_size_bound(boot, &edits).unwrap();
+                let mut buf = vec![0u8; bound];
+                let size = write_host_dtb(boot, &mut buf, &edits).unwrap();
+                assert!(size <= bound && bound < size + 2048, "{size} {bound}");
+            }
+        }
+    }
+}
+
+#[test]
 fn bad_edits_are_refused() {
     let empty = [PhysRange::new(0x5000_0000, 0x5000_0000)];
     assert_eq!(
