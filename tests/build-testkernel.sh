@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds the host test kernel and writes the flat binary the hypervisor loads
-# (-device guest-loader,addr=0x48000000,kernel=out/testkernel.bin).
+# (-device guest-loader,addr=0x50000000,kernel=out/testkernel.bin).
 # Usage: tests/build-testkernel.sh [OUT]   (default out/testkernel.bin)
 set -eu
 cd "$(dirname "$0")/.."

@@ -2,108 +2,13 @@
 
 use fdt::Fdt;
 
+pub use crate::ranges::{parse_u64, Range, Ranges};
+
 /// QEMU puts the device tree at the start of RAM for an ELF `-kernel`. Only
 /// a developer booting the test kernel without the hypervisor gets here; the
 /// boot suite fails if the tree did not arrive in x0.
 const FALLBACK_DTB: u64 = 0x4000_0000;
 const FDT_MAGIC: u32 = 0xd00d_feed;
-
-/// A half-open physical range [start, end).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Range {
-    pub start: u64,
-    pub end: u64,
-}
-
-impl Range {
-    pub const fn new(start: u64, end: u64) -> Self {
-        Range { start, end }
-    }
-    pub fn len(&self) -> u64 {
-        self.end - self.start
-    }
-    pub fn contains(&self, addr: u64) -> bool {
-        self.start <= addr && addr < self.end
-    }
-    pub fn covers(&self, other: &Range) -> bool {
-        self.start <= other.start && other.end <= self.end
-    }
-}
-
-impl core::fmt::Display for Range {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "[{:#x}, {:#x})", self.start, self.end)
-    }
-}
-
-/// A small fixed-capacity set of ranges, sorted by start.
-#[derive(Clone, Copy)]
-pub struct Ranges {
-    items: [Range; Self::CAPACITY],
-    len: usize,
-}
-
-impl Ranges {
-    pub const CAPACITY: usize = 16;
-
-    pub const fn new() -> Self {
-        Ranges {
-            items: [Range::new(0, 0); Self::CAPACITY],
-            len: 0,
-        }
-    }
-
-    /// Adds `r` in order; false when full.
-    pub fn push(&mut self, r: Range) -> bool {
-        if self.len == Self::CAPACITY {
-            return false;
-        }
-        let pos = self.items[..self.len]
-            .iter()
-            .position(|x| x.start > r.start)
-            .unwrap_or(self.len);
-        self.items.copy_within(pos..self.len, pos + 1);
-        self.items[pos] = r;
-        self.len += 1;
-        true
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Range> {
-        self.items[..self.len].iter()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn contains(&self, addr: u64) -> bool {
-        self.iter().any(|r| r.contains(addr))
-    }
-
-    /// Whether one range of the set covers all of `r`.
-    pub fn covers(&self, r: &Range) -> bool {
-        self.iter().any(|x| x.covers(r))
-    }
-
-    /// The parts of `outer` that no range of the set covers.
-    pub fn holes_in(&self, outer: Range) -> Ranges {
-        let mut holes = Ranges::new();
-        let mut cursor = outer.start;
-        for r in self.iter() {
-            if r.end <= cursor || r.start >= outer.end {
-                continue;
-            }
-            if r.start > cursor {
-                holes.push(Range::new(cursor, r.start));
-            }
-            cursor = cursor.max(r.end);
-        }
-        if cursor < outer.end {
-            holes.push(Range::new(cursor, outer.end));
-        }
-        holes
-    }
-}
 
 /// The CPU state the kernel was entered with.
 #[derive(Clone, Copy, Debug)]
@@ -159,14 +64,6 @@ impl BootInfo {
     /// The hypervisor's memory as the host can infer it.
     pub fn hyp_ranges(&self) -> Ranges {
         self.memory.holes_in(self.physical_ram())
-    }
-}
-
-/// Parses a decimal or 0x-prefixed hexadecimal number.
-pub fn parse_u64(s: &str) -> Option<u64> {
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => s.parse().ok(),
     }
 }
 

@@ -1,135 +1,46 @@
 //! keel-testkernel: the EL1 host kernel that the QEMU suites boot under the
 //! hypervisor. It runs the suite its bootargs name (`suite=NAME`) and reports
 //! on the UART (protocol in `harness.rs`), then powers off.
-#![no_std]
-#![no_main]
+//!
+//! Only `aarch64-unknown-none` builds the kernel. On the build machine the
+//! crate is a stub binary plus the unit tests of its pure parts (`ranges`),
+//! so `cargo test/clippy --workspace` can include it.
+#![cfg_attr(target_os = "none", no_std, no_main)]
 // A failure carries its message inline because there is no heap; copying
 // 200 bytes per failed test costs nothing here.
 #![allow(clippy::result_large_err)]
 
+// On the build machine only the unit tests use it.
+#[cfg(not(target_os = "none"))]
+#[allow(dead_code)]
+mod ranges;
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!(
+        "keel-testkernel runs under keel in QEMU: build it with --target aarch64-unknown-none"
+    );
+    std::process::exit(1);
+}
+
+#[cfg(target_os = "none")]
 mod console;
+#[cfg(target_os = "none")]
 mod dt;
+#[cfg(target_os = "none")]
 mod exception;
+#[cfg(target_os = "none")]
 mod harness;
+#[cfg(target_os = "none")]
+mod kernel;
+#[cfg(target_os = "none")]
 mod mmu;
+#[cfg(target_os = "none")]
 mod psci;
+#[cfg(target_os = "none")]
+mod ranges;
+#[cfg(target_os = "none")]
 mod suites;
 
-use dt::Range;
-
-core::arch::global_asm!(include_str!("entry.S"));
-
-extern "C" {
-    static __image_start: u8;
-    static __image_end: u8;
-}
-
-fn image_range() -> Range {
-    // Only the addresses of the linker symbols are taken, never their values.
-    let (start, end) = (
-        core::ptr::addr_of!(__image_start) as u64,
-        core::ptr::addr_of!(__image_end) as u64,
-    );
-    Range::new(start, end)
-}
-
-/// Entered from `entry.S` with BSS cleared and a stack: x0..x3 as the
-/// hypervisor passed them, and SCTLR_EL1 and SPSel as they were at entry.
-#[no_mangle]
-extern "C" fn kernel_main(x0: u64, x1: u64, x2: u64, x3: u64, sctlr: u64, spsel: u64) -> ! {
-    let entry = dt::EntryState {
-        x: [x0, x1, x2, x3],
-        sctlr,
-        spsel,
-    };
-    let image = image_range();
-    let located = dt::locate(x0).map(|(addr, _)| addr);
-    // SAFETY: called once, first, with the MMU off; the map covers the image
-    // (code, data, stack) and the block where the device tree lies.
-    unsafe { mmu::enable(image.start, located.unwrap_or(image.start)) };
-
-    println!();
-    println!(
-        "keel-testkernel: entered at EL{} with x0={:#x}",
-        current_el(),
-        x0
-    );
-    let Some((addr, from_x0)) = dt::locate(x0) else {
-        harness::abort_run("no device tree in x0 (nor at the fallback address)")
-    };
-    if !from_x0 {
-        println!(
-            "keel-testkernel: WARNING: x0 holds no device tree; using {:#x} (booted without keel?)",
-            dt::fallback_address()
-        );
-    }
-    let boot = match dt::parse(addr, from_x0, entry, image) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("keel-testkernel: bad device tree at {:#x}: {:?}", addr, e);
-            harness::abort_run("bad device tree")
-        }
-    };
-    configure_from_dt(&boot);
-    for r in boot.memory.iter() {
-        mmu::map_ram(r.start, r.end);
-    }
-    // The block holding the hypervisor's memory is already mapped with the
-    // RAM around it; if all of RAM is missing from /memory, map it anyway so
-    // isolation probes reach stage 2 rather than fault in our stage 1.
-    let ram = boot.physical_ram();
-    mmu::map_ram(ram.start, ram.end);
-
-    let Some(name) = boot.arg("suite") else {
-        println!("keel-testkernel: no suite= in bootargs {:?}", boot.bootargs);
-        harness::abort_run("no suite= in bootargs")
-    };
-    let Some(suite) = suites::find(name) else {
-        println!("keel-testkernel: unknown suite {:?}; known:", name);
-        for s in suites::ALL {
-            println!("  {}", s.name);
-        }
-        harness::abort_run("unknown suite")
-    };
-    harness::run_suite(suite, &boot);
-    psci::system_off()
-}
-
-/// Takes the UART and the PSCI conduit from the device tree.
-fn configure_from_dt(boot: &dt::BootInfo) {
-    if let Some(uart) = boot.fdt.chosen().stdout() {
-        let is_pl011 = uart
-            .compatible()
-            .is_some_and(|c| c.all().any(|s| s == "arm,pl011"));
-        let base = uart
-            .reg()
-            .and_then(|mut r| r.next())
-            .map(|r| r.starting_address as u64);
-        if let (true, Some(base)) = (is_pl011, base) {
-            // Only the Device block [0, 1 GiB) maps peripherals.
-            if base < mmu::BLOCK_SIZE {
-                console::set_base(base as usize);
-            }
-        }
-    }
-    let method = boot
-        .fdt
-        .find_node("/psci")
-        .and_then(|n| n.property("method"))
-        .and_then(|p| p.as_str());
-    psci::set_conduit_hvc(method == Some("hvc"));
-}
-
-pub fn current_el() -> u64 {
-    let el: u64;
-    // SAFETY: reading CurrentEL has no side effects.
-    unsafe { core::arch::asm!("mrs {}, CurrentEL", out(reg) el, options(nomem, nostack)) };
-    (el >> 2) & 3
-}
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    println!();
-    println!("keel-testkernel {}", info);
-    harness::abort_run("test kernel panicked")
-}
+#[cfg(target_os = "none")]
+pub use kernel::current_el;

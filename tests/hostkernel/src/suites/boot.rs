@@ -75,10 +75,10 @@ pub const HYP_LOAD_ADDR: u64 = 0x4020_0000;
 const MARKER: &str = "keel-boot-7f3a";
 
 /// The initrd tests/run.py generates and loads
-/// (`-device guest-loader,addr=0x49000000,initrd=FILE`): an 8-byte magic,
+/// (`-device guest-loader,addr=0x58000000,initrd=FILE`): an 8-byte magic,
 /// the total length as a little-endian u64, then byte i (counted from the
 /// start of the file) = (i * 131 + 7) mod 256. Keep in step with run.py.
-const INITRD_ADDR: u64 = 0x4900_0000;
+const INITRD_ADDR: u64 = 0x5800_0000;
 const INITRD_MAGIC: &[u8; 8] = b"KEELINRD";
 
 fn initrd_byte(i: u64) -> u8 {

@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""keel's QEMU suite runner.
+
+Boots QEMU once per suite: the hypervisor image as `-kernel`, the host test
+kernel (tests/hostkernel) as a multiboot kernel module whose bootargs name the
+suite, and a generated initrd. Reads the UART, prints every test's result by
+name, and ends with the plain line `N passed, N failed`; exits non-zero if
+anything failed.
+
+UART protocol (tests/hostkernel/src/harness.rs):
+    plan SUITE: NAME NAME ...
+    test SUITE::NAME ... ok
+    test SUITE::NAME ... FAILED: reason
+    FINISHED
+A timeout, a non-zero QEMU exit, a missing plan or FINISHED, or a planned test
+that never printed a result fails the run, and the UART's tail is shown.
+
+Usage:
+    python3 tests/run.py [--suite NAME ...] [--hyp out/hypervisor.img]
+                         [--kernel out/testkernel.bin] [--timeout S] [-v]
+                         [--print-cmd] [--list]
+"""
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The machine every suite boots. RAM is passed to the test kernel as
+# ram=BASE:SIZE so it can find the hypervisor's memory as the part of RAM
+# missing from its /memory nodes.
+RAM_BASE = 0x4000_0000
+RAM_SIZE = 2 << 30
+QEMU_MACHINE = [
+    "-M", "virt,virtualization=on,gic-version=3",
+    "-cpu", "max",
+    "-m", f"{RAM_SIZE >> 20}M",
+    "-smp", "1",
+    "-nographic",
+    "-semihosting",
+]
+# Module addresses (docs/design.md, Module addresses): clear of the boot DTB
+# QEMU puts at RAM base + 128 MiB and of the hypervisor's reservation.
+KERNEL_ADDR = 0x5000_0000
+# Must match INITRD_ADDR and the pattern in tests/hostkernel/src/suites/boot.rs.
+INITRD_ADDR = 0x5800_0000
+INITRD_MAGIC = b"KEELINRD"
+INITRD_SIZE = 64 * 1024 + 123  # odd on purpose: an end rounded up shows
+HYP_APPEND = "keel.log=info"
+
+# The suites, machine-readable: name -> extra bootargs and what it is for.
+# The tests of each suite are those its `plan` line announces.
+SUITES = {
+    "boot": {
+        "bootargs": "marker=keel-boot-7f3a",
+        "doc": "entry state, device tree, bootargs, initrd, discovery calls",
+    },
+    "isolation": {
+        "bootargs": "",
+        "doc": "host reads/writes/fetches of hypervisor memory abort and the host continues",
+    },
+    "selftest": {
+        "bootargs": "",
+        "doc": "one passing and one deliberately failing test (used by harness::catches_failing_test)",
+    },
+    "demo": {
+        "bootargs": "",
+        "doc": "the tour `make run` shows",
+    },
+}
+# Tests of the runner itself, run as the pseudo-suite "harness".
+HARNESS_TESTS = ["catches_failing_test", "catches_hyp_panic"]
+DEFAULT_SUITES = ["boot", "isolation", "demo", "harness"]
+
+PLAN_RE = re.compile(r"^plan (\S+):(.*)$")
+RESULT_RE = re.compile(r"^test (\S+)::(\S+) \.\.\. (ok|FAILED(?::\s?(.*))?)$")
+TAIL_LINES = 40
+
+
+@dataclass
+class Boot:
+    """One QEMU run: its exit code (None on timeout) and UART lines."""
+
+    cmd: list
+    rc: object
+    lines: list
+    seconds: float
+
+    @property
+    def timed_out(self):
+        return self.rc is None
+
+
+@dataclass
+class Report:
+    """Results of the runner: each test's name and outcome, in order."""
+
+    results: list = field(default_factory=list)
+
+    def add(self, name, ok, reason=""):
+        self.results.append((name, ok, reason))
+        if ok:
+            print(f"test {name} ... ok", flush=True)
+        else:
+            print(f"test {name} ... FAILED: {reason}", flush=True)
+
+    def counts(self):
+        passed = sum(1 for _, ok, _ in self.results if ok)
+        return passed, len(self.results) - passed
+
+
+def make_initrd(path):
+    """The initrd the boot suite checks: magic, total length, then byte i is
+    (i * 131 + 7) mod 256 for every offset i from 16 on."""
+    data = bytearray(INITRD_SIZE)
+    data[0:8] = INITRD_MAGIC
+    data[8:16] = INITRD_SIZE.to_bytes(8, "little")
+    for i in range(16, INITRD_SIZE):
+        data[i] = (i * 131 + 7) & 0xFF
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def suite_bootargs(suite):
+    extra = SUITES.get(suite, {}).get("bootargs", "")
+    args = f"suite={suite} ram={RAM_BASE:#x}:{RAM_SIZE:#x} {extra}".strip()
+    if "," in args:
+        raise ValueError("QEMU -device options cannot carry commas in bootargs")
+    return args
+
+
+def qemu_cmd(opts, suite, initrd, append=HYP_APPEND):
+    return [
+        opts.qemu,
+        *QEMU_MACHINE,
+        "-kernel", opts.hyp,
+        "-append", append,
+        "-device", f"guest-loader,addr={KERNEL_ADDR:#x},kernel={opts.kernel},bootargs={suite_bootargs(suite)}",
+        "-device", f"guest-loader,addr={INITRD_ADDR:#x},initrd={initrd}",
+    ]
+
+
+def echo_mode(opts):
+    """How the UART is echoed while QEMU runs: None, "prefixed" or "plain"."""
+    return getattr(opts, "echo", None) or ("prefixed" if opts.verbose else None)
+
+
+def run_qemu(cmd, timeout, echo):
+    """Runs QEMU with the UART on stdout; kills its process group on timeout
+    (None: wait for ever)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    lines = []
+
+    def reader():
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
+            lines.append(line)
+            if echo == "plain":
+                print(line, flush=True)
+            elif echo:
+                print(f"  | {line}", flush=True)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        rc = None
+    t.join(timeout=5)
+    return Boot(cmd, rc, lines, time.monotonic() - start)
+
+
+def parse(lines):
+    """Returns (plan: {suite: [names]}, results: {suite::name: (ok, reason)},
+    finished, aborted line or None)."""
+    plan, results, finished, aborted = {}, {}, False, None
+    for line in lines:
+        m = PLAN_RE.match(line)
+        if m:
+            plan[m.group(1)] = m.group(2).split()
+            continue
+        m = RESULT_RE.match(line)
+        if m:
+            key = f"{m.group(1)}::{m.group(2)}"
+            # The first result counts: a later line cannot turn a failure ok.
+            results.setdefault(key, (m.group(3) == "ok", m.group(4) or ""))
+            continue
+        if line == "FINISHED":
+            finished = True
+        elif line.startswith("ABORTED"):
+            aborted = line
+    return plan, results, finished, aborted
+
+
+def run_problem(boot, suite, plan, finished, aborted):
+    """Why a suite's boot as a whole failed, or None."""
+    if boot.timed_out:
+        return f"timed out after {boot.seconds:.0f} s"
+    if aborted:
+        return aborted
+    if suite not in plan:
+        return "no plan line: the test kernel did not start the suite"
+    if not finished:
+        return "no FINISHED line: the run ended early"
+    if boot.rc != 0:
+        return f"QEMU exited with status {boot.rc}"
+    return None
+
+
+def show_tail(boot):
+    print(f"---- last {TAIL_LINES} UART lines of: {shlex.join(boot.cmd)}")
+    for line in boot.lines[-TAIL_LINES:]:
+        print(f"  | {line}")
+    print("----", flush=True)
+
+
+def run_suite(opts, suite, initrd, report):
+    boot = run_qemu(qemu_cmd(opts, suite, initrd) + opts.extra_qemu, opts.timeout, echo_mode(opts))
+    plan, results, finished, aborted = parse(boot.lines)
+    problem = run_problem(boot, suite, plan, finished, aborted)
+    names = plan.get(suite, [])
+    planned = {f"{suite}::{n}" for n in names}
+    all_ok = True
+    for name in names:
+        key = f"{suite}::{name}"
+        ok, reason = results.get(key, (False, "never printed a result"))
+        report.add(key, ok, reason)
+        all_ok &= ok
+    # Results the plan did not announce still count.
+    for key, (ok, reason) in results.items():
+        if key not in planned:
+            report.add(key, ok, reason)
+            all_ok &= ok
+    if problem:
+        report.add(suite, False, problem)
+    if problem or not all_ok:
+        show_tail(boot)
+    elif opts.verbose:
+        print(f"  ({suite}: {boot.seconds:.1f} s)")
+
+
+def harness_catches_failing_test(opts, initrd):
+    """The selftest suite must come out as exactly one failure, the
+    deliberate one: proves the kernel reports failures and the runner sees them."""
+    boot = run_qemu(qemu_cmd(opts, "selftest", initrd) + opts.extra_qemu, opts.timeout, echo_mode(opts))
+    plan, results, finished, aborted = parse(boot.lines)
+    problem = run_problem(boot, "selftest", plan, finished, aborted)
+    if problem:
+        return boot, f"selftest run failed: {problem}"
+    names = plan["selftest"]
+    if "deliberate_failure" not in names:
+        return boot, "selftest plan lacks deliberate_failure"
+    got = {n: results.get(f"selftest::{n}") for n in names}
+    missing = [n for n, r in got.items() if r is None]
+    if missing:
+        return boot, f"no result for {', '.join(missing)}"
+    if got["deliberate_failure"][0]:
+        return boot, "selftest::deliberate_failure was reported ok"
+    wrong = [n for n, (ok, _) in got.items() if n != "deliberate_failure" and not ok]
+    if wrong:
+        return boot, f"passing self-tests failed: {', '.join(wrong)}"
+    if len(names) < 2:
+        return boot, "selftest has no passing test"
+    return boot, None
+
+
+def harness_catches_hyp_panic(opts, initrd):
+    """A hypervisor that panics at boot must end QEMU non-zero with its
+    panic message: proves a crash cannot pass for a clean run."""
+    cmd = qemu_cmd(opts, "selftest", initrd, append=f"{HYP_APPEND} keel.selftest=panic")
+    boot = run_qemu(cmd + opts.extra_qemu, opts.timeout, echo_mode(opts))
+    if boot.timed_out:
+        return boot, f"timed out after {boot.seconds:.0f} s instead of exiting"
+    if boot.rc == 0:
+        return boot, "QEMU exited 0 although the hypervisor was told to panic"
+    if not any("panicked at" in line for line in boot.lines):
+        return boot, f"QEMU exited {boot.rc} but printed no 'panicked at'"
+    return boot, None
+
+
+def run_harness(opts, initrd, report):
+    for name, fn in [
+        ("catches_failing_test", harness_catches_failing_test),
+        ("catches_hyp_panic", harness_catches_hyp_panic),
+    ]:
+        boot, problem = fn(opts, initrd)
+        report.add(f"harness::{name}", problem is None, problem or "")
+        if problem:
+            show_tail(boot)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", action="append", metavar="NAME",
+                    help=f"suite to run (repeatable): {', '.join(SUITES)}, harness; default: {' '.join(DEFAULT_SUITES)}")
+    ap.add_argument("--hyp", default=os.path.join(ROOT, "out", "hypervisor.img"))
+    ap.add_argument("--kernel", default=os.path.join(ROOT, "out", "testkernel.bin"))
+    ap.add_argument("--qemu", default="qemu-system-aarch64")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per QEMU boot (default 60)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="echo the UART as it arrives")
+    ap.add_argument("--demo", action="store_true",
+                    help="boot the demo suite and show its UART as it runs (make run)")
+    ap.add_argument("--gdb", action="store_true",
+                    help="start QEMU halted with a gdb stub on :1234 (-s -S); no timeout")
+    ap.add_argument("--print-cmd", action="store_true", help="print the QEMU command lines and exit")
+    ap.add_argument("--list", action="store_true", help="list the suites and exit")
+    opts = ap.parse_args()
+
+    if opts.list:
+        for name, s in SUITES.items():
+            print(f"{name:10} {s['doc']}")
+        print(f"{'harness':10} tests of this runner: {', '.join(HARNESS_TESTS)}")
+        return 0
+
+    opts.extra_qemu = []
+    if opts.gdb:
+        opts.extra_qemu = ["-s", "-S"]
+        opts.timeout = None
+    if opts.demo:
+        opts.suite = ["demo"]
+        opts.echo = "plain"
+    suites = opts.suite or DEFAULT_SUITES
+    for s in suites:
+        if s not in SUITES and s != "harness":
+            ap.error(f"unknown suite {s!r}; known: {', '.join(SUITES)}, harness")
+
+    with tempfile.TemporaryDirectory(prefix="keel-run-") as tmp:
+        initrd = os.path.join(tmp, "initrd.bin")
+        if opts.print_cmd:
+            initrd = "INITRD"
+            for s in suites:
+                for suite in (["selftest"] if s == "harness" else [s]):
+                    print(shlex.join(qemu_cmd(opts, suite, initrd) + opts.extra_qemu))
+            return 0
+        for path, how in [(opts.hyp, "make image"), (opts.kernel, "tests/build-testkernel.sh")]:
+            if not os.path.isfile(path):
+                print(f"run.py: {path} is missing (build it with `{how}`)", file=sys.stderr)
+                print("0 passed, 1 failed")
+                return 2
+        make_initrd(initrd)
+        report = Report()
+        for s in suites:
+            if s == "harness":
+                run_harness(opts, initrd, report)
+            else:
+                run_suite(opts, s, initrd, report)
+    passed, failed = report.counts()
+    if failed:
+        print("\nfailures:")
+        for name, ok, reason in report.results:
+            if not ok:
+                print(f"  {name}: {reason}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
