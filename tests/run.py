@@ -76,9 +76,21 @@ SUITES = {
         "bootargs": "",
         "doc": "the tour `make run` shows",
     },
+    "crash": {
+        "bootargs": "crash=exception",
+        "doc": "ends the run abnormally on purpose (crash=exception|panic|hang; used by harness::catches_*)",
+    },
 }
 # Tests of the runner itself, run as the pseudo-suite "harness".
-HARNESS_TESTS = ["catches_failing_test", "catches_hyp_panic"]
+HARNESS_TESTS = [
+    "catches_failing_test",
+    "catches_kernel_exception",
+    "catches_kernel_panic",
+    "catches_timeout",
+    "catches_hyp_panic",
+]
+# harness::catches_timeout waits this long for a kernel that hangs.
+HANG_TIMEOUT = 5.0
 DEFAULT_SUITES = ["boot", "isolation", "demo", "harness"]
 
 PLAN_RE = re.compile(r"^plan (\S+):(.*)$")
@@ -130,21 +142,22 @@ def make_initrd(path):
         f.write(data)
 
 
-def suite_bootargs(suite):
-    extra = SUITES.get(suite, {}).get("bootargs", "")
+def suite_bootargs(suite, extra=None):
+    if extra is None:
+        extra = SUITES.get(suite, {}).get("bootargs", "")
     args = f"suite={suite} ram={RAM_BASE:#x}:{RAM_SIZE:#x} {extra}".strip()
     if "," in args:
         raise ValueError("QEMU -device options cannot carry commas in bootargs")
     return args
 
 
-def qemu_cmd(opts, suite, initrd, append=HYP_APPEND):
+def qemu_cmd(opts, suite, initrd, append=HYP_APPEND, bootargs=None):
     return [
         opts.qemu,
         *QEMU_MACHINE,
         "-kernel", opts.hyp,
         "-append", append,
-        "-device", f"guest-loader,addr={KERNEL_ADDR:#x},kernel={opts.kernel},bootargs={suite_bootargs(suite)}",
+        "-device", f"guest-loader,addr={KERNEL_ADDR:#x},kernel={opts.kernel},bootargs={suite_bootargs(suite, bootargs)}",
         "-device", f"guest-loader,addr={INITRD_ADDR:#x},initrd={initrd}",
     ]
 
@@ -285,6 +298,54 @@ def harness_catches_failing_test(opts, initrd):
     return boot, None
 
 
+def run_crash(opts, initrd, how, timeout=None):
+    cmd = qemu_cmd(opts, "crash", initrd, bootargs=f"crash={how}") + opts.extra_qemu
+    boot = run_qemu(cmd, timeout or opts.timeout, echo_mode(opts))
+    plan, results, finished, aborted = parse(boot.lines)
+    return boot, results, run_problem(boot, "crash", plan, finished, aborted)
+
+
+def harness_catches_kernel_exception(opts, initrd):
+    """An exception the test kernel did not expect must fail the running
+    test and the run, with the syndrome on the UART."""
+    boot, results, problem = run_crash(opts, initrd, "exception")
+    ok, reason = results.get("crash::crashes", (True, ""))
+    if ok or "unexpected exception" not in reason:
+        return boot, f"crash::crashes not reported FAILED for the exception (got {ok}, {reason!r})"
+    if not problem or "ABORTED" not in problem:
+        return boot, f"the run was not judged aborted (problem: {problem!r})"
+    if not any(line.startswith("unexpected exception") and "EC 0x0" in line for line in boot.lines):
+        return boot, "no 'unexpected exception ... EC 0x0' line with the syndrome"
+    return boot, None
+
+
+def harness_catches_kernel_panic(opts, initrd):
+    """A panic in the test kernel must fail the running test and the run."""
+    boot, results, problem = run_crash(opts, initrd, "panic")
+    ok, reason = results.get("crash::crashes", (True, ""))
+    if ok:
+        return boot, "crash::crashes not reported FAILED for the panic"
+    if not problem or "ABORTED" not in problem:
+        return boot, f"the run was not judged aborted (problem: {problem!r})"
+    if not any("panicked at" in line and "deliberate panic" in line for line in boot.lines):
+        return boot, "no 'panicked at' line with the panic message"
+    return boot, None
+
+
+def harness_catches_timeout(opts, initrd):
+    """A kernel that hangs must be killed at the timeout and fail the run,
+    its planned test reported as never finished."""
+    timeout = HANG_TIMEOUT if opts.timeout is None else min(HANG_TIMEOUT, opts.timeout)
+    boot, results, problem = run_crash(opts, initrd, "hang", timeout)
+    if not boot.timed_out:
+        return boot, f"QEMU ended by itself (status {boot.rc}) instead of hanging"
+    if not problem or "timed out" not in problem:
+        return boot, f"the run was not judged timed out (problem: {problem!r})"
+    if "crash::crashes" in results:
+        return boot, "the hanging test printed a result"
+    return boot, None
+
+
 def harness_catches_hyp_panic(opts, initrd):
     """A hypervisor that panics at boot must end QEMU non-zero with its
     panic message: proves a crash cannot pass for a clean run."""
@@ -300,11 +361,8 @@ def harness_catches_hyp_panic(opts, initrd):
 
 
 def run_harness(opts, initrd, report):
-    for name, fn in [
-        ("catches_failing_test", harness_catches_failing_test),
-        ("catches_hyp_panic", harness_catches_hyp_panic),
-    ]:
-        boot, problem = fn(opts, initrd)
+    for name in HARNESS_TESTS:
+        boot, problem = globals()[f"harness_{name}"](opts, initrd)
         report.add(f"harness::{name}", problem is None, problem or "")
         if problem:
             show_tail(boot)

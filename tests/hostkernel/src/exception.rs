@@ -199,8 +199,7 @@ extern "C" fn exception_handler(index: u64, frame: &mut Frame) {
             return;
         }
     }
-    crate::println!();
-    crate::println!(
+    let why = crate::harness::Failure::new(format_args!(
         "unexpected exception ({}): ESR={:#x} (EC {:#x}) ELR={:#x} FAR={:#x} SPSR={:#x}",
         VECTOR_NAMES[index as usize & 15],
         esr,
@@ -208,6 +207,8 @@ extern "C" fn exception_handler(index: u64, frame: &mut Frame) {
         frame.elr,
         far,
         frame.spsr
-    );
-    crate::harness::abort_run("unexpected exception");
+    ));
+    crate::println!();
+    crate::println!("{}", why.as_str());
+    crate::harness::abort_run(why.as_str());
 }

@@ -116,7 +116,18 @@ pub fn current_el() -> u64 {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
+    // One line, so the runner's tail and the FAILED reason both carry it.
+    let why = match info.location() {
+        Some(l) => harness::Failure::new(format_args!(
+            "panicked at {}:{}:{}: {}",
+            l.file(),
+            l.line(),
+            l.column(),
+            info.message()
+        )),
+        None => harness::Failure::new(format_args!("panicked: {}", info.message())),
+    };
     println!();
-    println!("keel-testkernel {}", info);
-    harness::abort_run("test kernel panicked")
+    println!("keel-testkernel {}", why.as_str());
+    harness::abort_run(why.as_str())
 }

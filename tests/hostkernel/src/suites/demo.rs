@@ -4,7 +4,7 @@
 use crate::dt::BootInfo;
 use crate::exception;
 use crate::harness::{Suite, Test, TestResult};
-use crate::{ensure, println};
+use crate::{ensure, fail, println};
 use keel_abi::call;
 
 pub static SUITE: Suite = Suite {
@@ -72,15 +72,25 @@ fn tour(boot: &BootInfo) -> TestResult {
     println!("-- isolation --");
     let Some(target) = hyp.iter().next().map(|r| r.start) else {
         println!("no hypervisor memory found in RAM; nothing to probe");
-        ensure!(false, "no hidden memory to probe");
-        return Ok(());
+        fail!("no memory hidden from the host to probe");
     };
+    let counted = || call::hyp_stats(keel_abi::stat::HOST_ABORTS).ok();
+    let before = counted();
     println!("host reads {:#x}, the hypervisor's first page ...", target);
-    match exception::read(target) {
+    let result = exception::read(target);
+    match result {
         Ok(v) => println!("  read returned {:#x}: ISOLATION IS BROKEN", v),
         Err(a) => println!("  synchronous external abort injected: {}", a),
     }
+    if let (Some(b), Some(a)) = (before, counted()) {
+        println!("  HYP_STATS aborts injected into the host: {} -> {}", b, a);
+    }
     println!("... and carries on.");
     println!();
+    ensure!(
+        result.is_err(),
+        "the host read hypervisor memory at {:#x}",
+        target
+    );
     Ok(())
 }

@@ -4,15 +4,17 @@
 use crate::harness::Suite;
 
 pub mod boot;
+pub mod crash;
 pub mod demo;
 pub mod isolation;
 pub mod selftest;
 
-pub static ALL: [&Suite; 4] = [
+pub static ALL: [&Suite; 5] = [
     &boot::SUITE,
     &isolation::SUITE,
     &selftest::SUITE,
     &demo::SUITE,
+    &crash::SUITE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Suite> {
