@@ -111,7 +111,7 @@ pub fn plan(
     let region = ram
         .iter()
         .find(|r| contains(r, &image))
-        .filter(|_| image.start % PAGE == 0 && image.end % PAGE == 0)
+        .filter(|_| image.start.is_multiple_of(PAGE) && image.end.is_multiple_of(PAGE))
         .ok_or(LayoutError::ImageNotInRam)?;
     let ram_bytes: u64 = ram.iter().map(Range::size).sum();
     let stacks = Range::new(image.end, image.end + cpus.max(1) as u64 * STACK_SLOT);

@@ -100,7 +100,7 @@ fn index(va: u64, level: usize) -> usize {
 }
 
 fn check_range(va: u64, pa: u64, len: u64) -> Result<(), S1Error> {
-    let aligned = (va | pa | len) % PAGE == 0;
+    let aligned = (va | pa | len).is_multiple_of(PAGE);
     let end_ok = va.checked_add(len).is_some_and(|e| e <= VA_LIMIT);
     if len == 0 || !aligned || !end_ok || pa.checked_add(len).is_none() {
         return Err(S1Error::BadRange);
@@ -166,7 +166,7 @@ impl Stage1 {
         let mut off = 0;
         while off < len {
             let (v, p) = (va + off, pa + off);
-            let use_block = (v | p) % BLOCK_2M == 0 && len - off >= BLOCK_2M;
+            let use_block = (v | p).is_multiple_of(BLOCK_2M) && len - off >= BLOCK_2M;
             let mut table = self.root;
             let leaf_level = if use_block { 2 } else { 3 };
             for level in 0..leaf_level {
@@ -188,7 +188,7 @@ impl Stage1 {
         let mut off = 0;
         while off < len {
             let (_, size) = self.leaf(va + off, pages).ok_or(S1Error::NotMapped)?;
-            if (va + off) % size != 0 || len - off < size {
+            if !(va + off).is_multiple_of(size) || len - off < size {
                 return Err(S1Error::NotMapped);
             }
             off += size;

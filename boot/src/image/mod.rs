@@ -102,7 +102,7 @@ fn semihost_print(msg: core::fmt::Arguments) {
 fn boot_dtb(pa: u64) -> Option<&'static [u8]> {
     const FDT_MAGIC: u32 = 0xd00d_feed;
     const MAX_DTB: u32 = 2 << 20;
-    if pa == 0 || pa % 8 != 0 {
+    if pa == 0 || !pa.is_multiple_of(8) {
         return None;
     }
     // SAFETY: with the MMU off every physical address is accessible; x0
