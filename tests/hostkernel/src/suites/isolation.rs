@@ -260,6 +260,24 @@ fn scratch_check(addr: u64) -> TestResult {
     Ok(())
 }
 
+/// Whether `addr` is in the initrd /chosen describes (not to be scribbled on,
+/// even temporarily: the boot suite reads it).
+fn in_initrd(boot: &BootInfo, addr: u64) -> bool {
+    let Some(chosen) = boot.fdt.find_node("/chosen") else {
+        return false;
+    };
+    let prop = |name| {
+        chosen
+            .property(name)
+            .and_then(|p| p.as_usize())
+            .map(|v| v as u64)
+    };
+    match (prop("linux,initrd-start"), prop("linux,initrd-end")) {
+        (Some(start), Some(end)) => Range::new(start, end).contains(addr),
+        _ => false,
+    }
+}
+
 fn memory_works_after_aborts(boot: &BootInfo) -> TestResult {
     let holes = hyp_memory(boot)?;
     // The stack and static data still work after all those aborts ...
@@ -274,7 +292,8 @@ fn memory_works_after_aborts(boot: &BootInfo) -> TestResult {
     let mut checked = 0;
     for h in holes.iter() {
         for addr in [h.start.wrapping_sub(8), h.end] {
-            let in_use = boot.image.contains(addr) || boot.dtb.contains(addr);
+            let in_use =
+                boot.image.contains(addr) || boot.dtb.contains(addr) || in_initrd(boot, addr);
             if boot.memory.contains(addr) && !in_use {
                 scratch_check(addr)?;
                 checked += 1;
