@@ -127,6 +127,22 @@ fn configure_el2_for_host(s2: &Stage2<HwTlb>) {
     // take the fully built host stage 2.
     unsafe {
         sysreg::set_cptr_el2(cptr);
+        // ZCR_EL2/SMCR_EL2 cap the host's SVE/SME vector lengths; their
+        // reset LEN is UNKNOWN (0 on QEMU: 128 bits). Allow the CPU's
+        // maximum, and SME's FA64/ZT0 where implemented. By encoding
+        // (ZCR_EL2 s3_4_c1_c2_0, SMCR_EL2 s3_4_c1_c2_6), now that CPTR_EL2
+        // no longer traps them.
+        barrier::isb();
+        if (sysreg::id_aa64pfr0_el1() >> 32) & 0xf != 0 {
+            core::arch::asm!("msr s3_4_c1_c2_0, {}", in(reg) 0xfu64, options(nostack));
+        }
+        if sme {
+            let smfr0: u64;
+            core::arch::asm!("mrs {}, s3_0_c0_c4_5", out(reg) smfr0, options(nomem, nostack));
+            let fa64 = (smfr0 >> 63) << 31;
+            let ezt0 = u64::from((sysreg::id_aa64pfr1_el1() >> 24) & 0xf >= 2) << 30;
+            core::arch::asm!("msr s3_4_c1_c2_6, {}", in(reg) 0xf | fa64 | ezt0, options(nostack));
+        }
         sysreg::set_mdcr_el2(hpmn);
         sysreg::set_hstr_el2(0);
         // EL1 may use the physical counter and timer.
