@@ -9,7 +9,9 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod desc;
+pub mod donated;
 pub mod pool;
+pub mod owner;
 pub mod stage1;
 pub mod stage2;
 pub mod tlb;

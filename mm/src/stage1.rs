@@ -93,6 +93,8 @@ pub enum S1Error {
 /// One EL2 stage-1 address space.
 pub struct Stage1 {
     root: u64,
+    /// Table pages in use, the root included.
+    tables: usize,
 }
 
 fn index(va: u64, level: usize) -> usize {
@@ -111,7 +113,12 @@ fn check_range(va: u64, pa: u64, len: u64) -> Result<(), S1Error> {
 impl Stage1 {
     pub fn new(pages: &mut impl TablePages) -> Result<Self, S1Error> {
         let root = pages.alloc_table().ok_or(S1Error::NoMemory)?;
-        Ok(Stage1 { root })
+        Ok(Stage1 { root, tables: 1 })
+    }
+
+    /// Table pages in use, the root included.
+    pub fn table_pages(&self) -> usize {
+        self.tables
     }
 
     /// The value for TTBR0_EL2.
@@ -132,10 +139,16 @@ impl Stage1 {
     }
 
     /// The table at `level + 1` under `table[idx]`, created if absent.
-    fn next_table(pages: &mut impl TablePages, table: u64, idx: usize) -> Result<u64, S1Error> {
+    fn next_table(
+        &mut self,
+        pages: &mut impl TablePages,
+        table: u64,
+        idx: usize,
+    ) -> Result<u64, S1Error> {
         let desc = Self::entry(pages, table, idx);
         if desc & 1 == 0 {
             let new = pages.alloc_table().ok_or(S1Error::NoMemory)?;
+            self.tables += 1;
             Self::set_entry(pages, table, idx, new | 0b11);
             return Ok(new);
         }
@@ -155,6 +168,64 @@ impl Stage1 {
         perm: Perm,
         pages: &mut impl TablePages,
     ) -> Result<(), S1Error> {
+        self.map_with(va, pa, len, perm, pages, true)
+    }
+
+    /// As [`map`](Self::map), with 4K pages only, so that any part of the
+    /// range can later be unmapped on its own (shared and donated pages).
+    pub fn map_pages(
+        &mut self,
+        va: u64,
+        pa: u64,
+        len: u64,
+        perm: Perm,
+        pages: &mut impl TablePages,
+    ) -> Result<(), S1Error> {
+        self.map_with(va, pa, len, perm, pages, false)
+    }
+
+    /// Table pages that `map_pages(va, .., len, ..)` would allocate.
+    pub fn pages_needed(&self, va: u64, len: u64, pages: &impl TablePages) -> usize {
+        // Walk the 4K leaves in VA order; a missing table at `level` is
+        // counted once per distinct VA prefix it covers, and everything
+        // below a missing table is missing too.
+        let mut last = [u64::MAX; 4];
+        let mut needed = 0;
+        let end = va.saturating_add(len).min(VA_LIMIT);
+        let mut v = va & !(PAGE - 1);
+        while v < end {
+            let mut table = Some(self.root);
+            for level in 0..3 {
+                let idx = index(v, level);
+                let present = table
+                    .map(|t| Self::entry(pages, t, idx))
+                    .filter(|d| d & 0b11 == 0b11);
+                let prefix = v >> (39 - 9 * level);
+                match present {
+                    Some(d) => table = Some(d & OA_MASK),
+                    None => {
+                        if last[level] != prefix {
+                            last[level] = prefix;
+                            needed += 1;
+                        }
+                        table = None;
+                    }
+                }
+            }
+            v += PAGE;
+        }
+        needed
+    }
+
+    fn map_with(
+        &mut self,
+        va: u64,
+        pa: u64,
+        len: u64,
+        perm: Perm,
+        pages: &mut impl TablePages,
+        blocks: bool,
+    ) -> Result<(), S1Error> {
         check_range(va, pa, len)?;
         if (0..len)
             .step_by(PAGE as usize)
@@ -166,11 +237,11 @@ impl Stage1 {
         let mut off = 0;
         while off < len {
             let (v, p) = (va + off, pa + off);
-            let use_block = (v | p).is_multiple_of(BLOCK_2M) && len - off >= BLOCK_2M;
+            let use_block = blocks && (v | p).is_multiple_of(BLOCK_2M) && len - off >= BLOCK_2M;
             let mut table = self.root;
             let leaf_level = if use_block { 2 } else { 3 };
             for level in 0..leaf_level {
-                table = Self::next_table(pages, table, index(v, level))?;
+                table = self.next_table(pages, table, index(v, level))?;
             }
             let kind = if use_block { 0 } else { 0b10 };
             Self::set_entry(pages, table, index(v, leaf_level), p | bits | kind);
@@ -241,6 +312,19 @@ impl Stage1 {
         let writable = (desc >> 6) & 0b11 == 0b01;
         let executable = desc & (1 << 54) == 0;
         Some((writable, executable))
+    }
+}
+
+impl TablePages for crate::PagePool {
+    fn alloc_table(&mut self) -> Option<u64> {
+        self.alloc_zeroed().ok()
+    }
+    fn free_table(&mut self, pa: u64) {
+        // SAFETY: `pa` came from `alloc_table`, i.e. from this pool.
+        unsafe { self.free(pa) }
+    }
+    fn table_ptr(&self, pa: u64) -> *mut [u64; ENTRIES] {
+        self.va(pa).cast()
     }
 }
 
@@ -342,6 +426,31 @@ mod tests {
             None,
             "a refused map changes nothing"
         );
+    }
+
+    #[test]
+    fn pages_needed_is_exact_for_page_mappings() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        // Empty: L1, L2 and one L3 per 2 MiB touched.
+        let (va, len) = (0x4020_0000 - 2 * PAGE, 4 * PAGE);
+        let need = s1.pages_needed(va, len, &p);
+        assert_eq!(
+            need, 4,
+            "L1, L2, and two L3 tables (the range crosses 2 MiB)"
+        );
+        let before = p.pages.len();
+        s1.map_pages(va, va, len, Perm::ReadWrite, &mut p).unwrap();
+        assert_eq!(p.pages.len() - before, need);
+        assert_eq!(s1.table_pages(), 1 + need);
+        assert_eq!(s1.pages_needed(va, len, &p), 0);
+        assert_eq!(
+            s1.leaf(0x4020_0000, &p).unwrap().1,
+            PAGE,
+            "map_pages never uses blocks"
+        );
+        // Next 2 MiB along: only its L3.
+        assert_eq!(s1.pages_needed(0x4040_0000, BLOCK_2M, &p), 1);
     }
 
     #[test]

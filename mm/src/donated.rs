@@ -1,0 +1,211 @@
+//! Pages the host donated to the hypervisor (HOST_DONATE_HYP), kept apart
+//! from the boot pool so that each one can be given back by name
+//! (HOST_RECLAIM) when it is free, and refused while it is in use.
+//!
+//! A sorted, fixed-capacity array of page frame numbers with an in-use bit:
+//! membership, allocation and release are exact (no guessing from page
+//! contents), and the cost is bounded and paid in the image, not per page of
+//! RAM. A donation beyond the capacity is refused before anything changes.
+
+/// Most donated pages tracked at once (8192 pages = 32 MiB of donations).
+pub const CAPACITY: usize = 8192;
+
+const IN_USE: u32 = 1 << 31;
+const PFN_MASK: u32 = !IN_USE;
+
+/// Why a donated-page operation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DonatedError {
+    /// No room for that many more pages.
+    Full,
+    /// The page is not a donated page.
+    NotDonated,
+    /// A page of the range is already tracked.
+    AlreadyDonated,
+    /// The page is in use by the hypervisor.
+    InUse,
+    /// The frame number does not fit the table (beyond 8 TiB).
+    TooHigh,
+}
+
+pub struct DonatedPages {
+    /// Sorted by frame number; bit 31 set while the page is in use.
+    entries: [u32; CAPACITY],
+    len: usize,
+    free: usize,
+}
+
+impl Default for DonatedPages {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DonatedPages {
+    pub const fn new() -> Self {
+        DonatedPages {
+            entries: [0; CAPACITY],
+            len: 0,
+            free: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Donated pages not in use.
+    pub fn free(&self) -> usize {
+        self.free
+    }
+    /// Room for this many more pages.
+    pub fn room(&self) -> usize {
+        CAPACITY - self.len
+    }
+
+    fn search(&self, pfn: u32) -> Result<usize, usize> {
+        self.entries[..self.len].binary_search_by_key(&pfn, |e| e & PFN_MASK)
+    }
+
+    /// Whether `pfn` is a donated page, and if so whether it is in use.
+    pub fn lookup(&self, pfn: u64) -> Option<bool> {
+        let pfn = u32::try_from(pfn).ok().filter(|p| p & IN_USE == 0)?;
+        self.search(pfn).ok().map(|i| self.entries[i] & IN_USE != 0)
+    }
+
+    /// Checks that `nr` pages from `pfn` can be added: all or nothing.
+    pub fn check_add(&self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
+        let end = pfn.checked_add(nr).ok_or(DonatedError::TooHigh)?;
+        if end > u64::from(PFN_MASK) {
+            return Err(DonatedError::TooHigh);
+        }
+        if nr as usize > self.room() {
+            return Err(DonatedError::Full);
+        }
+        // The first tracked page at or after `pfn` must lie beyond the range.
+        let at = self.search(pfn as u32).unwrap_or_else(|i| i);
+        if at < self.len && u64::from(self.entries[at] & PFN_MASK) < end {
+            return Err(DonatedError::AlreadyDonated);
+        }
+        Ok(())
+    }
+
+    /// Adds `nr` free pages from `pfn` (after `check_add`).
+    pub fn add(&mut self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
+        self.check_add(pfn, nr)?;
+        let (pfn, nr) = (pfn as u32, nr as usize);
+        let at = self.search(pfn).unwrap_or_else(|i| i);
+        self.entries.copy_within(at..self.len, at + nr);
+        for (i, e) in self.entries[at..at + nr].iter_mut().enumerate() {
+            *e = pfn + i as u32;
+        }
+        self.len += nr;
+        self.free += nr;
+        Ok(())
+    }
+
+    /// Checks that every page of the range is donated and free.
+    pub fn check_remove(&self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
+        for p in pfn..pfn.checked_add(nr).ok_or(DonatedError::NotDonated)? {
+            match self.lookup(p) {
+                None => return Err(DonatedError::NotDonated),
+                Some(true) => return Err(DonatedError::InUse),
+                Some(false) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `nr` free pages from `pfn` (after `check_remove`).
+    pub fn remove(&mut self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
+        self.check_remove(pfn, nr)?;
+        // Consecutive frame numbers, all present: one contiguous run.
+        let at = self
+            .search(pfn as u32)
+            .map_err(|_| DonatedError::NotDonated)?;
+        let nr = nr as usize;
+        self.entries.copy_within(at + nr..self.len, at);
+        self.len -= nr;
+        self.free -= nr;
+        Ok(())
+    }
+
+    /// Takes a free donated page, marking it in use.
+    pub fn take(&mut self) -> Option<u64> {
+        if self.free == 0 {
+            return None;
+        }
+        let e = self.entries[..self.len]
+            .iter_mut()
+            .find(|e| **e & IN_USE == 0)?;
+        *e |= IN_USE;
+        self.free -= 1;
+        Some(u64::from(*e & PFN_MASK))
+    }
+
+    /// Marks an in-use donated page free again; false if `pfn` is not a
+    /// donated page in use.
+    pub fn give_back(&mut self, pfn: u64) -> bool {
+        let Some(pfn) = u32::try_from(pfn).ok().filter(|p| p & IN_USE == 0) else {
+            return false;
+        };
+        match self.search(pfn) {
+            Ok(i) if self.entries[i] & IN_USE != 0 => {
+                self.entries[i] &= PFN_MASK;
+                self.free += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_take_give_back_remove() {
+        let mut d = Box::new(DonatedPages::new());
+        d.add(100, 4).unwrap();
+        d.add(50, 2).unwrap();
+        assert_eq!((d.len(), d.free()), (6, 6));
+        assert_eq!(d.check_add(101, 1), Err(DonatedError::AlreadyDonated));
+        assert_eq!(d.check_add(49, 2), Err(DonatedError::AlreadyDonated));
+        assert_eq!(d.check_add(52, 48), Ok(()));
+        let p = d.take().unwrap();
+        assert_eq!(p, 50, "lowest free page first");
+        assert_eq!(d.lookup(50), Some(true));
+        assert_eq!(d.check_remove(50, 2), Err(DonatedError::InUse));
+        assert_eq!(d.remove(50, 2), Err(DonatedError::InUse));
+        assert_eq!(d.len(), 6, "a refused removal changes nothing");
+        assert!(d.give_back(50));
+        assert!(!d.give_back(50), "already free");
+        assert!(!d.give_back(7), "not donated");
+        d.remove(50, 2).unwrap();
+        assert_eq!(d.check_remove(99, 2), Err(DonatedError::NotDonated));
+        d.remove(101, 2).unwrap();
+        assert_eq!(d.lookup(100), Some(false));
+        assert_eq!(d.lookup(101), None);
+        assert_eq!(d.lookup(103), Some(false));
+        assert_eq!((d.len(), d.free()), (2, 2));
+    }
+
+    #[test]
+    fn capacity_and_range_limits() {
+        let mut d = Box::new(DonatedPages::new());
+        assert_eq!(d.add(0, CAPACITY as u64 + 1), Err(DonatedError::Full));
+        assert_eq!(d.add(u64::from(PFN_MASK), 1), Err(DonatedError::TooHigh));
+        assert_eq!(d.add(u64::MAX, 2), Err(DonatedError::TooHigh));
+        d.add(10, CAPACITY as u64).unwrap();
+        assert_eq!(d.room(), 0);
+        assert_eq!(d.add(0, 1), Err(DonatedError::Full));
+        for _ in 0..CAPACITY {
+            assert!(d.take().is_some());
+        }
+        assert_eq!(d.take(), None);
+        assert_eq!(d.free(), 0);
+    }
+}
