@@ -16,6 +16,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use buddy_system_allocator::Heap;
 
+use crate::donated::{DonatedError, DonatedPages};
 use crate::MmError;
 
 /// Size of a pool page and of a translation table.
@@ -44,6 +45,9 @@ pub struct PagePool {
     total_pages: usize,
     free_pages: usize,
     id: u32,
+    /// Pages the host donated, each reclaimable by name while free; used
+    /// for single pages once the buddy heap is empty.
+    donated: Option<&'static mut DonatedPages>,
 }
 
 impl PagePool {
@@ -60,6 +64,7 @@ impl PagePool {
             total_pages: 0,
             free_pages: 0,
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
+            donated: None,
         })
     }
 
@@ -124,9 +129,57 @@ impl PagePool {
             return Err(MmError::InvalidArgument);
         }
         let layout = Self::layout(pages)?;
-        let ptr = self.heap.alloc(layout).map_err(|_| MmError::NoMemory)?;
+        let ptr = match self.heap.alloc(layout) {
+            Ok(ptr) => ptr,
+            Err(()) if pages == 1 => {
+                let pfn = self
+                    .donated
+                    .as_mut()
+                    .and_then(|d| d.take())
+                    .ok_or(MmError::NoMemory)?;
+                self.free_pages -= 1;
+                return Ok(pfn << PAGE_SHIFT);
+            }
+            Err(()) => return Err(MmError::NoMemory),
+        };
         self.free_pages -= pages;
         Ok((ptr.as_ptr() as usize).wrapping_sub(self.va_offset) as u64)
+    }
+
+    /// Gives the pool a table of donated pages to keep (once, at boot).
+    pub fn attach_donated(&mut self, table: &'static mut DonatedPages) {
+        self.donated = Some(table);
+    }
+
+    /// Whether `pfn` is a donated page, and if so whether it is in use.
+    pub fn donated_in_use(&self, pfn: u64) -> Option<bool> {
+        self.donated.as_ref()?.lookup(pfn)
+    }
+
+    /// Checks that `nr` pages from `pfn` can be donated.
+    pub fn check_donate(&self, pfn: u64, nr: u64) -> Result<(), MmError> {
+        let table = self.donated.as_ref().ok_or(MmError::NoMemory)?;
+        table.check_add(pfn, nr).map_err(donated_err)
+    }
+
+    /// Adds `nr` donated pages from `pfn` to the pool. The caller has taken
+    /// them from the host and mapped them at `va(pa)`.
+    pub fn donate(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
+        let table = self.donated.as_mut().ok_or(MmError::NoMemory)?;
+        table.add(pfn, nr).map_err(donated_err)?;
+        self.total_pages += nr as usize;
+        self.free_pages += nr as usize;
+        Ok(())
+    }
+
+    /// Takes `nr` free donated pages from `pfn` out of the pool (for the
+    /// host to reclaim); refused if any is not donated or in use.
+    pub fn reclaim_donated(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
+        let table = self.donated.as_mut().ok_or(MmError::InvalidArgument)?;
+        table.remove(pfn, nr).map_err(donated_err)?;
+        self.total_pages -= nr as usize;
+        self.free_pages -= nr as usize;
+        Ok(())
     }
 
     /// Returns one page to the pool.
@@ -144,6 +197,15 @@ impl PagePool {
     /// # Safety
     /// As for [`free`](Self::free), with the same `pages` as the allocation.
     pub unsafe fn free_contiguous(&mut self, pa: u64, pages: usize) {
+        if pages == 1
+            && self
+                .donated
+                .as_mut()
+                .is_some_and(|d| d.give_back(pa >> PAGE_SHIFT))
+        {
+            self.free_pages += 1;
+            return;
+        }
         let Ok(layout) = Self::layout(pages) else {
             return;
         };
@@ -177,6 +239,16 @@ impl PagePool {
     /// This pool's identity (distinct for every pool created).
     pub fn id(&self) -> u32 {
         self.id
+    }
+}
+
+fn donated_err(e: DonatedError) -> MmError {
+    match e {
+        DonatedError::Full => MmError::NoMemory,
+        DonatedError::TooHigh => MmError::OutOfRange,
+        DonatedError::NotDonated | DonatedError::AlreadyDonated | DonatedError::InUse => {
+            MmError::InvalidArgument
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::desc::{
     level_shift, level_size, Annotation, PageState, Pte, S2Attrs, ENTRIES, LEAF_LEVEL,
 };
 use crate::pool::PagePool;
-use crate::tlb::{TlbMaintenance, Vmid};
+pub use crate::tlb::{TlbMaintenance, Vmid};
 use crate::MmError;
 
 /// Above this many IPA invalidations for one subtree, invalidate the whole
@@ -186,8 +186,8 @@ pub struct Audit {
 }
 
 /// One change applied to every page of a range.
-#[derive(Clone, Copy)]
-enum Change {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
     /// Page `x` maps `pa + (x - ipa)`.
     Map {
         ipa: u64,
@@ -501,6 +501,33 @@ impl<T: TlbMaintenance> Stage2<T> {
     ) -> Result<(), MmError> {
         let (start, end) = self.check_range(ipa, len)?;
         self.apply(pool, start, end, Change::State(state))
+    }
+
+    /// Table pages that applying `change` to `[ipa, ipa + len)` would take
+    /// from the pool now, without changing anything; also the errors the
+    /// change would return. For callers that must reserve the memory of
+    /// several table changes before committing any of them.
+    pub fn pages_needed(&self, pool: &PagePool, ipa: u64, len: u64, change: Change) -> Result<usize, MmError> {
+        self.check_pool(pool)?;
+        let (start, end) = self.check_range(ipa, len)?;
+        if let Change::Map { pa, .. } = change {
+            if pa & (crate::PAGE_SIZE as u64 - 1) != 0 {
+                return Err(MmError::Misaligned);
+            }
+            if pa.checked_add(len).ok_or(MmError::Overflow)? > 1 << 48 {
+                return Err(MmError::OutOfRange);
+            }
+        }
+        self.plan(
+            pool,
+            change,
+            start,
+            end,
+            self.geometry.start_level,
+            0,
+            Source::Real(self.root),
+            self.geometry.root_entries(),
+        )
     }
 
     /// Plan, reserve, commit.
