@@ -23,6 +23,8 @@ pub mod exit;
 #[cfg(target_arch = "aarch64")]
 pub mod firmware;
 #[cfg(target_arch = "aarch64")]
+pub mod guest;
+#[cfg(target_arch = "aarch64")]
 pub mod sysreg;
 #[cfg(target_arch = "aarch64")]
 pub mod tlb;

@@ -5,4 +5,5 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod hvc;
+pub mod mem;
 pub mod stats;

@@ -132,6 +132,13 @@ impl DonatedPages {
         Ok(())
     }
 
+    /// Every donated page and whether it is in use, by frame number.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, bool)> + '_ {
+        self.entries[..self.len]
+            .iter()
+            .map(|e| (u64::from(e & PFN_MASK), e & IN_USE != 0))
+    }
+
     /// Takes a free donated page, marking it in use.
     pub fn take(&mut self) -> Option<u64> {
         if self.free == 0 {

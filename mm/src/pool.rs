@@ -156,6 +156,11 @@ impl PagePool {
         self.donated.as_ref()?.lookup(pfn)
     }
 
+    /// Every donated page and whether it is in use.
+    pub fn donated_pages(&self) -> impl Iterator<Item = (u64, bool)> + '_ {
+        self.donated.as_deref().into_iter().flat_map(|d| d.iter())
+    }
+
     /// Checks that `nr` pages from `pfn` can be donated.
     pub fn check_donate(&self, pfn: u64, nr: u64) -> Result<(), MmError> {
         let table = self.donated.as_ref().ok_or(MmError::NoMemory)?;

@@ -276,6 +276,45 @@ impl Stage1 {
         Ok(removed)
     }
 
+    /// The lowest mapped VA in [va, va + len), skipping unmapped subtrees
+    /// whole, so a sparse search over a large range is cheap.
+    pub fn first_mapped(&self, va: u64, len: u64, pages: &impl TablePages) -> Option<u64> {
+        let end = va.checked_add(len)?.min(VA_LIMIT);
+        self.first_mapped_in(pages, self.root, 0, 0, va, end)
+    }
+
+    fn first_mapped_in(
+        &self,
+        pages: &impl TablePages,
+        table: u64,
+        level: usize,
+        base: u64,
+        start: u64,
+        end: u64,
+    ) -> Option<u64> {
+        let size = 1u64 << (39 - 9 * level);
+        let first = ((start.max(base) - base) / size) as usize;
+        for idx in first..ENTRIES {
+            let entry_base = base + idx as u64 * size;
+            if entry_base >= end {
+                break;
+            }
+            let desc = Self::entry(pages, table, idx);
+            if desc & 1 == 0 {
+                continue;
+            }
+            if level == 3 || desc & 0b10 == 0 {
+                return Some(entry_base.max(start));
+            }
+            if let Some(found) =
+                self.first_mapped_in(pages, desc & OA_MASK, level + 1, entry_base, start, end)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+
     /// The table, index and size of the leaf that maps `va`.
     fn leaf_slot(&self, va: u64, pages: &impl TablePages) -> Option<(u64, usize, u64)> {
         let mut table = self.root;
@@ -451,6 +490,30 @@ mod tests {
         );
         // Next 2 MiB along: only its L3.
         assert_eq!(s1.pages_needed(0x4040_0000, BLOCK_2M, &p), 1);
+    }
+
+    #[test]
+    fn first_mapped_skips_holes() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        assert_eq!(s1.first_mapped(0, VA_LIMIT, &p), None);
+        s1.map_pages(0x4030_5000, 0x4030_5000, PAGE, Perm::ReadWrite, &mut p)
+            .unwrap();
+        s1.map(0x8000_0000, 0x8000_0000, BLOCK_2M, Perm::ReadWrite, &mut p)
+            .unwrap();
+        assert_eq!(s1.first_mapped(0, VA_LIMIT, &p), Some(0x4030_5000));
+        assert_eq!(s1.first_mapped(0x4030_5000, PAGE, &p), Some(0x4030_5000));
+        assert_eq!(s1.first_mapped(0x4030_6000, 0x1000_0000, &p), None);
+        assert_eq!(
+            s1.first_mapped(0x4030_6000, 0x4000_0000, &p),
+            Some(0x8000_0000)
+        );
+        assert_eq!(
+            s1.first_mapped(0x8000_1000, PAGE, &p),
+            Some(0x8000_1000),
+            "inside a block"
+        );
+        assert_eq!(s1.first_mapped(0x4000_0000, 0x5000, &p), None);
     }
 
     #[test]

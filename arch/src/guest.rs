@@ -1,0 +1,242 @@
+//! Entering and leaving a guest: the register state that belongs to
+//! whoever runs at EL1 (host or guest) and the world switch itself.
+//!
+//! `enter` saves the hypervisor's callee-saved registers and stack pointer,
+//! loads the guest's x0..x30 and ERETs. When the guest next traps, the
+//! vectors save its registers as for any lower-EL exception and the handler
+//! sees that a guest was running; it copies the frame out and calls `leave`,
+//! which restores the saved registers and stack pointer and returns from
+//! `enter` with the exit code. The stack between the two is simply dropped.
+
+use crate::TrapFrame;
+
+/// The EL1 (and EL0) system registers switched between host and guest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct El1Regs {
+    pub r: [u64; EL1_REGS],
+}
+
+macro_rules! el1_regs {
+    ($($idx:literal $name:ident $reg:literal),* $(,)?) => {
+        /// Index of each register in [`El1Regs::r`].
+        pub mod el1 { $(pub const $name: usize = $idx;)* }
+        pub const EL1_REGS: usize = [$($idx),*].len();
+
+        impl El1Regs {
+            /// Reads the live registers.
+            pub fn save() -> Self {
+                let mut s = El1Regs::default();
+                $(
+                    // SAFETY: reading an EL1 register from EL2 has no side effects.
+                    unsafe { core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) s.r[$idx], options(nomem, nostack, preserves_flags)) };
+                )*
+                s
+            }
+
+            /// Writes the registers back.
+            ///
+            /// # Safety
+            /// Only while the EL1 they belong to is about to run (the values
+            /// configure its translation and exception handling, not EL2's).
+            pub unsafe fn restore(&self) {
+                $(
+                    // SAFETY: see the function's contract.
+                    unsafe { core::arch::asm!(concat!("msr ", $reg, ", {}"), in(reg) self.r[$idx], options(nostack, preserves_flags)) };
+                )*
+            }
+        }
+    };
+}
+
+el1_regs! {
+    0 SCTLR "sctlr_el1",
+    1 TTBR0 "ttbr0_el1",
+    2 TTBR1 "ttbr1_el1",
+    3 TCR "tcr_el1",
+    4 MAIR "mair_el1",
+    5 AMAIR "amair_el1",
+    6 VBAR "vbar_el1",
+    7 CONTEXTIDR "contextidr_el1",
+    8 TPIDR_EL0 "tpidr_el0",
+    9 TPIDRRO_EL0 "tpidrro_el0",
+    10 TPIDR_EL1 "tpidr_el1",
+    11 CPACR "cpacr_el1",
+    12 ESR "esr_el1",
+    13 FAR "far_el1",
+    14 AFSR0 "afsr0_el1",
+    15 AFSR1 "afsr1_el1",
+    16 PAR "par_el1",
+    17 CNTKCTL "cntkctl_el1",
+    18 CSSELR "csselr_el1",
+    19 SP_EL0 "sp_el0",
+    20 SP_EL1 "sp_el1",
+    21 ELR "elr_el1",
+    22 SPSR "spsr_el1",
+    23 CNTV_CTL "cntv_ctl_el0",
+    24 CNTV_CVAL "cntv_cval_el0",
+    25 MDSCR "mdscr_el1",
+}
+
+/// FP/SIMD registers: V0..V31, FPSR, FPCR.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FpRegs {
+    pub v: [u128; 32],
+    pub fpsr: u64,
+    pub fpcr: u64,
+}
+
+/// The hypervisor's callee-saved state across a guest run.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct HostSave {
+    /// x19..x30
+    x: [u64; 12],
+    sp: u64,
+}
+
+core::arch::global_asm!(
+    r#"
+    .arch_extension fp
+    .arch_extension simd
+
+    // x0 = &FpRegs
+    .global keel_fp_save
+keel_fp_save:
+    stp q0, q1, [x0, #0]
+    stp q2, q3, [x0, #32]
+    stp q4, q5, [x0, #64]
+    stp q6, q7, [x0, #96]
+    stp q8, q9, [x0, #128]
+    stp q10, q11, [x0, #160]
+    stp q12, q13, [x0, #192]
+    stp q14, q15, [x0, #224]
+    stp q16, q17, [x0, #256]
+    stp q18, q19, [x0, #288]
+    stp q20, q21, [x0, #320]
+    stp q22, q23, [x0, #352]
+    stp q24, q25, [x0, #384]
+    stp q26, q27, [x0, #416]
+    stp q28, q29, [x0, #448]
+    stp q30, q31, [x0, #480]
+    mrs x1, fpsr
+    mrs x2, fpcr
+    add x0, x0, #512
+    stp x1, x2, [x0]
+    ret
+
+    .global keel_fp_restore
+keel_fp_restore:
+    ldp q0, q1, [x0, #0]
+    ldp q2, q3, [x0, #32]
+    ldp q4, q5, [x0, #64]
+    ldp q6, q7, [x0, #96]
+    ldp q8, q9, [x0, #128]
+    ldp q10, q11, [x0, #160]
+    ldp q12, q13, [x0, #192]
+    ldp q14, q15, [x0, #224]
+    ldp q16, q17, [x0, #256]
+    ldp q18, q19, [x0, #288]
+    ldp q20, q21, [x0, #320]
+    ldp q22, q23, [x0, #352]
+    ldp q24, q25, [x0, #384]
+    ldp q26, q27, [x0, #416]
+    ldp q28, q29, [x0, #448]
+    ldp q30, q31, [x0, #480]
+    add x0, x0, #512
+    ldp x1, x2, [x0]
+    msr fpsr, x1
+    msr fpcr, x2
+    ret
+
+    // x0 = &TrapFrame (guest x0..x30), x1 = &HostSave. ELR/SPSR_EL2,
+    // VTTBR_EL2, HCR_EL2 and the guest's EL1 state are already loaded.
+    .global keel_guest_enter
+keel_guest_enter:
+    stp x19, x20, [x1, #0]
+    stp x21, x22, [x1, #16]
+    stp x23, x24, [x1, #32]
+    stp x25, x26, [x1, #48]
+    stp x27, x28, [x1, #64]
+    stp x29, x30, [x1, #80]
+    mov x2, sp
+    str x2, [x1, #96]
+    ldp x2, x3, [x0, #16]
+    ldp x4, x5, [x0, #32]
+    ldp x6, x7, [x0, #48]
+    ldp x8, x9, [x0, #64]
+    ldp x10, x11, [x0, #80]
+    ldp x12, x13, [x0, #96]
+    ldp x14, x15, [x0, #112]
+    ldp x16, x17, [x0, #128]
+    ldp x18, x19, [x0, #144]
+    ldp x20, x21, [x0, #160]
+    ldp x22, x23, [x0, #176]
+    ldp x24, x25, [x0, #192]
+    ldp x26, x27, [x0, #208]
+    ldp x28, x29, [x0, #224]
+    ldr x30, [x0, #240]
+    ldp x0, x1, [x0, #0]
+    eret
+
+    // x0 = &HostSave, x1 = value for keel_guest_enter to return.
+    .global keel_guest_leave
+keel_guest_leave:
+    ldp x19, x20, [x0, #0]
+    ldp x21, x22, [x0, #16]
+    ldp x23, x24, [x0, #32]
+    ldp x25, x26, [x0, #48]
+    ldp x27, x28, [x0, #64]
+    ldp x29, x30, [x0, #80]
+    ldr x2, [x0, #96]
+    mov sp, x2
+    mov x0, x1
+    ret
+"#
+);
+
+extern "C" {
+    fn keel_fp_save(regs: *mut FpRegs);
+    fn keel_fp_restore(regs: *const FpRegs);
+    fn keel_guest_enter(frame: *const TrapFrame, save: *mut HostSave) -> u64;
+    fn keel_guest_leave(save: *const HostSave, code: u64) -> !;
+}
+
+impl FpRegs {
+    /// Reads the live FP/SIMD registers (the hypervisor itself never uses
+    /// them: it is built soft-float).
+    pub fn save(&mut self) {
+        // SAFETY: stores 528 bytes into `self`, which is that large and
+        // 16-byte aligned.
+        unsafe { keel_fp_save(self) }
+    }
+    /// Loads them.
+    pub fn restore(&self) {
+        // SAFETY: reads 528 bytes of `self`; FP/SIMD registers belong to the
+        // lower EL, which is what is being switched.
+        unsafe { keel_fp_restore(self) }
+    }
+}
+
+/// Runs the guest whose registers are in `frame` until `leave` is called
+/// from the trap handler; returns the code passed to it.
+///
+/// # Safety
+/// ELR/SPSR_EL2, HCR_EL2, VTTBR_EL2 and the guest's EL1 state must be
+/// loaded; `save` must stay valid until `leave` uses it.
+pub unsafe fn enter(frame: &TrapFrame, save: &mut HostSave) -> u64 {
+    // SAFETY: see the function's contract.
+    unsafe { keel_guest_enter(frame, save) }
+}
+
+/// Returns from the `enter` that `save` belongs to, with `code`.
+///
+/// # Safety
+/// Called from the exception handler of a trap taken from the guest that
+/// `enter` started, on the same CPU; everything on the stack below
+/// `enter`'s frame is abandoned.
+pub unsafe fn leave(save: &HostSave, code: u64) -> ! {
+    // SAFETY: see the function's contract.
+    unsafe { keel_guest_leave(save, code) }
+}

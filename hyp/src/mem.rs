@@ -1,0 +1,519 @@
+//! The host's memory calls (HOST_SHARE_HYP, HOST_UNSHARE_HYP,
+//! HOST_DONATE_HYP, HOST_RECLAIM, MEM_STATE) applied to the host stage 2,
+//! the hypervisor's stage 1 and the pool, with the ownership rules of
+//! [`keel_mm::owner`].
+//!
+//! Every call has the same shape: validate the arguments; read each page's
+//! state and check the transition over the whole range; work out every
+//! table page the change needs and refuse with NO_MEMORY if the pool cannot
+//! supply them all; only then commit, in an order in which nothing can fail.
+//! So a refused call leaves every page, mapping and counter as it was.
+//!
+//! Where the state of a page lives:
+//! - host stage-2 leaf, mapped: its software bits (OWNED, SHARED_OWNED,
+//!   SHARED_BORROWED); a SHARED_OWNED page mapped in the hypervisor's stage
+//!   1 is shared with the hypervisor, otherwise with a guest;
+//! - host stage-2 entry, unmapped: its annotation — [`ANN_HYP_PRIVATE`],
+//!   [`ANN_HYP_DONATED`] (free or in use: the pool's donated-page table
+//!   says), or the owning VM's handle.
+
+use keel_mm::owner::{self, Owner, Page, Refusal, Request, View};
+use keel_mm::stage1::{Perm, S1Error, Stage1};
+use keel_mm::stage2::Change;
+use keel_mm::{
+    Annotation, LeafKind, MmError, PagePool, PageState, S2Attrs, Stage2, TlbMaintenance,
+};
+
+pub const PAGE: u64 = 4096;
+
+/// Host stage-2 annotation of the hypervisor's image, stacks and boot pool.
+pub const ANN_HYP_PRIVATE: Annotation = Annotation(1);
+/// Host stage-2 annotation of pages donated to the hypervisor.
+pub const ANN_HYP_DONATED: Annotation = Annotation(2);
+/// Host stage-2 annotation of a VM's pages is its handle.
+pub const VM_HANDLE_BASE: u32 = keel_abi::VM_HANDLE_BASE as u32;
+
+/// Why a call is refused; maps one to one onto the ABI statuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    NotSupported,
+    Invalid,
+    Denied,
+    NoMemory,
+    Busy,
+}
+
+impl CallError {
+    pub fn status(self) -> i64 {
+        use keel_abi::status::*;
+        match self {
+            CallError::NotSupported => NOT_SUPPORTED,
+            CallError::Invalid => INVALID_PARAMETER,
+            CallError::Denied => DENIED,
+            CallError::NoMemory => NO_MEMORY,
+            CallError::Busy => BUSY,
+        }
+    }
+}
+
+impl From<Refusal> for CallError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Denied => CallError::Denied,
+            Refusal::Busy => CallError::Busy,
+        }
+    }
+}
+
+/// A [start, end) physical range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Range {
+    pub const fn new(start: u64, end: u64) -> Self {
+        Range { start, end }
+    }
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+}
+
+pub const MAX_RAM_REGIONS: usize = 8;
+
+/// The RAM regions of the machine, sorted and disjoint.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ram {
+    regions: [Range; MAX_RAM_REGIONS],
+    len: usize,
+}
+
+impl Ram {
+    /// Up to MAX_RAM_REGIONS regions; extra ones are ignored.
+    pub fn new(regions: &[Range]) -> Self {
+        let mut ram = Ram::default();
+        for r in regions
+            .iter()
+            .filter(|r| !r.is_empty())
+            .take(MAX_RAM_REGIONS)
+        {
+            ram.regions[ram.len] = *r;
+            ram.len += 1;
+        }
+        ram.regions[..ram.len].sort_unstable_by_key(|r| r.start);
+        ram
+    }
+    pub fn regions(&self) -> &[Range] {
+        &self.regions[..self.len]
+    }
+    /// Whether [start, end) lies inside one region.
+    pub fn contains(&self, start: u64, end: u64) -> bool {
+        self.regions()
+            .iter()
+            .any(|r| r.start <= start && end <= r.end)
+    }
+}
+
+/// What the hypervisor needs from the architecture for its own stage 1.
+pub trait HypMmu {
+    /// Invalidates the hypervisor's TLB entries for [va, va + len).
+    fn invalidate_range(&mut self, va: u64, len: u64);
+    /// Cleans and invalidates [va, va + len) to the point of coherency.
+    fn flush_dcache(&mut self, va: u64, len: u64);
+}
+
+/// The memory the hypervisor manages, behind one lock.
+pub struct Memory<T: TlbMaintenance, M: HypMmu> {
+    pub ram: Ram,
+    pub host: Stage2<T>,
+    pub hyp: Stage1,
+    pub pool: PagePool,
+    pub mmu: M,
+}
+
+/// A host call's range as a byte range, if valid (ABI: nr > 0, no
+/// overflow, inside one RAM region).
+fn pfn_range(ram: &Ram, pfn: u64, nr: u64) -> Result<Range, CallError> {
+    if nr == 0 {
+        return Err(CallError::Invalid);
+    }
+    let start = pfn.checked_mul(PAGE).ok_or(CallError::Invalid)?;
+    let len = nr.checked_mul(PAGE).ok_or(CallError::Invalid)?;
+    let end = start.checked_add(len).ok_or(CallError::Invalid)?;
+    if !ram.contains(start, end) {
+        return Err(CallError::Invalid);
+    }
+    Ok(Range::new(start, end))
+}
+
+fn mm_err(e: MmError) -> CallError {
+    match e {
+        MmError::NoMemory => CallError::NoMemory,
+        _ => CallError::Invalid,
+    }
+}
+
+fn s1_err(e: S1Error) -> CallError {
+    match e {
+        S1Error::NoMemory => CallError::NoMemory,
+        _ => CallError::Invalid,
+    }
+}
+
+/// What the memory code needs to know about guests (the VM table).
+pub trait Guests {
+    /// Whether VM slot `vm` holds a live VM (else its pages are dead).
+    fn is_live(&self, vm: u16) -> bool;
+    /// The VM that shares the page `pfn` with the host, and whether the
+    /// host holds a pin on it.
+    fn lender(&self, pfn: u64) -> Option<(u16, bool)>;
+    /// Table pages of all VMs' stage 2s, roots included.
+    fn table_pages(&self) -> u64;
+}
+
+/// No VMs at all.
+pub struct NoGuests;
+
+impl Guests for NoGuests {
+    fn is_live(&self, _: u16) -> bool {
+        false
+    }
+    fn lender(&self, _: u64) -> Option<(u16, bool)> {
+        None
+    }
+    fn table_pages(&self) -> u64 {
+        0
+    }
+}
+
+/// An inconsistency the invariant checker found, and where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub what: &'static str,
+    pub addr: u64,
+}
+
+fn violation(what: &'static str, addr: u64) -> Result<(), Violation> {
+    Err(Violation { what, addr })
+}
+
+fn vm_of(a: Annotation) -> Option<u16> {
+    let h = a.0.checked_sub(VM_HANDLE_BASE)?;
+    u16::try_from(h).ok()
+}
+
+impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
+    /// The state of the RAM page at `pa`, read back from where it lives.
+    pub fn page(&self, pa: u64, g: &dyn Guests) -> Page {
+        let Ok(leaf) = self.host.lookup(&self.pool, pa) else {
+            return Page::HypPrivate;
+        };
+        match leaf.kind {
+            LeafKind::Mapped {
+                state: PageState::Owned,
+                ..
+            } => {
+                if self.hyp.translate(pa, &self.pool).is_some() {
+                    Page::SharedWithHyp
+                } else {
+                    Page::HostOwned
+                }
+            }
+            // Seen from the host side the borrower does not matter.
+            LeafKind::Mapped {
+                state: PageState::SharedOwned,
+                ..
+            } => Page::SharedWithGuest(u16::MAX),
+            LeafKind::Mapped {
+                state: PageState::SharedBorrowed,
+                ..
+            } => match g.lender(pa / PAGE) {
+                Some((vm, pinned)) if g.is_live(vm) => Page::GuestShared { vm, pinned },
+                Some((vm, _)) => Page::Dead(vm),
+                None => Page::HypPrivate,
+            },
+            LeafKind::Unmapped(ANN_HYP_DONATED) => Page::HypDonated {
+                in_use: self.pool.donated_in_use(pa / PAGE).unwrap_or(true),
+            },
+            LeafKind::Unmapped(a) => match vm_of(a) {
+                Some(vm) if g.is_live(vm) => Page::GuestOwned(vm),
+                Some(vm) => Page::Dead(vm),
+                None => Page::HypPrivate,
+            },
+        }
+    }
+
+    /// Calls `f(start, end, page)` for consecutive runs of `range` whose
+    /// pages are all in one state: whole leaves where the state is uniform
+    /// across the leaf, single pages where it is kept per page.
+    pub fn runs(
+        &self,
+        range: Range,
+        g: &dyn Guests,
+        f: &mut dyn FnMut(u64, u64, Page) -> Result<(), CallError>,
+    ) -> Result<(), CallError> {
+        let mut pa = range.start;
+        while pa < range.end {
+            let leaf = self.host.lookup(&self.pool, pa).map_err(mm_err)?;
+            let leaf_end = (leaf.ipa + leaf.size).min(range.end);
+            let end = match leaf.kind {
+                LeafKind::Mapped {
+                    state: PageState::Owned,
+                    ..
+                } => match self.hyp.first_mapped(pa, leaf_end - pa, &self.pool) {
+                    None => leaf_end,
+                    Some(m) if m > pa => m,
+                    Some(_) => pa + PAGE,
+                },
+                LeafKind::Unmapped(a) if a != ANN_HYP_DONATED => leaf_end,
+                _ => pa + PAGE,
+            };
+            f(pa, end, self.page(pa, g))?;
+            pa = end;
+        }
+        Ok(())
+    }
+
+    /// Checks `req` for every page of `range`; the first refusal wins.
+    pub fn check(&self, range: Range, req: Request, g: &dyn Guests) -> Result<(), CallError> {
+        self.runs(range, g, &mut |_, _, page| {
+            owner::transition(page, req)
+                .map(drop)
+                .map_err(CallError::from)
+        })
+    }
+
+    fn need(&self, range: Range, change: Change) -> Result<usize, CallError> {
+        self.host
+            .pages_needed(&self.pool, range.start, range.len(), change)
+            .map_err(mm_err)
+    }
+
+    fn ensure_pages(&self, pages: usize) -> Result<(), CallError> {
+        if self.pool.free_pages() < pages {
+            return Err(CallError::NoMemory);
+        }
+        Ok(())
+    }
+
+    /// HOST_SHARE_HYP: the hypervisor maps the pages in its stage 1; the
+    /// host stage 2 is untouched (the host keeps its block mappings).
+    pub fn host_share_hyp(&mut self, pfn: u64, nr: u64, g: &dyn Guests) -> Result<(), CallError> {
+        let range = pfn_range(&self.ram, pfn, nr)?;
+        self.check(range, Request::HostShareHyp, g)?;
+        self.ensure_pages(self.hyp.pages_needed(range.start, range.len(), &self.pool))?;
+        self.hyp
+            .map_pages(
+                range.start,
+                range.start,
+                range.len(),
+                Perm::ReadWrite,
+                &mut self.pool,
+            )
+            .map_err(s1_err)
+    }
+
+    /// HOST_UNSHARE_HYP.
+    pub fn host_unshare_hyp(&mut self, pfn: u64, nr: u64, g: &dyn Guests) -> Result<(), CallError> {
+        let range = pfn_range(&self.ram, pfn, nr)?;
+        self.check(range, Request::HostUnshareHyp, g)?;
+        self.hyp
+            .unmap(range.start, range.len(), &self.pool)
+            .map_err(s1_err)?;
+        self.mmu.invalidate_range(range.start, range.len());
+        Ok(())
+    }
+
+    /// HOST_DONATE_HYP: the pages leave the host and join the pool.
+    pub fn host_donate_hyp(&mut self, pfn: u64, nr: u64, g: &dyn Guests) -> Result<(), CallError> {
+        let range = pfn_range(&self.ram, pfn, nr)?;
+        self.check(range, Request::HostDonateHyp, g)?;
+        self.pool.check_donate(pfn, nr).map_err(mm_err)?;
+        let s1 = self.hyp.pages_needed(range.start, range.len(), &self.pool);
+        self.ensure_pages(self.need(range, Change::Unmap(ANN_HYP_DONATED))? + s1)?;
+        self.host
+            .unmap(&mut self.pool, range.start, range.len(), ANN_HYP_DONATED)
+            .map_err(mm_err)?;
+        self.hyp
+            .map_pages(
+                range.start,
+                range.start,
+                range.len(),
+                Perm::ReadWrite,
+                &mut self.pool,
+            )
+            .map_err(s1_err)?;
+        self.pool.donate(pfn, nr).map_err(mm_err)
+    }
+
+    /// HOST_RECLAIM: free donated pages and pages of dead VMs go back to
+    /// the host, zeroed and flushed first. `zero` clears a page that is not
+    /// in the hypervisor's stage 1 (a dead guest's).
+    pub fn host_reclaim(
+        &mut self,
+        pfn: u64,
+        nr: u64,
+        g: &dyn Guests,
+        zero: &mut dyn FnMut(&mut Self, u64),
+    ) -> Result<(), CallError> {
+        let range = pfn_range(&self.ram, pfn, nr)?;
+        self.check(range, Request::HostReclaim, g)?;
+        let change = Change::Map {
+            ipa: range.start,
+            pa: range.start,
+            attrs: S2Attrs::NORMAL_RWX,
+            state: PageState::Owned,
+        };
+        // Donated pages leave the pool before the host mapping is built, so
+        // they do not count as available for its tables.
+        let donated = (pfn..pfn + nr)
+            .filter(|&p| self.pool.donated_in_use(p) == Some(false))
+            .count();
+        self.ensure_pages(self.need(range, change)? + donated)?;
+        for pa in (range.start..range.end).step_by(PAGE as usize) {
+            if self.pool.donated_in_use(pa / PAGE) == Some(false) {
+                self.pool.reclaim_donated(pa / PAGE, 1).map_err(mm_err)?;
+                // SAFETY: a free donated page: ours alone, and mapped at
+                // pool.va in the hypervisor's stage 1 until just below.
+                unsafe { core::ptr::write_bytes(self.pool.va(pa), 0, PAGE as usize) };
+                self.mmu.flush_dcache(self.pool.va(pa) as u64, PAGE);
+                self.hyp.unmap(pa, PAGE, &self.pool).map_err(s1_err)?;
+                self.mmu.invalidate_range(pa, PAGE);
+            } else {
+                zero(self, pa);
+            }
+        }
+        self.host
+            .map(
+                &mut self.pool,
+                range.start,
+                range.len(),
+                range.start,
+                S2Attrs::NORMAL_RWX,
+                PageState::Owned,
+            )
+            .map_err(mm_err)
+    }
+
+    /// MEM_STATE: (owner code, host view, host mapping size).
+    pub fn mem_state(&self, pfn: u64, g: &dyn Guests) -> Result<(u64, u64, u64), CallError> {
+        let range = pfn_range(&self.ram, pfn, 1)?;
+        let page = self.page(range.start, g);
+        let owner = match page.owner() {
+            Owner::Host => keel_abi::owner::HOST,
+            Owner::Hyp => keel_abi::owner::HYP,
+            Owner::Vm(vm) => keel_abi::VM_HANDLE_BASE + u64::from(vm),
+        };
+        let size = match self.host.lookup(&self.pool, range.start) {
+            Ok(leaf) if matches!(leaf.kind, LeafKind::Mapped { .. }) => leaf.size,
+            _ => 0,
+        };
+        let view: View = page.host_view();
+        Ok((owner, view as u64, size))
+    }
+
+    /// Table pages in use: host stage 2 and the hypervisor's stage 1.
+    pub fn table_pages(&self) -> u64 {
+        let s = self.host.stats();
+        (s.root_pages + s.table_pages) as u64 + self.hyp.table_pages() as u64
+    }
+
+    /// Checks that the tables, the pool and the VM table agree:
+    /// - every host stage-2 mapping of RAM is an identity, normal-memory
+    ///   mapping of a page the host owns or borrows from a live or dead VM;
+    /// - every unmapped RAM page records an owner (hypervisor or a VM);
+    /// - every RAM page the hypervisor maps is its own or shared with it by
+    ///   the host, never a page the host maps as a guest's or shares with a
+    ///   guest (no page has two owners);
+    /// - the donated-page table and the host stage 2 name the same pages;
+    /// - pool pages = free pages + table pages.
+    pub fn check_invariants(&self, g: &dyn Guests) -> Result<(), Violation> {
+        for region in self.ram.regions() {
+            let mut bad = None;
+            let _ = self
+                .host
+                .visit_leaves(&self.pool, region.start, region.len(), &mut |leaf| {
+                    if bad.is_some() {
+                        return;
+                    }
+                    match leaf.kind {
+                        LeafKind::Mapped { pa, attrs, state } => {
+                            if pa != leaf.ipa {
+                                bad = Some(Violation {
+                                    what: "host mapping is not an identity",
+                                    addr: leaf.ipa,
+                                });
+                            } else if attrs != S2Attrs::NORMAL_RWX {
+                                bad = Some(Violation {
+                                    what: "host RAM mapped with wrong attributes",
+                                    addr: leaf.ipa,
+                                });
+                            } else if state == PageState::SharedBorrowed
+                                && g.lender(leaf.ipa / PAGE).is_none()
+                            {
+                                bad = Some(Violation {
+                                    what: "host borrows a page no guest lends",
+                                    addr: leaf.ipa,
+                                });
+                            }
+                        }
+                        LeafKind::Unmapped(a) => {
+                            if a != ANN_HYP_PRIVATE && a != ANN_HYP_DONATED && vm_of(a).is_none() {
+                                bad = Some(Violation {
+                                    what: "unmapped RAM without an owner",
+                                    addr: leaf.ipa,
+                                });
+                            }
+                        }
+                    }
+                });
+            if let Some(v) = bad {
+                return Err(v);
+            }
+            // Pages the hypervisor maps.
+            let mut pa = region.start;
+            while let Some(m) = self.hyp.first_mapped(pa, region.end - pa, &self.pool) {
+                let ok = match self.page(m, g) {
+                    Page::SharedWithHyp | Page::HypPrivate => true,
+                    Page::HypDonated { .. } => self.pool.donated_in_use(m / PAGE).is_some(),
+                    _ => false,
+                };
+                if !ok {
+                    return violation("the hypervisor maps a page it neither owns nor borrows", m);
+                }
+                pa = m + PAGE;
+                if pa >= region.end {
+                    break;
+                }
+            }
+        }
+        for (pfn, _) in self.pool.donated_pages() {
+            let pa = pfn * PAGE;
+            match self.host.lookup(&self.pool, pa) {
+                Ok(leaf) if leaf.kind == LeafKind::Unmapped(ANN_HYP_DONATED) => {}
+                _ => {
+                    return violation(
+                        "donated page not recorded as donated in the host stage 2",
+                        pa,
+                    )
+                }
+            }
+            if self.hyp.translate(pa, &self.pool).is_none() {
+                return violation("donated page not mapped by the hypervisor", pa);
+            }
+        }
+        let tables = self.table_pages() + g.table_pages();
+        if self.pool.total_pages() as u64 != self.pool.free_pages() as u64 + tables {
+            return violation(
+                "pool pages != free pages + table pages",
+                self.pool.total_pages() as u64,
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,419 @@
+//! The host's memory calls on a simulated machine: 64 MiB of RAM at
+//! 0x4000_0000 backed by host memory, the hypervisor's image and boot pool
+//! at 0x4020_0000..0x4030_0000, real page tables built by keel-mm.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+
+use keel_abi::PageState as AbiState;
+use keel_hyp::mem::{CallError, HypMmu, Memory, NoGuests, Ram, Range, ANN_HYP_PRIVATE, PAGE};
+use keel_mm::donated::DonatedPages;
+use keel_mm::stage1::{Perm, Stage1};
+use keel_mm::{Geometry, NoTlb, PagePool, PageState, S2Attrs, Stage2};
+
+const RAM_BASE: u64 = 0x4000_0000;
+const RAM_SIZE: u64 = 64 << 20;
+const HYP: Range = Range::new(0x4020_0000, 0x4030_0000);
+const POOL: Range = Range::new(0x4024_0000, 0x4030_0000);
+const MIB2: u64 = 2 << 20;
+
+#[derive(Default)]
+struct FakeMmu {
+    invalidated: Vec<(u64, u64)>,
+    flushed: Vec<(u64, u64)>,
+}
+
+impl HypMmu for FakeMmu {
+    fn invalidate_range(&mut self, va: u64, len: u64) {
+        self.invalidated.push((va, len));
+    }
+    fn flush_dcache(&mut self, va: u64, len: u64) {
+        self.flushed.push((va, len));
+    }
+}
+
+struct Machine {
+    mem: Memory<NoTlb, FakeMmu>,
+    backing: *mut u8,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.backing, layout()) };
+    }
+}
+
+fn layout() -> Layout {
+    Layout::from_size_align(RAM_SIZE as usize, MIB2 as usize).unwrap()
+}
+
+impl Machine {
+    fn new() -> Self {
+        // SAFETY: a non-zero-sized layout.
+        let backing = unsafe { alloc_zeroed(layout()) };
+        assert!(!backing.is_null());
+        let va_offset = (backing as usize).wrapping_sub(RAM_BASE as usize);
+        let mut pool = PagePool::new(va_offset).unwrap();
+        // SAFETY: the pool range is part of the backing, used by nothing else.
+        unsafe { pool.add_range(POOL.start, POOL.len() as usize).unwrap() };
+        pool.attach_donated(Box::leak(Box::new(DonatedPages::new())));
+        let mut hyp = Stage1::new(&mut pool).unwrap();
+        hyp.map(HYP.start, HYP.start, HYP.len(), Perm::ReadWrite, &mut pool)
+            .unwrap();
+        let mut host = Stage2::new(Geometry::new(40).unwrap(), 0, &mut pool, NoTlb).unwrap();
+        host.map(
+            &mut pool,
+            RAM_BASE,
+            RAM_SIZE,
+            RAM_BASE,
+            S2Attrs::NORMAL_RWX,
+            PageState::Owned,
+        )
+        .unwrap();
+        host.unmap(&mut pool, HYP.start, HYP.len(), ANN_HYP_PRIVATE)
+            .unwrap();
+        let ram = Ram::new(&[Range::new(RAM_BASE, RAM_BASE + RAM_SIZE)]);
+        let m = Machine {
+            mem: Memory {
+                ram,
+                host,
+                hyp,
+                pool,
+                mmu: FakeMmu::default(),
+            },
+            backing,
+        };
+        m.check();
+        m
+    }
+
+    fn check(&self) {
+        self.mem.check_invariants(&NoGuests).expect("invariants");
+    }
+
+    /// (owner, host state, host mapping size)
+    fn state(&self, pa: u64) -> (u64, u64, u64) {
+        self.mem.mem_state(pa / PAGE, &NoGuests).unwrap()
+    }
+
+    fn bytes(&mut self, pa: u64) -> &mut [u8] {
+        let off = (pa - RAM_BASE) as usize;
+        // SAFETY: inside the backing; tests use it as the machine's RAM.
+        unsafe { std::slice::from_raw_parts_mut(self.backing.add(off), PAGE as usize) }
+    }
+
+    fn share(&mut self, pa: u64, nr: u64) -> Result<(), CallError> {
+        let r = self.mem.host_share_hyp(pa / PAGE, nr, &NoGuests);
+        self.check();
+        r
+    }
+    fn unshare(&mut self, pa: u64, nr: u64) -> Result<(), CallError> {
+        let r = self.mem.host_unshare_hyp(pa / PAGE, nr, &NoGuests);
+        self.check();
+        r
+    }
+    fn donate(&mut self, pa: u64, nr: u64) -> Result<(), CallError> {
+        let r = self.mem.host_donate_hyp(pa / PAGE, nr, &NoGuests);
+        self.check();
+        r
+    }
+    fn reclaim(&mut self, pa: u64, nr: u64) -> Result<(), CallError> {
+        let r = self
+            .mem
+            .host_reclaim(pa / PAGE, nr, &NoGuests, &mut |_, pa| {
+                panic!("no guest pages here ({pa:#x})")
+            });
+        self.check();
+        r
+    }
+
+    /// Everything a failed call must leave as it was.
+    fn snapshot(&self) -> Vec<(u64, u64, u64)> {
+        let mut v: Vec<_> = (RAM_BASE..RAM_BASE + RAM_SIZE)
+            .step_by(PAGE as usize)
+            .map(|pa| self.state(pa))
+            .collect();
+        v.push((
+            self.mem.pool.free_pages() as u64,
+            self.mem.table_pages(),
+            self.mem.pool.total_pages() as u64,
+        ));
+        v
+    }
+}
+
+const OWNED: u64 = AbiState::Owned as u64;
+const SHARED_OWNED: u64 = AbiState::SharedOwned as u64;
+const NOPAGE: u64 = AbiState::NoPage as u64;
+
+#[test]
+fn boot_state_is_reported() {
+    let m = Machine::new();
+    assert_eq!(m.state(RAM_BASE), (0, OWNED, MIB2));
+    assert_eq!(m.state(HYP.start), (1, NOPAGE, 0));
+    assert_eq!(m.state(POOL.end - PAGE), (1, NOPAGE, 0));
+    assert_eq!(
+        m.state(HYP.end),
+        (0, OWNED, PAGE),
+        "the rest of the 2 MiB around the hypervisor is 4K-mapped"
+    );
+    assert_eq!(m.state(0x4200_0000), (0, OWNED, MIB2));
+    assert_eq!(m.mem.mem_state(0, &NoGuests), Err(CallError::Invalid));
+    assert_eq!(
+        m.mem.mem_state((RAM_BASE + RAM_SIZE) / PAGE, &NoGuests),
+        Err(CallError::Invalid)
+    );
+}
+
+#[test]
+fn share_and_unshare_with_the_hypervisor() {
+    let mut m = Machine::new();
+    let pa = 0x4100_3000;
+    m.bytes(pa)[0] = 0x5a;
+    m.share(pa, 3).unwrap();
+    for p in [pa, pa + PAGE, pa + 2 * PAGE] {
+        assert_eq!(
+            m.state(p),
+            (0, SHARED_OWNED, MIB2),
+            "the host keeps its 2M mapping"
+        );
+        assert_eq!(
+            m.mem.hyp.translate(p, &m.mem.pool),
+            Some(p),
+            "the hypervisor maps it"
+        );
+    }
+    assert_eq!(m.state(pa + 3 * PAGE), (0, OWNED, MIB2));
+    assert_eq!(
+        m.share(pa + 2 * PAGE, 2),
+        Err(CallError::Denied),
+        "already shared"
+    );
+    assert_eq!(
+        m.unshare(pa + 2 * PAGE, 2),
+        Err(CallError::Denied),
+        "last page not shared"
+    );
+    assert_eq!(
+        m.state(pa + 2 * PAGE),
+        (0, SHARED_OWNED, MIB2),
+        "a refused unshare changes nothing"
+    );
+    m.unshare(pa, 3).unwrap();
+    assert_eq!(m.state(pa), (0, OWNED, MIB2));
+    assert_eq!(m.mem.hyp.translate(pa, &m.mem.pool), None);
+    assert!(
+        m.mem.mmu.invalidated.contains(&(pa, 3 * PAGE)),
+        "the hypervisor's TLB is invalidated"
+    );
+    assert_eq!(m.bytes(pa)[0], 0x5a, "sharing never touches the contents");
+}
+
+#[test]
+fn bad_ranges_are_invalid_and_change_nothing() {
+    let mut m = Machine::new();
+    let before = m.snapshot();
+    let first = RAM_BASE / PAGE;
+    let last = (RAM_BASE + RAM_SIZE) / PAGE - 1;
+    for (pfn, nr) in [
+        (first, 0),
+        (last, 2),
+        (0, 1),
+        (first - 1, 2),
+        (u64::MAX, 1),
+        (first, u64::MAX),
+        (u64::MAX / PAGE, 2),
+    ] {
+        assert_eq!(
+            m.mem.host_share_hyp(pfn, nr, &NoGuests),
+            Err(CallError::Invalid),
+            "share {pfn:#x}+{nr}"
+        );
+        assert_eq!(
+            m.mem.host_unshare_hyp(pfn, nr, &NoGuests),
+            Err(CallError::Invalid)
+        );
+        assert_eq!(
+            m.mem.host_donate_hyp(pfn, nr, &NoGuests),
+            Err(CallError::Invalid)
+        );
+        let r = m
+            .mem
+            .host_reclaim(pfn, nr, &NoGuests, &mut |_, _| unreachable!());
+        assert_eq!(r, Err(CallError::Invalid));
+    }
+    assert_eq!(m.snapshot(), before);
+}
+
+#[test]
+fn the_hypervisors_memory_is_refused() {
+    let mut m = Machine::new();
+    let before = m.snapshot();
+    for pa in [HYP.start, POOL.start, HYP.end - PAGE] {
+        assert_eq!(m.share(pa, 1), Err(CallError::Denied));
+        assert_eq!(m.donate(pa, 1), Err(CallError::Denied));
+        assert_eq!(
+            m.reclaim(pa, 1),
+            Err(CallError::Denied),
+            "boot memory is never reclaimable"
+        );
+    }
+    // A range that ends inside the hypervisor fails as a whole.
+    assert_eq!(m.share(HYP.start - 4 * PAGE, 5), Err(CallError::Denied));
+    assert_eq!(m.donate(HYP.start - 4 * PAGE, 5), Err(CallError::Denied));
+    assert_eq!(m.snapshot(), before, "all or nothing");
+}
+
+#[test]
+fn donate_then_reclaim_zeroes_and_rebuilds_the_block() {
+    let mut m = Machine::new();
+    let pa = 0x4180_0000 + 5 * PAGE;
+    m.bytes(pa).fill(0xa5);
+    let (free, total, tables) = (
+        m.mem.pool.free_pages(),
+        m.mem.pool.total_pages(),
+        m.mem.table_pages(),
+    );
+    m.donate(pa, 4).unwrap();
+    assert_eq!(m.state(pa), (1, NOPAGE, 0));
+    assert_eq!(
+        m.state(pa + 4 * PAGE),
+        (0, OWNED, PAGE),
+        "the host block split around the donation"
+    );
+    assert_eq!(m.mem.pool.total_pages(), total + 4);
+    assert!(
+        m.mem.pool.free_pages() >= free + 4 - 3,
+        "4 more pages, minus the tables the split took"
+    );
+    assert_eq!(
+        m.donate(pa + 3 * PAGE, 2),
+        Err(CallError::Denied),
+        "already donated"
+    );
+    assert_eq!(
+        m.reclaim(pa + 3 * PAGE, 2),
+        Err(CallError::Denied),
+        "the last page is not donated"
+    );
+    m.reclaim(pa, 4).unwrap();
+    assert_eq!(m.state(pa), (0, OWNED, MIB2), "the 2 MiB block is rebuilt");
+    assert!(
+        m.bytes(pa).iter().all(|&b| b == 0),
+        "reclaimed pages read zero"
+    );
+    assert!(m
+        .mem
+        .mmu
+        .flushed
+        .contains(&(m.mem.pool.va(pa) as u64, PAGE)));
+    assert_eq!(m.mem.pool.total_pages(), total);
+    assert_eq!(
+        m.mem.pool.free_pages(),
+        free - (m.mem.table_pages() - tables) as usize
+    );
+}
+
+#[test]
+fn donated_pages_in_use_are_not_reclaimable() {
+    let mut m = Machine::new();
+    // Exhaust the boot pool so the next allocation takes a donated page.
+    let mut taken = vec![];
+    while let Ok(p) = m.mem.pool.alloc_zeroed() {
+        taken.push(p);
+    }
+    let r = m.mem.host_donate_hyp(0x4200_0000 / PAGE, 1, &NoGuests);
+    assert_eq!(
+        r,
+        Err(CallError::NoMemory),
+        "the split needs tables the pool lacks"
+    );
+    for p in taken.drain(..8) {
+        // SAFETY: allocated above, unused.
+        unsafe { m.mem.pool.free(p) };
+    }
+    // Stop checking pool accounting while pages are held outside tables.
+    m.mem
+        .host_donate_hyp(0x4200_0000 / PAGE, 2, &NoGuests)
+        .unwrap();
+    let mut more = vec![];
+    while let Ok(p) = m.mem.pool.alloc_zeroed() {
+        more.push(p);
+    }
+    assert!(
+        more.contains(&0x4200_0000) && more.contains(&0x4200_1000),
+        "donated pages were used"
+    );
+    // SAFETY: allocated above, unused.
+    unsafe { m.mem.pool.free(0x4200_1000) };
+    let r = m
+        .mem
+        .host_reclaim(0x4200_0000 / PAGE, 2, &NoGuests, &mut |_, _| unreachable!());
+    assert_eq!(r, Err(CallError::Denied), "page 0 is in use");
+    assert_eq!(
+        m.mem.mem_state(0x4200_1000 / PAGE, &NoGuests).unwrap().0,
+        1,
+        "nothing changed"
+    );
+}
+
+#[test]
+fn no_memory_changes_nothing() {
+    let mut m = Machine::new();
+    let mut taken = vec![];
+    while let Ok(p) = m.mem.pool.alloc_zeroed() {
+        taken.push(p);
+    }
+    let before: Vec<_> = (0x4100_0000..0x4100_0000 + 16 * PAGE)
+        .step_by(PAGE as usize)
+        .map(|pa| m.state(pa))
+        .collect();
+    assert_eq!(
+        m.mem.host_share_hyp(0x4100_0000 / PAGE, 16, &NoGuests),
+        Err(CallError::NoMemory)
+    );
+    assert_eq!(
+        m.mem.host_donate_hyp(0x4100_0000 / PAGE, 16, &NoGuests),
+        Err(CallError::NoMemory)
+    );
+    let after: Vec<_> = (0x4100_0000..0x4100_0000 + 16 * PAGE)
+        .step_by(PAGE as usize)
+        .map(|pa| m.state(pa))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(
+        m.mem.hyp.first_mapped(0x4100_0000, 16 * PAGE, &m.mem.pool),
+        None
+    );
+    assert_eq!(m.mem.pool.free_pages(), 0);
+}
+
+#[test]
+fn the_invariant_checker_sees_corruption() {
+    let mut m = Machine::new();
+    m.donate(0x4300_0000, 1).unwrap();
+    // Give the page back to the host behind the tracker's back.
+    m.mem
+        .host
+        .map(
+            &mut m.mem.pool,
+            0x4300_0000,
+            PAGE,
+            0x4300_0000,
+            S2Attrs::NORMAL_RWX,
+            PageState::Owned,
+        )
+        .unwrap();
+    let v = m.mem.check_invariants(&NoGuests).unwrap_err();
+    assert_eq!(v.addr, 0x4300_0000);
+    let mut m = Machine::new();
+    // A host page mapped with device attributes.
+    m.mem
+        .host
+        .set_attrs(&mut m.mem.pool, 0x4100_0000, PAGE, S2Attrs::DEVICE_RW)
+        .unwrap();
+    assert_eq!(
+        m.mem.check_invariants(&NoGuests).unwrap_err().what,
+        "host RAM mapped with wrong attributes"
+    );
+}
