@@ -4,6 +4,7 @@
 //! `boot/` supplies the architecture through small traits.
 #![cfg_attr(not(test), no_std)]
 
+pub mod host;
 pub mod hvc;
 pub mod mem;
 pub mod stats;

@@ -6,17 +6,12 @@ use core::ptr::addr_of_mut;
 use keel_arch::{barrier, exception, sysreg, tlb, TrapFrame};
 use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
 use keel_boot::layout::Layout;
-use keel_hyp::hvc::Limits;
-use keel_hyp::stats::Stats;
-use keel_mm::stage1::TablePages;
-use keel_mm::{Annotation, Geometry, PagePool, PageState, S2Attrs, Stage2, TlbMaintenance, Vmid};
+use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE};
+use keel_mm::donated::DonatedPages;
+use keel_mm::{Geometry, PagePool, PageState, S2Attrs, Stage2, TlbMaintenance, Vmid};
 use log::info;
-use spin::Mutex;
 
 use super::{boot_fail, image_sections, mmu, Hyp, HYP, KEEL_CPU_LOCAL};
-
-/// The annotation of host stage-2 entries for pages the hypervisor owns.
-pub const OWNER_HYP: Annotation = Annotation(1);
 
 /// Stage-2 TLB maintenance with real instructions. Invalidation applies to
 /// the VMID in VTTBR_EL2, which is the table's own while keel changes it.
@@ -40,21 +35,26 @@ impl TlbMaintenance for HwTlb {
     }
 }
 
-/// The pool as the stage-1 builder sees it.
-struct Pages<'a>(&'a mut PagePool);
+/// The hypervisor's own stage 1 with real instructions.
+pub struct HwMmu;
 
-impl TablePages for Pages<'_> {
-    fn alloc_table(&mut self) -> Option<u64> {
-        self.0.alloc_zeroed().ok()
+impl HypMmu for HwMmu {
+    fn invalidate_range(&mut self, va: u64, len: u64) {
+        if len > 64 * 4096 {
+            tlb::invalidate_el2_all();
+            return;
+        }
+        for page in (va..va + len).step_by(4096) {
+            tlb::invalidate_el2_va(page);
+        }
     }
-    fn free_table(&mut self, pa: u64) {
-        // SAFETY: `pa` came from `alloc_table` of this pool.
-        unsafe { self.0.free(pa) }
-    }
-    fn table_ptr(&self, pa: u64) -> *mut [u64; 512] {
-        self.0.va(pa).cast()
+    fn flush_dcache(&mut self, va: u64, len: u64) {
+        keel_arch::cache::clean_invalidate(va as usize, len as usize);
     }
 }
+
+/// Pages the host donates to the hypervisor (HOST_DONATE_HYP).
+static mut DONATED: DonatedPages = DonatedPages::new();
 
 /// VTCR_EL2 bits keel adds to the geometry: RES1 bit 31, 16-bit VMIDs off
 /// (VMIDs stay below 256).
@@ -104,7 +104,7 @@ fn build_host_stage2(info: &BootInfo, plan: &Layout, pool: &mut PagePool) -> Sta
         }
     }
     let res = plan.reserved;
-    if let Err(e) = s2.unmap(pool, res.start, res.size(), OWNER_HYP) {
+    if let Err(e) = s2.unmap(pool, res.start, res.size(), ANN_HYP_PRIVATE) {
         boot_fail(format_args!(
             "host stage 2: recording the hypervisor's pages: {e:?}"
         ));
@@ -207,12 +207,15 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         cpu0.guard_page = slot.guard.start;
     }
 
+    // SAFETY: only the boot CPU runs, and nothing else refers to DONATED.
+    pool.attach_donated(unsafe { &mut *core::ptr::addr_of_mut!(DONATED) });
+
     let s1 = match mmu::build(
         &image_sections(),
         plan,
         info.cpus.len(),
         Some(info.uart.start),
-        &mut Pages(&mut pool),
+        &mut pool,
     ) {
         Ok(s) => s,
         Err(e) => boot_fail(format_args!("hypervisor stage 1: {e:?}")),
@@ -236,16 +239,18 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         stats.root_pages + stats.table_pages
     );
 
-    HYP.call_once(|| Hyp {
-        limits: Limits {
-            max_vms: 0,
-            max_vcpus: 0,
-        },
-        stats: Stats::new(),
-        pool: Mutex::new(pool),
-        host_s2: Mutex::new(s2),
-        host_dtb: plan.host_dtb.start,
+    let ram: [Range; keel_boot::dt::MAX_RAM_REGIONS] = core::array::from_fn(|i| {
+        let r = info.ram.as_slice().get(i).copied().unwrap_or_default();
+        Range::new(r.start, r.end)
     });
+    let mem = Memory {
+        ram: Ram::new(&ram),
+        host: s2,
+        hyp: s1,
+        pool,
+        mmu: HwMmu,
+    };
+    HYP.call_once(|| Hyp::new(mem));
 
     let entry = info.kernel.range.start;
     info!(

@@ -16,13 +16,7 @@ use log::info;
 core::arch::global_asm!(include_str!("../entry.S"));
 
 /// The hypervisor's state once booted.
-pub struct Hyp {
-    pub limits: keel_hyp::hvc::Limits,
-    pub stats: keel_hyp::stats::Stats,
-    pub pool: spin::Mutex<keel_mm::PagePool>,
-    pub host_s2: spin::Mutex<keel_mm::Stage2<host::HwTlb>>,
-    pub host_dtb: u64,
-}
+pub type Hyp = keel_hyp::host::Hyp<host::HwTlb, host::HwMmu>;
 
 pub static HYP: spin::Once<Hyp> = spin::Once::new();
 

@@ -5,7 +5,7 @@ use keel_arch::esr::{ec, Esr};
 use keel_arch::exception::kind;
 use keel_arch::firmware::{self, psci};
 use keel_arch::{exit, inject, sysreg, TrapFrame};
-use keel_hyp::hvc::{self, Call, Caller};
+use keel_hyp::hvc::Call;
 use log::{debug, info, warn};
 
 use super::{exit_code, report, HYP};
@@ -26,15 +26,14 @@ extern "C" fn keel_lower_exception(k: u64, frame: &mut TrapFrame) {
     let esr = Esr(sysreg::esr_el2());
     match esr.ec() {
         ec::HVC64 => {
-            let hyp = HYP.get().expect("traps before init");
-            hyp.stats.count_hypercall();
-            let ret = hvc::dispatch(
-                Caller::Host,
-                esr.imm16(),
-                &Call::from_regs(&frame.x),
-                &hyp.limits,
-            );
-            ret.apply(&mut frame.x);
+            let Some(hyp) = HYP.get() else {
+                report(format_args!(
+                    "[keel] FATAL: host HVC before the hypervisor was ready\n"
+                ));
+                exit::exit(exit_code::FATAL_EXCEPTION);
+            };
+            hyp.host_hvc(esr.imm16(), &Call::from_regs(&frame.x))
+                .apply(&mut frame.x);
         }
         ec::SMC64 => handle_smc(frame),
         ec::DABT_LOWER | ec::IABT_LOWER => refuse_access(esr),

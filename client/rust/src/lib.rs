@@ -33,6 +33,11 @@ pub mod func {
     pub const HOST_PIN: u64 = 0xC600_0118;
     pub const HOST_UNPIN: u64 = 0xC600_0119;
 
+    /// keel extension (not in ABI 1.0): runs the hypervisor's invariant
+    /// checker. x0 = SUCCESS, or DENIED with x1 = address of the first
+    /// inconsistency. For tests; costs a walk of every table.
+    pub const KEEL_CHECK_INVARIANTS: u64 = 0xC600_01F0;
+
     /// Every host-side function the contract defines, for tests that sweep them.
     pub const HOST_CALLS: [u64; 20] = [
         HYP_FEATURES,
