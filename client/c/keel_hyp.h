@@ -61,6 +61,12 @@
 #define KEEL_FN_MEM_UNSHARE		0xC6000004
 #define KEEL_FN_MEM_RELINQUISH		0xC6000009
 
+/*
+ * keel extension, not in ABI 1.0 (for tests): the hypervisor's invariant
+ * checker; KEEL_STATUS_DENIED with x1 = address of the first inconsistency.
+ */
+#define KEEL_FN_KEEL_CHECK_INVARIANTS	0xC60001F0
+
 /* The function number of an ID (its low 16 bits), as FEATURES bits count it. */
 #define KEEL_FN_NUM(id)			((id) & 0xFFFF)
 
@@ -420,6 +426,21 @@ static inline long keel_hyp_stats(keel_u64 counter, keel_u64 *value)
 	keel_hvc(KEEL_FN_HYP_STATS, counter, 0, 0, 0, &r);
 	if ((long)r.a0 == KEEL_STATUS_SUCCESS)
 		*value = r.a1;
+	return (long)r.a0;
+}
+
+/*
+ * KEEL_CHECK_INVARIANTS (keel extension, for tests): KEEL_STATUS_SUCCESS, or
+ * KEEL_STATUS_DENIED with *addr = the address of the first inconsistency
+ * (written only then); any other status: this build lacks the call.
+ */
+static inline long keel_check_invariants(keel_u64 *addr)
+{
+	struct keel_hvc_res r;
+
+	keel_hvc(KEEL_FN_KEEL_CHECK_INVARIANTS, 0, 0, 0, 0, &r);
+	if ((long)r.a0 == KEEL_STATUS_DENIED)
+		*addr = r.a1;
 	return (long)r.a0;
 }
 

@@ -107,6 +107,15 @@ pub fn hyp_stats(counter: u64) -> Result<u64, Error> {
     Ok(call(func::HYP_STATS, counter, 0, 0, 0)?.0[1])
 }
 
+/// KEEL_CHECK_INVARIANTS (keel extension, not in ABI 1.0; for tests): runs
+/// the hypervisor's invariant checker. `Err((Error::Denied, addr))` gives
+/// the address of the first inconsistency (x1); any other error means the
+/// build does not have the call.
+pub fn keel_check_invariants() -> Result<(), (Error, u64)> {
+    let r = hvc(func::KEEL_CHECK_INVARIANTS, [0; 5]);
+    r.ok().map(drop).map_err(|e| (e, r.0[1]))
+}
+
 pub fn vm_create(nr_vcpus: u64) -> Result<u64, Error> {
     Ok(call(func::VM_CREATE, nr_vcpus, 0, 0, 0)?.0[1])
 }

@@ -45,6 +45,11 @@ fn expected() -> Vec<(&'static str, i128)> {
         ("KEEL_FN_MEM_SHARE", u(func::MEM_SHARE)),
         ("KEEL_FN_MEM_UNSHARE", u(func::MEM_UNSHARE)),
         ("KEEL_FN_MEM_RELINQUISH", u(func::MEM_RELINQUISH)),
+        // keel extensions.
+        (
+            "KEEL_FN_KEEL_CHECK_INVARIANTS",
+            u(func::KEEL_CHECK_INVARIANTS),
+        ),
         // Statuses.
         ("KEEL_STATUS_SUCCESS", s(status::SUCCESS)),
         ("KEEL_STATUS_NOT_SUPPORTED", s(status::NOT_SUPPORTED)),
@@ -340,10 +345,14 @@ fn every_function_of_the_crate_has_a_header_id() {
         func::MEM_UNSHARE,
         func::MEM_RELINQUISH,
     ];
-    for id in func::HOST_CALLS.iter().chain(&guest) {
+    let extensions = [func::KEEL_CHECK_INVARIANTS];
+    for id in func::HOST_CALLS.iter().chain(&guest).chain(&extensions) {
         assert!(ids.contains(&i128::from(*id)), "{id:#x} has no KEEL_FN_");
     }
-    assert_eq!(ids.len(), func::HOST_CALLS.len() + guest.len());
+    assert_eq!(
+        ids.len(),
+        func::HOST_CALLS.len() + guest.len() + extensions.len()
+    );
 }
 
 #[test]
