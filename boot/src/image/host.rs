@@ -61,9 +61,12 @@ static mut DONATED: DonatedPages = DonatedPages::new();
 const VTCR_RES1: u64 = 1 << 31;
 
 /// HCR_EL2 while the host runs: stage 2 on (VM), EL1 is AArch64 (RW), SMCs
-/// trap (TSC), pointer authentication is the host's own (API, APK).
-/// Interrupts are not routed to EL2: the host owns the GIC.
-pub const HCR_HOST: u64 = 1 | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41);
+/// trap (TSC), pointer authentication is the host's own (API, APK), and so
+/// are MTE allocation tags (ATA; without it Linux's first write of GCR_EL1
+/// traps on a CPU with MTE; RES0 without FEAT_MTE2, as Linux's nVHE host
+/// flags set it regardless). Interrupts are not routed to EL2: the host
+/// owns the GIC.
+pub const HCR_HOST: u64 = 1 | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41) | (1 << 56);
 
 /// The IPA size of the host stage 2: RAM and the MMIO above it must fit,
 /// at least 40 bits, never more than the CPU's PA size (or 48).
