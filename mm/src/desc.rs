@@ -248,10 +248,9 @@ impl Pte {
         let r = self.reg();
         let s2ap = r.read(S2_DESC::S2AP);
         S2Attrs {
-            mem: if r.read(S2_DESC::MEMATTR) == S2_DESC::MEMATTR::DeviceNGnRE.value {
-                MemType::Device
-            } else {
-                MemType::NormalWriteBack
+            mem: match r.read_as_enum(S2_DESC::MEMATTR) {
+                Some(S2_DESC::MEMATTR::Value::DeviceNGnRE) => MemType::Device,
+                _ => MemType::NormalWriteBack,
             },
             read: s2ap & 1 != 0,
             write: s2ap & 2 != 0,

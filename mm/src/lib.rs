@@ -10,8 +10,8 @@
 
 pub mod desc;
 pub mod donated;
-pub mod pool;
 pub mod owner;
+pub mod pool;
 pub mod stage1;
 pub mod stage2;
 pub mod tlb;

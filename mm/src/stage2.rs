@@ -507,7 +507,13 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// from the pool now, without changing anything; also the errors the
     /// change would return. For callers that must reserve the memory of
     /// several table changes before committing any of them.
-    pub fn pages_needed(&self, pool: &PagePool, ipa: u64, len: u64, change: Change) -> Result<usize, MmError> {
+    pub fn pages_needed(
+        &self,
+        pool: &PagePool,
+        ipa: u64,
+        len: u64,
+        change: Change,
+    ) -> Result<usize, MmError> {
         self.check_pool(pool)?;
         let (start, end) = self.check_range(ipa, len)?;
         if let Change::Map { pa, .. } = change {

@@ -1,0 +1,319 @@
+//! Property tests: long random sequences of stage-2 operations checked after
+//! every operation against the reference model (translations, accounting,
+//! canonical form, TLB invalidations).
+//!
+//! `KEEL_MM_PROPTEST_OPS` sets the total number of operations over the
+//! tests of this file (default 1,000,000).
+
+mod common;
+
+use common::*;
+use keel_mm::{Annotation, MemType, MmError, PageState, S2Attrs, Shareability};
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+const OPS_PER_CASE: usize = 128;
+/// Tests in this file sharing the operation budget.
+const TESTS: usize = 2;
+/// The IPA window the operations play in: 4 GiB.
+const WINDOW: u64 = 4 * G1;
+
+fn cases() -> u32 {
+    let total: usize = std::env::var("KEEL_MM_PROPTEST_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    total.div_ceil(TESTS * OPS_PER_CASE).max(1) as u32
+}
+
+fn config() -> Config {
+    Config {
+        cases: cases(),
+        failure_persistence: None,
+        max_shrink_iters: 2000,
+        ..Config::default()
+    }
+}
+
+const ATTRS: [S2Attrs; 3] = [
+    S2Attrs::NORMAL_RWX,
+    S2Attrs {
+        mem: MemType::NormalWriteBack,
+        read: true,
+        write: false,
+        exec: false,
+        shareability: Shareability::Inner,
+        access_flag: true,
+    },
+    S2Attrs::DEVICE_RW,
+];
+const STATES: [PageState; 3] = [
+    PageState::Owned,
+    PageState::SharedOwned,
+    PageState::SharedBorrowed,
+];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Map {
+        ipa: u64,
+        len: u64,
+        pa_shift: u64,
+        attrs: usize,
+        state: usize,
+    },
+    Unmap {
+        ipa: u64,
+        len: u64,
+        annotation: u32,
+    },
+    Attrs {
+        ipa: u64,
+        len: u64,
+        attrs: usize,
+    },
+    State {
+        ipa: u64,
+        len: u64,
+        state: usize,
+    },
+}
+
+/// Takes bounded values off a random word.
+struct Bits(u64, u64);
+
+impl Bits {
+    fn take(&mut self, n: u64) -> u64 {
+        if self.0 < n {
+            self.0 = self.1;
+            self.1 = 0;
+        }
+        let v = self.0 % n;
+        self.0 /= n;
+        v
+    }
+    fn pick(&mut self, common: &[u64], max: u64) -> u64 {
+        let i = self.take(common.len() as u64 + 2);
+        match common.get(i as usize) {
+            Some(&v) => v,
+            None => self.take(max),
+        }
+    }
+}
+
+/// Decodes one operation from two random words (proptest generates and
+/// shrinks plain integers far faster than nested strategies). Addresses are
+/// offsets from the window base that often sit on block boundaries;
+/// lengths are often block sized or one page off.
+fn decode(words: (u64, u64)) -> Op {
+    let mut b = Bits(words.0, words.1);
+    let kind = b.take(9);
+    let ipa = b.take(4) * G1
+        + b.pick(&[0, 1, 255, 256, 511], 512) * M2
+        + b.pick(&[0, 0, 1, 511], 512) * K4;
+    let pages = if b.take(4) == 0 {
+        b.pick(&[262_144, 262_143, 262_145, 524_288], 600_000)
+            .max(1)
+    } else {
+        b.pick(&[1, 2, 511, 512, 513, 1024], 2048).max(1)
+    };
+    let len = pages * K4;
+    match kind {
+        0..=3 => Op::Map {
+            ipa,
+            len,
+            pa_shift: [0, 0, 0, K4, M2, 5 * G1][b.take(6) as usize],
+            attrs: b.take(3) as usize,
+            state: b.take(3) as usize,
+        },
+        4..=5 => Op::Unmap {
+            ipa,
+            len,
+            annotation: b.take(3) as u32,
+        },
+        6 => Op::Attrs {
+            ipa,
+            len,
+            attrs: b.take(3) as usize,
+        },
+        _ => Op::State {
+            ipa,
+            len,
+            state: b.take(3) as usize,
+        },
+    }
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    proptest::collection::vec(any::<(u64, u64)>(), OPS_PER_CASE)
+        .prop_map(|words| words.into_iter().map(decode).collect())
+}
+
+/// Runs one sequence in a `ipa_bits` space whose window starts at `base`.
+fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
+    let mut tp = TestPool::new(8192);
+    let mut s2 = new_stage2(&mut tp, ipa_bits, 7);
+    let size = 1u64 << ipa_bits;
+    let mut model = Model::new(size);
+    let mut old_leaves = Vec::new();
+    for (n, op) in ops.iter().enumerate() {
+        let (off, len) = match *op {
+            Op::Map { ipa, len, .. }
+            | Op::Unmap { ipa, len, .. }
+            | Op::Attrs { ipa, len, .. }
+            | Op::State { ipa, len, .. } => (ipa, len),
+        };
+        let start = base + off;
+        // Mostly stay inside the window; sometimes run past the IPA space.
+        let len = if start + len > base + WINDOW && (start + len <= size || n % 8 != 0) {
+            base + WINDOW - start
+        } else {
+            len
+        };
+        let end = start + len;
+        let before = s2.stats();
+        old_leaves.clear();
+        let in_space = end <= size;
+        if in_space {
+            s2.visit_leaves(&tp.pool, start, len, &mut |l| old_leaves.push(*l))
+                .unwrap();
+        }
+        s2.tlb_mut().events.clear();
+        let pool = &mut tp.pool;
+        let (result, expect_ok) = match *op {
+            Op::Map {
+                pa_shift,
+                attrs,
+                state,
+                ..
+            } => {
+                // A large range mapped misaligned by 4K is 512 pages per 2M:
+                // keep those ranges small so checking stays cheap.
+                let pa_shift = if pa_shift == K4 && len > 2048 * K4 {
+                    M2
+                } else {
+                    pa_shift
+                };
+                let pa = 0x40_0000_0000 + off + pa_shift;
+                let r = s2.map(pool, start, len, pa, ATTRS[attrs], STATES[state]);
+                if in_space && r.is_ok() {
+                    model.set(
+                        start,
+                        end,
+                        Val::Mapped {
+                            pa,
+                            attrs: ATTRS[attrs],
+                            state: STATES[state],
+                        },
+                    );
+                }
+                (r, in_space)
+            }
+            Op::Unmap { annotation, .. } => {
+                let r = s2.unmap(pool, start, len, Annotation(annotation));
+                if in_space && r.is_ok() {
+                    model.set(start, end, Val::Unmapped(Annotation(annotation)));
+                }
+                (r, in_space)
+            }
+            Op::Attrs { attrs, .. } => {
+                let ok = in_space && model.all_mapped(start, end);
+                let r = s2.set_attrs(pool, start, len, ATTRS[attrs]);
+                if ok && r.is_ok() {
+                    model.modify(start, end, |v| match v {
+                        Val::Mapped { pa, state, .. } => Val::Mapped {
+                            pa,
+                            attrs: ATTRS[attrs],
+                            state,
+                        },
+                        v => v,
+                    });
+                }
+                (r, ok)
+            }
+            Op::State { state, .. } => {
+                let ok = in_space && model.all_mapped(start, end);
+                let r = s2.set_state(pool, start, len, STATES[state]);
+                if ok && r.is_ok() {
+                    model.modify(start, end, |v| match v {
+                        Val::Mapped { pa, attrs, .. } => Val::Mapped {
+                            pa,
+                            attrs,
+                            state: STATES[state],
+                        },
+                        v => v,
+                    });
+                }
+                (r, ok)
+            }
+        };
+        match (result, expect_ok) {
+            (Ok(()), true) => {}
+            (Err(e), false) => {
+                let want = if in_space {
+                    MmError::NotMapped
+                } else {
+                    MmError::OutOfRange
+                };
+                if e != want {
+                    return Err(format!("op {n} {op:?}: error {e:?}, expected {want:?}"));
+                }
+                if s2.stats() != before || !s2.tlb().events.is_empty() {
+                    return Err(format!("op {n} {op:?}: failed but changed something"));
+                }
+            }
+            (r, _) => return Err(format!("op {n} {op:?}: got {r:?}, expected ok={expect_ok}")),
+        }
+        check_accounting(&s2, &tp.pool).map_err(|e| format!("op {n} {op:?}: {e}"))?;
+        if !in_space {
+            continue;
+        }
+        // Every translation that changed or went away was invalidated.
+        let invalidated = s2.tlb().invalidated(7);
+        let mut cursor = RunCursor::new(&model, start, end);
+        for leaf in &old_leaves {
+            if translation_changed(leaf, &mut cursor, start, end) && !invalidated.covers(leaf) {
+                return Err(format!("op {n} {op:?}: no invalidation for {leaf:?}"));
+            }
+        }
+        // Translations around the change and canonical form of its path.
+        let ws = start.saturating_sub(M2) & !(M2 - 1);
+        let we = (end + M2).next_multiple_of(M2).min(size);
+        check_window(&s2, &tp.pool, &model, ws, we).map_err(|e| format!("op {n} {op:?}: {e}"))?;
+        let audit = s2.audit(&tp.pool, ws, we - ws).unwrap();
+        if let Some(t) = audit.non_canonical {
+            return Err(format!("op {n} {op:?}: table at {t:?} could be a block"));
+        }
+    }
+    // The whole space, and every table.
+    check_window(&s2, &tp.pool, &model, 0, size)?;
+    let audit = s2.audit(&tp.pool, 0, size).unwrap();
+    if audit.non_canonical.is_some() || audit.table_pages != s2.stats().table_pages {
+        return Err(format!("final audit {audit:?} vs {:?}", s2.stats()));
+    }
+    s2.destroy(&mut tp.pool).unwrap();
+    if tp.pool.free_pages() != tp.pool.total_pages() {
+        return Err("pages leaked after destroy".into());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// A 40-bit IPA space (2 concatenated level-1 root tables), low window.
+    #[test]
+    fn random_ops_40bit(ops in ops()) {
+        if let Err(e) = run(&ops, 40, G1) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+
+    /// A 48-bit IPA space (level-0 root), window at the very top.
+    #[test]
+    fn random_ops_48bit_top(ops in ops()) {
+        if let Err(e) = run(&ops, 48, (1u64 << 48) - WINDOW) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+}
