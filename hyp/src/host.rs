@@ -1,22 +1,21 @@
-//! The hypervisor as the host sees it: one state behind one lock, and the
-//! dispatch of the host's hypercalls onto it.
+//! The hypervisor as the host sees it: its state behind two locks (VMs,
+//! then memory: always taken in that order) and the dispatch of the host's
+//! hypercalls onto it.
 
 use keel_abi::{func, stat, status};
 use keel_mm::TlbMaintenance;
 use spin::Mutex;
 
 use crate::hvc::{self, Call, Caller, Limits, Return};
-use crate::mem::{CallError, Guests, HypMmu, Memory, NoGuests};
+use crate::mem::{CallError, Guests, HypMmu, Memory};
 use crate::stats::Stats;
-
-/// Most VMs and vCPUs per VM (HYP_FEATURES).
-pub const MAX_VMS: u64 = 8;
-pub const MAX_VCPUS: u64 = 4;
+use crate::vm::{GuestTlb, Slot, Vcpu, VcpuState, VmOps, Vms, MAX_VCPUS, MAX_VMS};
 
 /// Everything the hypervisor keeps.
-pub struct Hyp<T: TlbMaintenance, M: HypMmu> {
+pub struct Hyp<T: TlbMaintenance, M: HypMmu, G: GuestTlb> {
     pub limits: Limits,
     pub stats: Stats,
+    pub vms: &'static Mutex<Vms<G>>,
     pub mem: Mutex<Memory<T, M>>,
 }
 
@@ -27,20 +26,38 @@ fn result(r: Result<(), CallError>) -> Return {
     }
 }
 
-impl<T: TlbMaintenance, M: HypMmu> Hyp<T, M> {
-    pub fn new(mem: Memory<T, M>) -> Self {
+fn values(r: Result<(u64, u64, u64), CallError>) -> Return {
+    match r {
+        Ok((a, b, c)) => Return::success(&[a, b, c]),
+        Err(e) => Return::status(e.status()),
+    }
+}
+
+/// A vCPU VCPU_RUN may enter: its registers (exclusively the caller's
+/// while it is marked Running), its VM's slot and stage-2 registers.
+pub struct RunTicket {
+    pub vcpu: *mut Vcpu,
+    pub slot: usize,
+    pub vttbr: u64,
+    pub vtcr: u64,
+}
+
+impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
+    pub fn new(mem: Memory<T, M>, vms: &'static Mutex<Vms<G>>) -> Self {
         Hyp {
             limits: Limits {
-                max_vms: MAX_VMS,
-                max_vcpus: MAX_VCPUS,
+                max_vms: MAX_VMS as u64,
+                max_vcpus: MAX_VCPUS as u64,
             },
             stats: Stats::new(),
+            vms,
             mem: Mutex::new(mem),
         }
     }
 
-    /// Handles one HVC from the host. Counts it (HYP_STATS 5) only when it
-    /// succeeds: a refused call changes no counter.
+    /// Handles one HVC from the host, except VCPU_RUN (which the image runs
+    /// through [`begin_run`](Self::begin_run)). Counts it (HYP_STATS 5) only
+    /// when it succeeds: a refused call changes no counter.
     pub fn host_hvc(&self, imm: u64, call: &Call) -> Return {
         let ret = self.host_call(imm, call);
         let raw = matches!(call.id, func::FEATURES | func::CALL_UID | func::REVISION);
@@ -57,26 +74,20 @@ impl<T: TlbMaintenance, M: HypMmu> Hyp<T, M> {
         if let Some(ret) = hvc::discovery(call, &self.limits) {
             return ret;
         }
-        let g: &dyn Guests = &NoGuests;
-        let [a1, a2, ..] = call.args;
+        let [a1, a2, a3, a4, _] = call.args;
+        let mut vms = self.vms.lock();
+        let mut mem = self.mem.lock();
+        let g: &Vms<G> = &vms;
         match call.id {
-            func::HOST_SHARE_HYP => result(self.mem.lock().host_share_hyp(a1, a2, g)),
-            func::HOST_UNSHARE_HYP => result(self.mem.lock().host_unshare_hyp(a1, a2, g)),
-            func::HOST_DONATE_HYP => result(self.mem.lock().host_donate_hyp(a1, a2, g)),
-            func::HOST_RECLAIM => {
-                // Only donated pages until guests exist; their pages are
-                // zeroed through the guest code.
-                result(self.mem.lock().host_reclaim(a1, a2, g, &mut |_, _| {}))
-            }
-            func::MEM_STATE => match self.mem.lock().mem_state(a1, g) {
-                Ok((owner, state, size)) => Return::success(&[owner, state, size]),
-                Err(e) => Return::status(e.status()),
-            },
-            func::HYP_STATS => match self.stat(a1, g) {
+            func::HOST_SHARE_HYP => result(mem.host_share_hyp(a1, a2, g)),
+            func::HOST_UNSHARE_HYP => result(mem.host_unshare_hyp(a1, a2, g)),
+            func::HOST_DONATE_HYP => result(mem.host_donate_hyp(a1, a2, g)),
+            func::MEM_STATE => values(mem.mem_state(a1, g)),
+            func::HYP_STATS => match Self::stat(&self.stats, &mem, g, a1) {
                 Some(v) => Return::success(&[v]),
                 None => Return::status(status::INVALID_PARAMETER),
             },
-            func::KEEL_CHECK_INVARIANTS => match self.mem.lock().check_invariants(g) {
+            func::KEEL_CHECK_INVARIANTS => match mem.check_invariants(g) {
                 Ok(()) => Return::success(&[]),
                 Err(v) => {
                     log::error!("invariant violated at {:#x}: {}", v.addr, v.what);
@@ -86,23 +97,100 @@ impl<T: TlbMaintenance, M: HypMmu> Hyp<T, M> {
                     }
                 }
             },
-            _ => hvc::dispatch(Caller::Host, imm, call, &self.limits),
+            _ => {
+                let mut ops = VmOps {
+                    vms: &mut vms,
+                    mem: &mut mem,
+                };
+                match call.id {
+                    func::HOST_RECLAIM => result(ops.reclaim(a1, a2)),
+                    func::VM_CREATE => match ops.create(a1, a2) {
+                        Ok(h) => Return::success(&[h]),
+                        Err(e) => Return::status(e.status()),
+                    },
+                    func::VM_DESTROY => result(ops.destroy(a1)),
+                    func::VCPU_INIT => result(ops.vcpu_init(a1, a2, a3, a4)),
+                    func::VM_DONATE => result(ops.donate(a1, a2, a3, a4)),
+                    func::VM_SHARE => result(ops.share(a1, a2, a3, a4)),
+                    func::VM_UNSHARE => result(ops.unshare(a1, a2, a3)),
+                    func::VM_MEM_STATE => values(ops.mem_state(a1, a2)),
+                    func::HOST_PIN => result(ops.pin(a1, a2, true)),
+                    func::HOST_UNPIN => result(ops.pin(a1, a2, false)),
+                    _ => hvc::dispatch(Caller::Host, imm, call, &self.limits),
+                }
+            }
         }
     }
 
     /// HYP_STATS counter `index`.
-    pub fn stat(&self, index: u64, g: &dyn Guests) -> Option<u64> {
+    fn stat(stats: &Stats, mem: &Memory<T, M>, vms: &Vms<G>, index: u64) -> Option<u64> {
         use core::sync::atomic::Ordering::Relaxed;
-        let mem = self.mem.lock();
-        let s2 = mem.host.stats();
+        let (mut splits, mut merges) = (mem.host.stats().splits, mem.host.stats().merges);
+        for s in &vms.slots {
+            if let Slot::Live(vm) = s {
+                splits += vm.s2.stats().splits;
+                merges += vm.s2.stats().merges;
+            }
+        }
         Some(match index {
-            stat::TABLE_PAGES => mem.table_pages() + g.table_pages(),
+            stat::TABLE_PAGES => mem.table_pages() + vms.table_pages(),
             stat::FREE_POOL_PAGES => mem.pool.free_pages() as u64,
-            stat::BLOCK_SPLITS => s2.splits,
-            stat::BLOCK_MERGES => s2.merges,
-            stat::HOST_ABORTS => self.stats.host_aborts.load(Relaxed),
-            stat::HYPERCALLS => self.stats.hypercalls.load(Relaxed),
+            stat::BLOCK_SPLITS => splits,
+            stat::BLOCK_MERGES => merges,
+            stat::HOST_ABORTS => stats.host_aborts.load(Relaxed),
+            stat::HYPERCALLS => stats.hypercalls.load(Relaxed),
             _ => return None,
         })
+    }
+
+    /// Starts VCPU_RUN: checks the handle and index, applies the completion
+    /// value of the previous exit and marks the vCPU Running. On refusal, or
+    /// when the vCPU cannot run any more, the Return to give the host.
+    pub fn begin_run(&self, handle: u64, index: u64, completion: u64) -> Result<RunTicket, Return> {
+        let mut vms = self.vms.lock();
+        let slot = Vms::<G>::index(handle).map_err(|e| Return::status(e.status()))?;
+        let vm = vms
+            .live_mut(handle)
+            .map_err(|e| Return::status(e.status()))?;
+        if index >= vm.nr_vcpus as u64 {
+            return Err(Return::status(status::INVALID_PARAMETER));
+        }
+        let (vttbr, vtcr, off) = (vm.s2.vttbr(), vm.s2.vtcr(), vm.off);
+        let vcpu = &mut vm.vcpus[index as usize];
+        let exit = |r: [u64; 4]| {
+            Err(Return {
+                regs: [0, r[0], r[1], r[2], r[3]],
+                count: 5,
+            })
+        };
+        match vcpu.state {
+            VcpuState::Uninit => return Err(Return::status(status::INVALID_PARAMETER)),
+            VcpuState::Running => return Err(Return::status(status::BUSY)),
+            VcpuState::Failed(esr) => return exit([keel_abi::exit::FAULT, esr, 0, 0]),
+            VcpuState::Ready => {}
+        }
+        if let Some(how) = off {
+            return exit([keel_abi::exit::SYSTEM_OFF, how, 0, 0]);
+        }
+        vcpu.complete(completion);
+        vcpu.state = VcpuState::Running;
+        self.stats.count_hypercall();
+        Ok(RunTicket {
+            vcpu,
+            slot,
+            vttbr,
+            vtcr,
+        })
+    }
+
+    /// Ends VCPU_RUN: the vCPU may be run, initialized or destroyed again.
+    pub fn end_run(&self, ticket: &RunTicket) {
+        let _vms = self.vms.lock();
+        // SAFETY: the ticket's vCPU lives in the static VM table, and only
+        // the holder of the ticket touches it while it is Running.
+        let vcpu = unsafe { &mut *ticket.vcpu };
+        if vcpu.state == VcpuState::Running {
+            vcpu.state = VcpuState::Ready;
+        }
     }
 }

@@ -4,7 +4,10 @@
 //! `boot/` supplies the architecture through small traits.
 #![cfg_attr(not(test), no_std)]
 
+pub mod guest;
 pub mod host;
 pub mod hvc;
+pub mod lent;
 pub mod mem;
 pub mod stats;
+pub mod vm;

@@ -125,6 +125,9 @@ pub trait HypMmu {
     fn invalidate_range(&mut self, va: u64, len: u64);
     /// Cleans and invalidates [va, va + len) to the point of coherency.
     fn flush_dcache(&mut self, va: u64, len: u64);
+    /// Zeroes and flushes the RAM page at `pa`, which the hypervisor's stage
+    /// 1 does not map (a guest's page), through a temporary mapping.
+    fn zero_page(&mut self, pool: &PagePool, pa: u64);
 }
 
 /// The memory the hypervisor manages, behind one lock.
@@ -138,7 +141,7 @@ pub struct Memory<T: TlbMaintenance, M: HypMmu> {
 
 /// A host call's range as a byte range, if valid (ABI: nr > 0, no
 /// overflow, inside one RAM region).
-fn pfn_range(ram: &Ram, pfn: u64, nr: u64) -> Result<Range, CallError> {
+pub fn pfn_range(ram: &Ram, pfn: u64, nr: u64) -> Result<Range, CallError> {
     if nr == 0 {
         return Err(CallError::Invalid);
     }
@@ -172,6 +175,8 @@ pub trait Guests {
     /// The VM that shares the page `pfn` with the host, and whether the
     /// host holds a pin on it.
     fn lender(&self, pfn: u64) -> Option<(u16, bool)>;
+    /// The VM the host shares its page `pfn` with.
+    fn borrower(&self, pfn: u64) -> Option<u16>;
     /// Table pages of all VMs' stage 2s, roots included.
     fn table_pages(&self) -> u64;
 }
@@ -184,6 +189,9 @@ impl Guests for NoGuests {
         false
     }
     fn lender(&self, _: u64) -> Option<(u16, bool)> {
+        None
+    }
+    fn borrower(&self, _: u64) -> Option<u16> {
         None
     }
     fn table_pages(&self) -> u64 {

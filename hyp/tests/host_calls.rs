@@ -29,6 +29,11 @@ impl HypMmu for FakeMmu {
     fn flush_dcache(&mut self, va: u64, len: u64) {
         self.flushed.push((va, len));
     }
+    fn zero_page(&mut self, pool: &PagePool, pa: u64) {
+        // SAFETY: the test machine's RAM is all reachable at pool.va.
+        unsafe { std::ptr::write_bytes(pool.va(pa), 0, PAGE as usize) };
+        self.flushed.push((pa, PAGE));
+    }
 }
 
 struct Machine {

@@ -56,6 +56,9 @@ pub enum Page {
     GuestShared { vm: VmIndex, pinned: bool },
     /// A page of a destroyed VM, waiting for HOST_RECLAIM.
     Dead(VmIndex),
+    /// The host's page that it had shared with a VM now destroyed: the
+    /// host still owns it and gets it back whole with HOST_RECLAIM.
+    LentToDead(VmIndex),
 }
 
 /// What a caller asks of a page.
@@ -99,7 +102,7 @@ pub fn transition(page: Page, req: Request) -> Result<Page, Refusal> {
         (SharedWithHyp, HostUnshareHyp) => HostOwned,
         (HostOwned, HostDonateHyp) => HypDonated { in_use: false },
         (HypDonated { in_use: false }, HostReclaim) => HostOwned,
-        (Dead(_), HostReclaim) => HostOwned,
+        (Dead(_) | LentToDead(_), HostReclaim) => HostOwned,
         (HostOwned, VmDonate(vm)) => GuestOwned(vm),
         (HostOwned, VmShare(vm)) => SharedWithGuest(vm),
         (SharedWithGuest(a), VmUnshare(b)) if a == b => HostOwned,
@@ -136,7 +139,10 @@ pub fn must_zero(from: Page, to: Page) -> bool {
 impl Page {
     pub fn owner(self) -> Owner {
         match self {
-            Page::HostOwned | Page::SharedWithHyp | Page::SharedWithGuest(_) => Owner::Host,
+            Page::HostOwned
+            | Page::SharedWithHyp
+            | Page::SharedWithGuest(_)
+            | Page::LentToDead(_) => Owner::Host,
             Page::HypPrivate | Page::HypDonated { .. } => Owner::Hyp,
             Page::GuestOwned(vm) | Page::GuestShared { vm, .. } | Page::Dead(vm) => Owner::Vm(vm),
         }
@@ -146,7 +152,9 @@ impl Page {
     pub fn host_view(self) -> View {
         match self {
             Page::HostOwned => View::Owned,
-            Page::SharedWithHyp | Page::SharedWithGuest(_) => View::SharedOwned,
+            Page::SharedWithHyp | Page::SharedWithGuest(_) | Page::LentToDead(_) => {
+                View::SharedOwned
+            }
             Page::GuestShared { .. } => View::SharedBorrowed,
             Page::HypPrivate | Page::HypDonated { .. } | Page::GuestOwned(_) | Page::Dead(_) => {
                 View::NoPage
@@ -192,7 +200,12 @@ mod tests {
         let mut v = vec![HostOwned, SharedWithHyp, HypPrivate];
         v.extend([false, true].map(|in_use| HypDonated { in_use }));
         for vm in [A, B] {
-            v.extend([SharedWithGuest(vm), GuestOwned(vm), Dead(vm)]);
+            v.extend([
+                SharedWithGuest(vm),
+                GuestOwned(vm),
+                Dead(vm),
+                LentToDead(vm),
+            ]);
             v.extend([false, true].map(|pinned| GuestShared { vm, pinned }));
         }
         v
@@ -226,6 +239,7 @@ mod tests {
         for vm in [A, B] {
             t.extend([
                 (Dead(vm), HostReclaim, Ok(HostOwned)),
+                (LentToDead(vm), HostReclaim, Ok(HostOwned)),
                 (HostOwned, VmDonate(vm), Ok(GuestOwned(vm))),
                 (HostOwned, VmShare(vm), Ok(SharedWithGuest(vm))),
                 (SharedWithGuest(vm), VmUnshare(vm), Ok(HostOwned)),

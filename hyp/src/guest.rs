@@ -1,0 +1,204 @@
+//! What a trap from a running guest means: a call keel answers itself (the
+//! guest resumes at once, without leaving its context), or an exit that
+//! VCPU_RUN returns to the host.
+
+use keel_abi::{exit, func, status};
+use keel_arch::esr::{ec, Esr};
+use keel_mm::TlbMaintenance;
+
+use crate::host::Hyp;
+use crate::hvc::{self, Call, Return};
+use crate::mem::{CallError, HypMmu};
+use crate::vm::{Pending, Slot, Vcpu, VcpuState, VmOps};
+
+/// What trapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrapKind {
+    Sync,
+    Irq,
+    /// FIQ or SError: nothing a guest may cause and continue from.
+    Other,
+}
+
+/// The syndrome registers of a guest trap.
+#[derive(Clone, Copy, Debug)]
+pub struct Trap {
+    pub kind: TrapKind,
+    pub esr: u64,
+    pub far: u64,
+    pub hpfar: u64,
+}
+
+/// What to do after a trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Return to the guest.
+    Resume,
+    /// Return to the host from VCPU_RUN with x1..x4.
+    Exit([u64; 4]),
+}
+
+/// PSCI function IDs a guest may use.
+mod psci {
+    pub const VERSION: u32 = 0x8400_0000;
+    pub const FEATURES: u32 = 0x8400_000A;
+    pub const SYSTEM_OFF: u32 = 0x8400_0008;
+    pub const SYSTEM_RESET: u32 = 0x8400_0009;
+    pub const NOT_SUPPORTED: i64 = -1;
+}
+
+fn set_status(vcpu: &mut Vcpu, r: Result<(), CallError>) {
+    vcpu.x[0] = match r {
+        Ok(()) => status::SUCCESS as u64,
+        Err(e) => e.status() as u64,
+    };
+}
+
+impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
+    /// Handles a trap from vCPU `vcpu` of VM slot `slot`. The vCPU's
+    /// registers (pc = ELR_EL2 of the trap) are in `vcpu`.
+    pub fn guest_trap(&self, slot: usize, vcpu: &mut Vcpu, trap: &Trap) -> Action {
+        let esr = Esr(trap.esr);
+        match trap.kind {
+            TrapKind::Irq => return Action::Exit([exit::IRQ, 0, 0, 0]),
+            TrapKind::Other => return self.fault(vcpu, trap.esr),
+            TrapKind::Sync => {}
+        }
+        match esr.ec() {
+            ec::HVC64 => self.guest_hvc(slot, vcpu, esr.imm16()),
+            ec::SMC64 => {
+                // A trapped SMC returns to itself: step over it.
+                vcpu.pc += 4;
+                self.guest_psci(slot, vcpu)
+            }
+            ec::DABT_LOWER => self.guest_data_abort(vcpu, trap),
+            _ => self.fault(vcpu, trap.esr),
+        }
+    }
+
+    fn fault(&self, vcpu: &mut Vcpu, esr: u64) -> Action {
+        vcpu.state = VcpuState::Failed(esr);
+        Action::Exit([exit::FAULT, esr, 0, 0])
+    }
+
+    fn guest_hvc(&self, slot: usize, vcpu: &mut Vcpu, imm: u64) -> Action {
+        let call = Call {
+            id: vcpu.x[0],
+            args: [vcpu.x[1], vcpu.x[2], vcpu.x[3], vcpu.x[4], vcpu.x[5]],
+        };
+        if imm != 0 {
+            vcpu.x[0] = status::NOT_SUPPORTED as u64;
+            return Action::Resume;
+        }
+        if let Some(ret) = hvc::discovery(&call, &self.limits) {
+            self.stats.count_hypercall();
+            ret.apply(&mut vcpu.x);
+            return Action::Resume;
+        }
+        let [ipa, nr, ..] = call.args;
+        let op = match call.id {
+            func::HYP_MEMINFO => {
+                self.stats.count_hypercall();
+                Return::raw(&[keel_abi::GRANULE]).apply(&mut vcpu.x);
+                return Action::Resume;
+            }
+            func::MEM_SHARE => VmOps::guest_share,
+            func::MEM_UNSHARE => VmOps::guest_unshare,
+            func::MEM_RELINQUISH => VmOps::guest_relinquish,
+            id if func::HOST_CALLS.contains(&id) || id == func::KEEL_CHECK_INVARIANTS => {
+                vcpu.x[0] = status::NOT_SUPPORTED as u64;
+                return Action::Resume;
+            }
+            id => {
+                vcpu.pending = Pending::Hypercall;
+                return Action::Exit([exit::HYPERCALL, id, vcpu.x[1], vcpu.x[2]]);
+            }
+        };
+        let r = {
+            let mut vms = self.vms.lock();
+            let mut mem = self.mem.lock();
+            op(
+                &mut VmOps {
+                    vms: &mut vms,
+                    mem: &mut mem,
+                },
+                slot,
+                ipa,
+                nr,
+            )
+        };
+        if r.is_ok() {
+            self.stats.count_hypercall();
+        }
+        set_status(vcpu, r);
+        Action::Resume
+    }
+
+    fn guest_psci(&self, slot: usize, vcpu: &mut Vcpu) -> Action {
+        let fid = vcpu.x[0] as u32;
+        match fid {
+            psci::SYSTEM_OFF | psci::SYSTEM_RESET => {
+                let how = u64::from(fid == psci::SYSTEM_RESET);
+                if let Slot::Live(vm) = &mut self.vms.lock().slots[slot] {
+                    vm.off = Some(how);
+                }
+                Action::Exit([exit::SYSTEM_OFF, how, 0, 0])
+            }
+            psci::VERSION => {
+                vcpu.x[0] = 0x1_0000;
+                Action::Resume
+            }
+            psci::FEATURES => {
+                let known = [
+                    psci::VERSION,
+                    psci::FEATURES,
+                    psci::SYSTEM_OFF,
+                    psci::SYSTEM_RESET,
+                ];
+                vcpu.x[0] = if known.contains(&(vcpu.x[1] as u32)) {
+                    0
+                } else {
+                    psci::NOT_SUPPORTED as u64
+                };
+                Action::Resume
+            }
+            _ => {
+                vcpu.x[0] = psci::NOT_SUPPORTED as u64;
+                Action::Resume
+            }
+        }
+    }
+
+    /// A stage-2 fault on an IPA the guest has no memory at is an MMIO
+    /// access for the host to emulate, when the syndrome describes it.
+    fn guest_data_abort(&self, vcpu: &mut Vcpu, trap: &Trap) -> Action {
+        let esr = Esr(trap.esr);
+        let translation_or_access = matches!(esr.fsc(), 0x04..=0x0b);
+        if !translation_or_access || !esr.isv() {
+            return self.fault(vcpu, trap.esr);
+        }
+        let ipa = ((trap.hpfar >> 4) << 12) | (trap.far & 0xfff);
+        let size = esr.access_size();
+        let reg = esr.srt() as u8;
+        let write = esr.is_write();
+        let value = if write && reg < 31 {
+            let v = vcpu.x[reg as usize];
+            if size >= 8 {
+                v
+            } else {
+                v & ((1 << (size * 8)) - 1)
+            }
+        } else {
+            0
+        };
+        vcpu.pending = Pending::Mmio {
+            read: !write,
+            reg,
+            size: size as u8,
+            sign: trap.esr & (1 << 21) != 0,
+            sf: trap.esr & (1 << 15) != 0,
+        };
+        let details = u64::from(write) | (size << 8) | (u64::from(reg) << 16);
+        Action::Exit([exit::MMIO, ipa, details, value])
+    }
+}

@@ -1,0 +1,856 @@
+//! Protected VMs: the VM table, vCPU state, and the memory calls that
+//! move pages between the host and a guest (VM_DONATE, VM_SHARE,
+//! VM_UNSHARE, VM_MEM_STATE; the guest's MEM_SHARE, MEM_UNSHARE,
+//! MEM_RELINQUISH; the host's pins). Each follows the shape of
+//! [`crate::mem`]: validate, check every page's transition, reserve every
+//! table page of every table it touches, then commit.
+
+use keel_abi::PageState as AbiState;
+use keel_mm::owner::{self, Page, Request};
+use keel_mm::stage2::Change;
+use keel_mm::{Annotation, Geometry, LeafKind, PageState, S2Attrs, Stage2, TlbMaintenance};
+
+use crate::lent::{Direction, Lent};
+
+use crate::mem::{CallError, Guests, HypMmu, Memory, Range, PAGE, VM_HANDLE_BASE};
+
+pub const MAX_VMS: usize = 8;
+pub const MAX_VCPUS: usize = 4;
+/// Guests get a 512 GiB IPA space: a one-page root at level 1.
+pub const GUEST_IPA_BITS: u8 = 39;
+/// How many EL1 system registers a vCPU keeps (arch::guest::El1Regs).
+pub const EL1_REGS: usize = 26;
+/// PSTATE a vCPU starts with: EL1h, all of DAIF masked.
+pub const PSTATE_EL1H: u64 = 0x3c5;
+/// SCTLR_EL1 at vCPU reset: RES1 bits only (MMU and caches off).
+pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+
+/// FP/SIMD registers of a vCPU.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fp {
+    pub v: [u128; 32],
+    pub fpsr: u64,
+    pub fpcr: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Never initialized (VCPU_INIT).
+    Uninit,
+    Ready,
+    /// Inside VCPU_RUN on some CPU.
+    Running,
+    /// Stopped for good by a fault it cannot continue from (its ESR).
+    Failed(u64),
+}
+
+/// What the next VCPU_RUN's completion value completes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pending {
+    None,
+    /// An MMIO access: skip the instruction; for a read, load the value.
+    Mmio {
+        read: bool,
+        reg: u8,
+        size: u8,
+        sign: bool,
+        sf: bool,
+    },
+    /// A HYPERCALL exit: the value goes to the guest's x0.
+    Hypercall,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Vcpu {
+    pub x: [u64; 31],
+    pub pc: u64,
+    pub pstate: u64,
+    pub el1: [u64; EL1_REGS],
+    pub fp: Fp,
+    pub state: VcpuState,
+    pub pending: Pending,
+}
+
+impl Vcpu {
+    pub const fn new() -> Self {
+        Vcpu {
+            x: [0; 31],
+            pc: 0,
+            pstate: 0,
+            el1: [0; EL1_REGS],
+            fp: Fp {
+                v: [0; 32],
+                fpsr: 0,
+                fpcr: 0,
+            },
+            state: VcpuState::Uninit,
+            pending: Pending::None,
+        }
+    }
+
+    /// Applies the completion value of the previous exit.
+    pub fn complete(&mut self, value: u64) {
+        match self.pending {
+            Pending::None => {}
+            Pending::Hypercall => self.x[0] = value,
+            Pending::Mmio {
+                read,
+                reg,
+                size,
+                sign,
+                sf,
+            } => {
+                self.pc += 4;
+                if read && reg < 31 {
+                    let bits = u32::from(size) * 8;
+                    let mut v = if bits >= 64 {
+                        value
+                    } else {
+                        value & ((1 << bits) - 1)
+                    };
+                    if sign && bits < 64 && v >> (bits - 1) & 1 == 1 {
+                        v |= !0u64 << bits;
+                    }
+                    if !sf {
+                        v &= 0xffff_ffff;
+                    }
+                    self.x[reg as usize] = v;
+                }
+            }
+        }
+        self.pending = Pending::None;
+    }
+}
+
+impl Default for Vcpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct Vm<G: TlbMaintenance> {
+    pub s2: Stage2<G>,
+    pub vcpus: [Vcpu; MAX_VCPUS],
+    pub nr_vcpus: usize,
+    /// Set once the guest asked for SYSTEM_OFF (0) or SYSTEM_RESET (1).
+    pub off: Option<u64>,
+    /// Pages recorded as this VM's or lent to it: what must come back
+    /// before the slot can be reused.
+    pub pages: u64,
+}
+
+pub enum Slot<G: TlbMaintenance> {
+    Free,
+    Live(Vm<G>),
+    /// Destroyed; `pages` of it still wait for HOST_RECLAIM.
+    Dead {
+        pages: u64,
+    },
+}
+
+/// All VMs, and the pages shared across the host/guest boundary.
+pub struct Vms<G: TlbMaintenance> {
+    pub slots: [Slot<G>; MAX_VMS],
+    pub lent: Lent,
+}
+
+/// TLB maintenance for a VM's stage 2: made before the table exists, then
+/// told the table's VTTBR (root and VMID) to invalidate under.
+pub trait GuestTlb: TlbMaintenance + 'static {
+    fn new() -> Self;
+    fn bind(&mut self, vttbr: u64);
+}
+
+impl GuestTlb for keel_mm::NoTlb {
+    fn new() -> Self {
+        keel_mm::NoTlb
+    }
+    fn bind(&mut self, _: u64) {}
+}
+
+impl<G: TlbMaintenance> Default for Vms<G> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<G: TlbMaintenance> Vms<G> {
+    pub const fn new() -> Self {
+        Vms {
+            slots: [const { Slot::Free }; MAX_VMS],
+            lent: Lent::new(),
+        }
+    }
+
+    /// The slot index of `handle`.
+    pub fn index(handle: u64) -> Result<usize, CallError> {
+        handle
+            .checked_sub(u64::from(VM_HANDLE_BASE))
+            .filter(|&i| i < MAX_VMS as u64)
+            .map(|i| i as usize)
+            .ok_or(CallError::Invalid)
+    }
+
+    pub fn live(&self, handle: u64) -> Result<&Vm<G>, CallError> {
+        match &self.slots[Self::index(handle)?] {
+            Slot::Live(vm) => Ok(vm),
+            _ => Err(CallError::Invalid),
+        }
+    }
+
+    pub fn live_mut(&mut self, handle: u64) -> Result<&mut Vm<G>, CallError> {
+        match &mut self.slots[Self::index(handle)?] {
+            Slot::Live(vm) => Ok(vm),
+            _ => Err(CallError::Invalid),
+        }
+    }
+
+    /// One page fewer owed by slot `vm`; a dead slot with nothing owed is free.
+    fn settle(&mut self, vm: u16, pages: u64) {
+        match &mut self.slots[vm as usize] {
+            Slot::Live(v) => v.pages = v.pages.saturating_sub(pages),
+            Slot::Dead { pages: p } => {
+                *p = p.saturating_sub(pages);
+                if *p == 0 {
+                    self.slots[vm as usize] = Slot::Free;
+                }
+            }
+            Slot::Free => {}
+        }
+    }
+}
+
+impl<G: TlbMaintenance> Guests for Vms<G> {
+    fn is_live(&self, vm: u16) -> bool {
+        matches!(self.slots.get(vm as usize), Some(Slot::Live(_)))
+    }
+    fn lender(&self, pfn: u64) -> Option<(u16, bool)> {
+        self.lent
+            .get(pfn)
+            .filter(|e| e.dir == Direction::ToHost)
+            .map(|e| (e.vm, e.pins > 0))
+    }
+    fn borrower(&self, pfn: u64) -> Option<u16> {
+        self.lent
+            .get(pfn)
+            .filter(|e| e.dir == Direction::ToGuest)
+            .map(|e| e.vm)
+    }
+    fn table_pages(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| match s {
+                Slot::Live(vm) => {
+                    let st = vm.s2.stats();
+                    (st.root_pages + st.table_pages) as u64
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+fn handle_of(vm: usize) -> u64 {
+    u64::from(VM_HANDLE_BASE) + vm as u64
+}
+
+fn annotation(vm: usize) -> Annotation {
+    Annotation(VM_HANDLE_BASE + vm as u32)
+}
+
+/// A guest IPA range, if valid: 4K aligned, no overflow, inside the IPA space.
+fn ipa_range(ipa: u64, nr: u64) -> Result<Range, CallError> {
+    if nr == 0 || ipa % PAGE != 0 {
+        return Err(CallError::Invalid);
+    }
+    let len = nr.checked_mul(PAGE).ok_or(CallError::Invalid)?;
+    let end = ipa.checked_add(len).ok_or(CallError::Invalid)?;
+    if end > 1 << GUEST_IPA_BITS {
+        return Err(CallError::Invalid);
+    }
+    Ok(Range::new(ipa, end))
+}
+
+fn mm(e: keel_mm::MmError) -> CallError {
+    match e {
+        keel_mm::MmError::NoMemory => CallError::NoMemory,
+        _ => CallError::Invalid,
+    }
+}
+
+/// The guest pages of an IPA range, as runs of contiguous output address in
+/// one stage-2 state: (ipa, pa, len, state). Unmapped IPAs end the walk with
+/// DENIED.
+fn mapped_runs<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu>(
+    vm: &Vm<G>,
+    mem: &Memory<T, M>,
+    range: Range,
+    f: &mut dyn FnMut(u64, u64, u64, PageState) -> Result<(), CallError>,
+) -> Result<(), CallError> {
+    let mut ipa = range.start;
+    while ipa < range.end {
+        let leaf = vm.s2.lookup(&mem.pool, ipa).map_err(mm)?;
+        let LeafKind::Mapped { pa, state, .. } = leaf.kind else {
+            return Err(CallError::Denied);
+        };
+        let end = (leaf.ipa + leaf.size).min(range.end);
+        f(ipa, pa + (ipa - leaf.ipa), end - ipa, state)?;
+        ipa = end;
+    }
+    Ok(())
+}
+
+/// Every VM operation, on the VM table and the memory together (the
+/// caller holds both locks, VMs first).
+pub struct VmOps<'a, G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> {
+    pub vms: &'a mut Vms<G>,
+    pub mem: &'a mut Memory<T, M>,
+}
+
+impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
+    /// VM_CREATE: a handle, or INVALID_PARAMETER for a bad vCPU count or
+    /// flags, NO_MEMORY when every slot is taken or the root cannot be had.
+    pub fn create(&mut self, nr_vcpus: u64, flags: u64) -> Result<u64, CallError>
+    where
+        G: GuestTlb,
+    {
+        if nr_vcpus == 0 || nr_vcpus > MAX_VCPUS as u64 || flags != 0 {
+            return Err(CallError::Invalid);
+        }
+        let slot = self
+            .vms
+            .slots
+            .iter()
+            .position(|s| matches!(s, Slot::Free))
+            .ok_or(CallError::NoMemory)?;
+        let geometry = Geometry::new(GUEST_IPA_BITS).map_err(mm)?;
+        let vmid = slot as u16 + 1;
+        let mut s2 = Stage2::new(geometry, vmid, &mut self.mem.pool, G::new()).map_err(mm)?;
+        let vttbr = s2.vttbr();
+        s2.tlb_mut().bind(vttbr);
+        self.vms.slots[slot] = Slot::Live(Vm {
+            s2,
+            vcpus: [Vcpu::new(); MAX_VCPUS],
+            nr_vcpus: nr_vcpus as usize,
+            off: None,
+            pages: 0,
+        });
+        Ok(handle_of(slot))
+    }
+
+    /// VM_DESTROY: the VM stops for good; its tables go back to the pool
+    /// now, its pages when the host reclaims them. Costs the same whatever
+    /// the VM's size: no page is touched.
+    pub fn destroy(&mut self, handle: u64) -> Result<(), CallError> {
+        let slot = Vms::<G>::index(handle)?;
+        let vm = self.vms.live_mut(handle)?;
+        if vm.vcpus.iter().any(|v| v.state == VcpuState::Running) {
+            return Err(CallError::Busy);
+        }
+        vm.s2.destroy(&mut self.mem.pool).map_err(mm)?;
+        let pages = vm.pages;
+        self.vms.slots[slot] = if pages == 0 {
+            Slot::Free
+        } else {
+            Slot::Dead { pages }
+        };
+        Ok(())
+    }
+
+    /// VCPU_INIT.
+    pub fn vcpu_init(
+        &mut self,
+        handle: u64,
+        index: u64,
+        entry: u64,
+        x0: u64,
+    ) -> Result<(), CallError> {
+        let vm = self.vms.live_mut(handle)?;
+        if index >= vm.nr_vcpus as u64 || entry % 4 != 0 || entry >= 1 << GUEST_IPA_BITS {
+            return Err(CallError::Invalid);
+        }
+        let vcpu = &mut vm.vcpus[index as usize];
+        if vcpu.state == VcpuState::Running {
+            return Err(CallError::Busy);
+        }
+        *vcpu = Vcpu::new();
+        vcpu.x[0] = x0;
+        vcpu.pc = entry;
+        vcpu.pstate = PSTATE_EL1H;
+        vcpu.el1[0] = SCTLR_EL1_RESET;
+        vcpu.state = VcpuState::Ready;
+        Ok(())
+    }
+
+    /// Checks that every IPA page of `range` is unmapped in the VM.
+    fn check_ipa_free(&self, vm: &Vm<G>, range: Range) -> Result<(), CallError> {
+        let mut mapped = false;
+        vm.s2
+            .visit_leaves(&self.mem.pool, range.start, range.len(), &mut |l| {
+                mapped |= matches!(l.kind, LeafKind::Mapped { .. })
+            })
+            .map_err(mm)?;
+        if mapped {
+            return Err(CallError::Denied);
+        }
+        Ok(())
+    }
+
+    /// VM_DONATE: host pages become the guest's private memory at `ipa`,
+    /// with the largest blocks the alignment of both allows.
+    pub fn donate(&mut self, handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), CallError> {
+        self.give(handle, pfn, ipa, nr, false)
+    }
+
+    /// VM_SHARE: host pages shared into the guest.
+    pub fn share(&mut self, handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), CallError> {
+        self.give(handle, pfn, ipa, nr, true)
+    }
+
+    fn give(
+        &mut self,
+        handle: u64,
+        pfn: u64,
+        ipa: u64,
+        nr: u64,
+        share: bool,
+    ) -> Result<(), CallError> {
+        let slot = Vms::<G>::index(handle)?;
+        self.vms.live(handle)?;
+        let host = crate::mem::pfn_range(&self.mem.ram, pfn, nr)?;
+        let guest = ipa_range(ipa, nr)?;
+        let vm = self.vms.live(handle)?;
+        let req = if share {
+            Request::VmShare(slot as u16)
+        } else {
+            Request::VmDonate(slot as u16)
+        };
+        self.mem.check(host, req, &*self.vms)?;
+        self.check_ipa_free(vm, guest)?;
+        if share && self.vms.lent.room() < nr as usize {
+            return Err(CallError::NoMemory);
+        }
+        let (host_change, guest_state) = if share {
+            (
+                Change::State(PageState::SharedOwned),
+                PageState::SharedBorrowed,
+            )
+        } else {
+            (Change::Unmap(annotation(slot)), PageState::Owned)
+        };
+        let guest_change = Change::Map {
+            ipa,
+            pa: host.start,
+            attrs: S2Attrs::NORMAL_RWX,
+            state: guest_state,
+        };
+        let need = self
+            .mem
+            .host
+            .pages_needed(&self.mem.pool, host.start, host.len(), host_change)
+            .map_err(mm)?
+            + vm.s2
+                .pages_needed(&self.mem.pool, ipa, guest.len(), guest_change)
+                .map_err(mm)?;
+        if self.mem.pool.free_pages() < need {
+            return Err(CallError::NoMemory);
+        }
+        // Commit: the host loses (or shares) the pages before the guest
+        // can reach them.
+        let mem = &mut *self.mem;
+        match host_change {
+            Change::State(s) => mem.host.set_state(&mut mem.pool, host.start, host.len(), s),
+            _ => mem
+                .host
+                .unmap(&mut mem.pool, host.start, host.len(), annotation(slot)),
+        }
+        .map_err(mm)?;
+        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        vm.s2
+            .map(
+                &mut mem.pool,
+                ipa,
+                guest.len(),
+                host.start,
+                S2Attrs::NORMAL_RWX,
+                guest_state,
+            )
+            .map_err(mm)?;
+        vm.pages += nr;
+        if share {
+            for p in pfn..pfn + nr {
+                self.vms.lent.insert(p, slot as u16, Direction::ToGuest);
+            }
+        }
+        Ok(())
+    }
+
+    /// VM_UNSHARE: host pages shared into the guest come back.
+    pub fn unshare(&mut self, handle: u64, ipa: u64, nr: u64) -> Result<(), CallError> {
+        let slot = Vms::<G>::index(handle)?;
+        let guest = ipa_range(ipa, nr)?;
+        let vm = self.vms.live(handle)?;
+        let mut need = vm
+            .s2
+            .pages_needed(
+                &self.mem.pool,
+                ipa,
+                guest.len(),
+                Change::Unmap(Annotation(0)),
+            )
+            .map_err(mm)?;
+        let (vms, mem) = (&*self.vms, &*self.mem);
+        mapped_runs(vm, mem, guest, &mut |_, pa, len, state| {
+            if state != PageState::SharedBorrowed {
+                return Err(CallError::Denied);
+            }
+            for p in (pa..pa + len).step_by(PAGE as usize) {
+                if vms.borrower(p / PAGE) != Some(slot as u16) {
+                    return Err(CallError::Denied);
+                }
+                owner::transition(
+                    Page::SharedWithGuest(slot as u16),
+                    Request::VmUnshare(slot as u16),
+                )?;
+            }
+            need += mem
+                .host
+                .pages_needed(&mem.pool, pa, len, Change::State(PageState::Owned))
+                .map_err(mm)?;
+            Ok(())
+        })?;
+        if self.mem.pool.free_pages() < need {
+            return Err(CallError::NoMemory);
+        }
+        let mut runs = [(0u64, 0u64); 64];
+        let mut n = 0;
+        let mut overflow = false;
+        mapped_runs(vm, &*self.mem, guest, &mut |_, pa, len, _| {
+            if n < runs.len() {
+                runs[n] = (pa, len);
+                n += 1;
+            } else {
+                overflow = true;
+            }
+            Ok(())
+        })?;
+        if overflow {
+            // More fragments than one call handles; the caller can split it.
+            return Err(CallError::Invalid);
+        }
+        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        vm.s2
+            .unmap(&mut self.mem.pool, ipa, guest.len(), Annotation(0))
+            .map_err(mm)?;
+        vm.pages -= nr;
+        for &(pa, len) in &runs[..n] {
+            self.mem
+                .host
+                .set_state(&mut self.mem.pool, pa, len, PageState::Owned)
+                .map_err(mm)?;
+            for p in (pa..pa + len).step_by(PAGE as usize) {
+                self.vms.lent.remove(p / PAGE);
+            }
+        }
+        Ok(())
+    }
+
+    /// VM_MEM_STATE: (pfn, the guest's state, the guest mapping's size).
+    pub fn mem_state(&self, handle: u64, ipa: u64) -> Result<(u64, u64, u64), CallError> {
+        let vm = self.vms.live(handle)?;
+        let range = ipa_range(ipa, 1)?;
+        let leaf = vm.s2.lookup(&self.mem.pool, range.start).map_err(mm)?;
+        Ok(match leaf.kind {
+            LeafKind::Mapped { pa, state, .. } => {
+                let s = match state {
+                    PageState::Owned => AbiState::Owned,
+                    PageState::SharedOwned => AbiState::SharedOwned,
+                    PageState::SharedBorrowed => AbiState::SharedBorrowed,
+                };
+                ((pa + (ipa - leaf.ipa)) / PAGE, s as u64, leaf.size)
+            }
+            LeafKind::Unmapped(_) => (0, AbiState::NoPage as u64, 0),
+        })
+    }
+
+    /// MEM_SHARE from guest `slot`: private pages become shared with the
+    /// host in place; a block covering them splits along their path only.
+    pub fn guest_share(&mut self, slot: usize, ipa: u64, nr: u64) -> Result<(), CallError> {
+        let nr = nr.max(1);
+        let guest = ipa_range(ipa, nr)?;
+        let Slot::Live(vm) = &self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        let vmi = slot as u16;
+        let mut need = vm
+            .s2
+            .pages_needed(
+                &self.mem.pool,
+                ipa,
+                guest.len(),
+                Change::State(PageState::SharedOwned),
+            )
+            .map_err(mm)?;
+        let (vms, mem) = (&*self.vms, &*self.mem);
+        mapped_runs(vm, mem, guest, &mut |_, pa, len, state| {
+            if state != PageState::Owned {
+                return Err(CallError::Denied);
+            }
+            mem.check(Range::new(pa, pa + len), Request::GuestShare(vmi), vms)?;
+            let change = Change::Map {
+                ipa: pa,
+                pa,
+                attrs: S2Attrs::NORMAL_RWX,
+                state: PageState::SharedBorrowed,
+            };
+            need += mem
+                .host
+                .pages_needed(&mem.pool, pa, len, change)
+                .map_err(mm)?;
+            Ok(())
+        })?;
+        if self.mem.pool.free_pages() < need || self.vms.lent.room() < nr as usize {
+            return Err(CallError::NoMemory);
+        }
+        let mem = &mut *self.mem;
+        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        let lent = &mut self.vms.lent;
+        let mut ipa_at = guest.start;
+        while ipa_at < guest.end {
+            let leaf = vm.s2.lookup(&mem.pool, ipa_at).map_err(mm)?;
+            let LeafKind::Mapped { pa, .. } = leaf.kind else {
+                return Err(CallError::Denied);
+            };
+            let end = (leaf.ipa + leaf.size).min(guest.end);
+            let (pa, len) = (pa + (ipa_at - leaf.ipa), end - ipa_at);
+            mem.host
+                .map(
+                    &mut mem.pool,
+                    pa,
+                    len,
+                    pa,
+                    S2Attrs::NORMAL_RWX,
+                    PageState::SharedBorrowed,
+                )
+                .map_err(mm)?;
+            for p in (pa..pa + len).step_by(PAGE as usize) {
+                lent.insert(p / PAGE, vmi, Direction::ToHost);
+            }
+            ipa_at = end;
+        }
+        vm.s2
+            .set_state(&mut mem.pool, ipa, guest.len(), PageState::SharedOwned)
+            .map_err(mm)
+    }
+
+    /// MEM_UNSHARE from guest `slot`: BUSY while the host pins any page; the
+    /// host mapping goes (and its TLB entries) before the call returns, and
+    /// the guest's block is rebuilt once its range is uniform again.
+    pub fn guest_unshare(&mut self, slot: usize, ipa: u64, nr: u64) -> Result<(), CallError> {
+        let nr = nr.max(1);
+        let guest = ipa_range(ipa, nr)?;
+        let Slot::Live(vm) = &self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        let vmi = slot as u16;
+        let mut need = vm
+            .s2
+            .pages_needed(
+                &self.mem.pool,
+                ipa,
+                guest.len(),
+                Change::State(PageState::Owned),
+            )
+            .map_err(mm)?;
+        let (vms, mem) = (&*self.vms, &*self.mem);
+        mapped_runs(vm, mem, guest, &mut |_, pa, len, state| {
+            if state != PageState::SharedOwned {
+                return Err(CallError::Denied);
+            }
+            mem.check(Range::new(pa, pa + len), Request::GuestUnshare(vmi), vms)?;
+            need += mem
+                .host
+                .pages_needed(&mem.pool, pa, len, Change::Unmap(annotation(slot)))
+                .map_err(mm)?;
+            Ok(())
+        })?;
+        if self.mem.pool.free_pages() < need {
+            return Err(CallError::NoMemory);
+        }
+        let mem = &mut *self.mem;
+        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        let lent = &mut self.vms.lent;
+        let mut ipa_at = guest.start;
+        while ipa_at < guest.end {
+            let leaf = vm.s2.lookup(&mem.pool, ipa_at).map_err(mm)?;
+            let LeafKind::Mapped { pa, .. } = leaf.kind else {
+                return Err(CallError::Denied);
+            };
+            let end = (leaf.ipa + leaf.size).min(guest.end);
+            let pa = pa + (ipa_at - leaf.ipa);
+            mem.host
+                .unmap(&mut mem.pool, pa, end - ipa_at, annotation(slot))
+                .map_err(mm)?;
+            for p in (pa..pa + (end - ipa_at)).step_by(PAGE as usize) {
+                lent.remove(p / PAGE);
+            }
+            ipa_at = end;
+        }
+        vm.s2
+            .set_state(&mut mem.pool, ipa, guest.len(), PageState::Owned)
+            .map_err(mm)
+    }
+
+    /// MEM_RELINQUISH from guest `slot`: the pages leave the guest, are
+    /// zeroed, and return to the host.
+    pub fn guest_relinquish(&mut self, slot: usize, ipa: u64, nr: u64) -> Result<(), CallError> {
+        let nr = nr.max(1);
+        let guest = ipa_range(ipa, nr)?;
+        let Slot::Live(vm) = &self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        let vmi = slot as u16;
+        let mut need = vm
+            .s2
+            .pages_needed(
+                &self.mem.pool,
+                ipa,
+                guest.len(),
+                Change::Unmap(Annotation(0)),
+            )
+            .map_err(mm)?;
+        let (vms, mem) = (&*self.vms, &*self.mem);
+        mapped_runs(vm, mem, guest, &mut |_, pa, len, state| {
+            if state == PageState::SharedBorrowed {
+                return Err(CallError::Denied);
+            }
+            mem.check(Range::new(pa, pa + len), Request::GuestRelinquish(vmi), vms)?;
+            let change = Change::Map {
+                ipa: pa,
+                pa,
+                attrs: S2Attrs::NORMAL_RWX,
+                state: PageState::Owned,
+            };
+            need += mem
+                .host
+                .pages_needed(&mem.pool, pa, len, change)
+                .map_err(mm)?;
+            Ok(())
+        })?;
+        if self.mem.pool.free_pages() < need {
+            return Err(CallError::NoMemory);
+        }
+        let mem = &mut *self.mem;
+        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        let lent = &mut self.vms.lent;
+        let mut ipa_at = guest.start;
+        while ipa_at < guest.end {
+            let leaf = vm.s2.lookup(&mem.pool, ipa_at).map_err(mm)?;
+            let LeafKind::Mapped { pa, .. } = leaf.kind else {
+                return Err(CallError::Denied);
+            };
+            let end = (leaf.ipa + leaf.size).min(guest.end);
+            let pa = pa + (ipa_at - leaf.ipa);
+            let len = end - ipa_at;
+            // The guest loses the pages first, then they are cleared, then
+            // the host gets them.
+            vm.s2
+                .unmap(&mut mem.pool, ipa_at, len, Annotation(0))
+                .map_err(mm)?;
+            for p in (pa..pa + len).step_by(PAGE as usize) {
+                mem.mmu.zero_page(&mem.pool, p);
+                lent.remove(p / PAGE);
+            }
+            mem.host
+                .map(
+                    &mut mem.pool,
+                    pa,
+                    len,
+                    pa,
+                    S2Attrs::NORMAL_RWX,
+                    PageState::Owned,
+                )
+                .map_err(mm)?;
+            ipa_at = end;
+        }
+        vm.pages -= nr;
+        Ok(())
+    }
+
+    /// HOST_PIN / HOST_UNPIN over a range of guest pages lent to the host.
+    pub fn pin(&mut self, pfn: u64, nr: u64, pin: bool) -> Result<(), CallError> {
+        let range = crate::mem::pfn_range(&self.mem.ram, pfn, nr)?;
+        for p in pfn..pfn + nr {
+            let page = self.mem.page(p * PAGE, &*self.vms);
+            let req = if pin {
+                Request::HostPin
+            } else {
+                let last = self.vms.lent.get(p).is_some_and(|e| e.pins == 1);
+                Request::HostUnpin { last }
+            };
+            owner::transition(page, req)?;
+            if pin && self.vms.lent.get(p).is_some_and(|e| e.pins == u32::MAX) {
+                return Err(CallError::Denied);
+            }
+        }
+        let _ = range;
+        for p in pfn..pfn + nr {
+            if pin {
+                self.vms.lent.pin(p);
+            } else {
+                self.vms.lent.unpin(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// HOST_RECLAIM, including pages of dead VMs (zeroed) and host pages
+    /// that had been lent to a VM now dead (returned as they are).
+    pub fn reclaim(&mut self, pfn: u64, nr: u64) -> Result<(), CallError> {
+        let vms = &mut *self.vms;
+        let mut settled = [0u64; MAX_VMS];
+        // The whole range is checked inside host_reclaim before `zero` runs.
+        let result = self.mem.host_reclaim(pfn, nr, &*vms, &mut |mem, pa| {
+            let lent = vms.lent.get(pa / PAGE).copied();
+            let owner = match lent {
+                Some(e) => Some(e.vm),
+                None => match mem.host.lookup(&mem.pool, pa).map(|l| l.kind) {
+                    Ok(LeafKind::Unmapped(Annotation(h))) => {
+                        h.checked_sub(VM_HANDLE_BASE).map(|v| v as u16)
+                    }
+                    _ => None,
+                },
+            };
+            if lent.is_none_or(|e| e.dir == Direction::ToHost) {
+                mem.mmu.zero_page(&mem.pool, pa);
+            }
+            if let Some(vm) = owner {
+                settled[vm as usize % MAX_VMS] += 1;
+            }
+        });
+        // `zero` cannot borrow the lent table mutably while host_reclaim
+        // holds the memory, so the records are settled afterwards.
+        if result.is_ok() {
+            for p in pfn..pfn + nr {
+                vms.lent.remove(p);
+            }
+            for (vm, &n) in settled.iter().enumerate() {
+                if n > 0 {
+                    vms.settle(vm as u16, n);
+                }
+            }
+        }
+        result
+    }
+}
