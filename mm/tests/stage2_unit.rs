@@ -1,0 +1,380 @@
+//! Unit tests of the stage-2 engine and the page pool.
+
+mod common;
+
+use common::*;
+use keel_mm::{Annotation, Geometry, LeafKind, MmError, PagePool, PageState, S2Attrs};
+
+const RAM: u64 = 0x40_0000_0000;
+
+fn mapped(s2: &keel_mm::Stage2<RecordingTlb>, pool: &PagePool, ipa: u64) -> (u64, u8, PageState) {
+    let l = s2.lookup(pool, ipa).unwrap();
+    match l.kind {
+        LeafKind::Mapped { state, .. } => (l.pa_of(ipa).unwrap(), l.level, state),
+        k => panic!("{ipa:#x} not mapped: {k:?}"),
+    }
+}
+
+#[test]
+fn geometry_for_each_ipa_size() {
+    // (bits, start level, root pages, T0SZ, SL0)
+    for (bits, level, pages, t0sz, sl0) in [
+        (32, 2, 4, 32, 0),
+        (34, 2, 16, 30, 0),
+        (36, 1, 1, 28, 1),
+        (40, 1, 2, 24, 1),
+        (42, 1, 8, 22, 1),
+        (43, 1, 16, 21, 1),
+        (44, 0, 1, 20, 2),
+        (48, 0, 1, 16, 2),
+    ] {
+        let g = Geometry::new(bits).unwrap();
+        assert_eq!(
+            (g.start_level(), g.root_pages(), g.t0sz(), g.sl0()),
+            (level, pages, t0sz, sl0),
+            "{bits} bits"
+        );
+        assert_eq!(g.vtcr() & 0x3f, t0sz);
+        assert_eq!((g.vtcr() >> 6) & 3, sl0);
+    }
+    assert_eq!(Geometry::new(40).unwrap().vtcr() >> 16 & 7, 2);
+    assert_eq!(Geometry::new(31), Err(MmError::UnsupportedIpaSize));
+    assert_eq!(Geometry::new(49), Err(MmError::UnsupportedIpaSize));
+}
+
+#[test]
+fn vttbr_holds_root_and_vmid() {
+    let mut tp = TestPool::new(64);
+    let s2 = new_stage2(&mut tp, 40, 0x1234);
+    assert_eq!(s2.vttbr(), s2.root_pa() | 0x1234 << 48);
+    // Two concatenated root pages: aligned to 8 KiB.
+    assert_eq!(s2.root_pa() % 8192, 0);
+}
+
+#[test]
+fn largest_blocks_alignment_allows() {
+    let mut tp = TestPool::new(256);
+    let mut s2 = new_stage2(&mut tp, 40, 1);
+    // 4K before a 1G boundary, a 1G block, a 2M block, then one page.
+    let start = G1 - K4;
+    let len = K4 + G1 + M2 + K4;
+    s2.map(
+        &mut tp.pool,
+        start,
+        len,
+        RAM + start,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    let mut leaves = Vec::new();
+    s2.visit_leaves(&tp.pool, start, len, &mut |l| {
+        if matches!(l.kind, LeafKind::Mapped { .. }) {
+            leaves.push((l.ipa, l.level))
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        leaves,
+        vec![(G1 - K4, 3), (G1, 1), (2 * G1, 2), (2 * G1 + M2, 3)]
+    );
+    // Misaligned output: 4K pages only, whatever the IPA alignment.
+    s2.map(
+        &mut tp.pool,
+        4 * G1,
+        2 * M2,
+        RAM + K4,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    assert_eq!(
+        mapped(&s2, &tp.pool, 4 * G1 + M2),
+        (RAM + K4 + M2, 3, PageState::Owned)
+    );
+    check_accounting(&s2, &tp.pool).unwrap();
+}
+
+#[test]
+fn one_page_change_in_a_1g_block_splits_two_tables_and_reverts() {
+    let mut tp = TestPool::new(64);
+    let mut s2 = new_stage2(&mut tp, 40, 3);
+    s2.map(
+        &mut tp.pool,
+        G1,
+        G1,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    assert_eq!(s2.stats().table_pages, 0);
+    s2.tlb_mut().events.clear();
+    let page = G1 + 5 * M2 + 7 * K4;
+    s2.set_state(&mut tp.pool, page, K4, PageState::SharedOwned)
+        .unwrap();
+    assert_eq!(s2.stats().table_pages, 2);
+    // The 1G block, then the 2M block of the new table that holds the page.
+    assert_eq!(s2.stats().splits, 2);
+    // Break, invalidate the 1G block, then make.
+    assert_eq!(
+        s2.tlb().events,
+        vec![
+            TlbEvent::Publish,
+            TlbEvent::Ipa {
+                vmid: 3,
+                ipa: G1,
+                level: Some(1)
+            },
+            TlbEvent::Complete(3),
+            TlbEvent::Publish
+        ]
+    );
+    assert_eq!(
+        mapped(&s2, &tp.pool, page),
+        (RAM + 5 * M2 + 7 * K4, 3, PageState::SharedOwned)
+    );
+    assert_eq!(
+        mapped(&s2, &tp.pool, page + K4),
+        (RAM + 5 * M2 + 8 * K4, 3, PageState::Owned)
+    );
+    assert_eq!(
+        mapped(&s2, &tp.pool, G1 + 6 * M2),
+        (RAM + 6 * M2, 2, PageState::Owned)
+    );
+    s2.set_state(&mut tp.pool, page, K4, PageState::Owned)
+        .unwrap();
+    assert_eq!(s2.stats().table_pages, 0);
+    assert_eq!(s2.stats().merges, 2);
+    assert_eq!(
+        mapped(&s2, &tp.pool, page),
+        (RAM + 5 * M2 + 7 * K4, 1, PageState::Owned)
+    );
+    check_accounting(&s2, &tp.pool).unwrap();
+}
+
+#[test]
+fn unmap_records_annotation_and_merges_upwards() {
+    let mut tp = TestPool::new(64);
+    let mut s2 = new_stage2(&mut tp, 48, 1);
+    s2.map(
+        &mut tp.pool,
+        0,
+        2 * G1,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    s2.unmap(&mut tp.pool, M2, K4, Annotation(9)).unwrap();
+    let l = s2.lookup(&tp.pool, M2).unwrap();
+    assert_eq!((l.level, l.kind), (3, LeafKind::Unmapped(Annotation(9))));
+    // Unmapping everything with one annotation leaves one level-0 entry.
+    s2.unmap(&mut tp.pool, 0, 2 * G1, Annotation(9)).unwrap();
+    let l = s2.lookup(&tp.pool, 0).unwrap();
+    assert_eq!((l.level, l.kind), (1, LeafKind::Unmapped(Annotation(9))));
+    s2.unmap(&mut tp.pool, 2 * G1, 510 * G1, Annotation(9))
+        .unwrap();
+    let l = s2.lookup(&tp.pool, 0).unwrap();
+    assert_eq!(
+        (l.level, l.size, l.kind),
+        (0, 512 * G1, LeafKind::Unmapped(Annotation(9)))
+    );
+    assert_eq!(s2.stats().table_pages, 0);
+    check_accounting(&s2, &tp.pool).unwrap();
+}
+
+#[test]
+fn bad_ranges_are_refused_and_change_nothing() {
+    let mut tp = TestPool::new(64);
+    let mut s2 = new_stage2(&mut tp, 40, 1);
+    s2.map(
+        &mut tp.pool,
+        0,
+        M2,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    s2.tlb_mut().events.clear();
+    let before = (s2.stats(), tp.pool.free_pages());
+    let top = 1u64 << 40;
+    let p = &mut tp.pool;
+    let a = S2Attrs::NORMAL_RWX;
+    let o = PageState::Owned;
+    assert_eq!(s2.map(p, 0, 0, RAM, a, o), Err(MmError::ZeroLength));
+    assert_eq!(s2.map(p, 1, K4, RAM, a, o), Err(MmError::Misaligned));
+    assert_eq!(s2.map(p, 0, K4 + 1, RAM, a, o), Err(MmError::Misaligned));
+    assert_eq!(s2.map(p, 0, K4, RAM + 8, a, o), Err(MmError::Misaligned));
+    assert_eq!(
+        s2.map(p, u64::MAX - K4 + 1, K4, RAM, a, o),
+        Err(MmError::Overflow)
+    );
+    assert_eq!(
+        s2.map(p, top - K4, 2 * K4, RAM, a, o),
+        Err(MmError::OutOfRange)
+    );
+    assert_eq!(s2.map(p, top, K4, RAM, a, o), Err(MmError::OutOfRange));
+    assert_eq!(
+        s2.map(p, 0, K4, u64::MAX - K4 + 1, a, o),
+        Err(MmError::Overflow)
+    );
+    assert_eq!(s2.map(p, 0, K4, 1 << 48, a, o), Err(MmError::OutOfRange));
+    assert_eq!(s2.unmap(p, 0, 0, Annotation(0)), Err(MmError::ZeroLength));
+    assert_eq!(
+        s2.set_state(p, 0, 2 * M2, PageState::SharedOwned),
+        Err(MmError::NotMapped)
+    );
+    assert_eq!(
+        s2.set_attrs(p, M2 - K4, 2 * K4, S2Attrs::DEVICE_RW),
+        Err(MmError::NotMapped)
+    );
+    assert_eq!(s2.lookup(p, top), Err(MmError::OutOfRange));
+    assert_eq!((s2.stats(), tp.pool.free_pages()), before);
+    assert!(s2.tlb().events.is_empty());
+    // The very top of the space is usable.
+    s2.map(&mut tp.pool, top - G1 - K4, G1 + K4, RAM + G1 - K4, a, o)
+        .unwrap();
+    assert_eq!(mapped(&s2, &tp.pool, top - K4), (RAM + 2 * G1 - K4, 1, o));
+    assert_eq!(mapped(&s2, &tp.pool, top - G1 - K4), (RAM + G1 - K4, 3, o));
+}
+
+#[test]
+fn no_memory_changes_nothing() {
+    // Root (2 pages) plus one page: a 4K map into nothing needs two tables.
+    let mut tp = TestPool::new(3);
+    let mut s2 = new_stage2(&mut tp, 40, 1);
+    let free = tp.pool.free_pages();
+    assert_eq!(
+        s2.map(
+            &mut tp.pool,
+            G1,
+            K4,
+            RAM,
+            S2Attrs::NORMAL_RWX,
+            PageState::Owned
+        ),
+        Err(MmError::NoMemory)
+    );
+    assert_eq!(tp.pool.free_pages(), free);
+    assert_eq!(
+        s2.lookup(&tp.pool, G1).unwrap().kind,
+        LeafKind::Unmapped(Annotation(0))
+    );
+    // A 2M block needs only one.
+    s2.map(
+        &mut tp.pool,
+        G1,
+        M2,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    check_accounting(&s2, &tp.pool).unwrap();
+}
+
+#[test]
+fn attrs_change_every_level() {
+    let mut tp = TestPool::new(64);
+    let mut s2 = new_stage2(&mut tp, 40, 1);
+    s2.map(
+        &mut tp.pool,
+        0,
+        2 * G1,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    for (ipa, len) in [(0, G1), (G1, M2), (G1 + M2, K4), (G1 + 3 * M2 - K4, 2 * K4)] {
+        s2.tlb_mut().events.clear();
+        s2.set_attrs(&mut tp.pool, ipa, len, S2Attrs::DEVICE_RW)
+            .unwrap();
+        let l = s2.lookup(&tp.pool, ipa).unwrap();
+        assert!(
+            matches!(
+                l.kind,
+                LeafKind::Mapped {
+                    attrs: S2Attrs::DEVICE_RW,
+                    ..
+                }
+            ),
+            "{ipa:#x}"
+        );
+        assert!(s2
+            .tlb()
+            .events
+            .iter()
+            .any(|e| matches!(e, TlbEvent::Ipa { .. } | TlbEvent::Vmid(_))));
+    }
+    check_accounting(&s2, &tp.pool).unwrap();
+    let audit = s2.audit(&tp.pool, 0, 1 << 40).unwrap();
+    assert_eq!(
+        (audit.table_pages, audit.non_canonical),
+        (s2.stats().table_pages, None)
+    );
+}
+
+#[test]
+fn destroy_returns_every_page_and_wrong_pool_is_refused() {
+    let mut tp = TestPool::new(256);
+    let mut other = TestPool::new(8);
+    let mut s2 = new_stage2(&mut tp, 40, 1);
+    s2.map(
+        &mut tp.pool,
+        K4,
+        3 * G1,
+        RAM + K4,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    assert_eq!(
+        s2.unmap(&mut other.pool, 0, K4, Annotation(0)),
+        Err(MmError::WrongPool)
+    );
+    s2.destroy(&mut tp.pool).unwrap();
+    assert_eq!(tp.pool.free_pages(), tp.pool.total_pages());
+    assert_eq!(s2.lookup(&tp.pool, 0), Err(MmError::Destroyed));
+}
+
+#[test]
+fn pool_counts_and_zeroes() {
+    let mut tp = TestPool::new(16);
+    let pool = &mut tp.pool;
+    assert_eq!((pool.total_pages(), pool.free_pages()), (16, 16));
+    let pa = pool.alloc_zeroed().unwrap();
+    // SAFETY: the page is ours and mapped at va(pa).
+    unsafe {
+        assert!(std::slice::from_raw_parts(pool.va(pa), 4096)
+            .iter()
+            .all(|&b| b == 0));
+        pool.va(pa).write_bytes(0xaa, 4096);
+        pool.free(pa);
+    }
+    assert_eq!(pool.free_pages(), 16);
+    assert_eq!(
+        pool.alloc_contiguous_zeroed(3),
+        Err(MmError::InvalidArgument)
+    );
+    let mut taken = Vec::new();
+    while let Ok(pa) = pool.alloc_zeroed() {
+        taken.push(pa);
+    }
+    assert_eq!(taken.len(), 16);
+    assert_eq!(pool.alloc_zeroed(), Err(MmError::NoMemory));
+    for pa in taken {
+        // SAFETY: allocated above, not used any more.
+        unsafe { pool.free(pa) };
+    }
+    assert_eq!(pool.free_pages(), 16);
+    let mut p = PagePool::new(0).unwrap();
+    // SAFETY: refused before touching memory.
+    unsafe {
+        assert_eq!(p.add_range(0x1000, 0), Err(MmError::ZeroLength));
+        assert_eq!(p.add_range(0x1001, 0x1000), Err(MmError::Misaligned));
+    }
+    assert!(PagePool::new(0x1000).is_err());
+}
