@@ -68,6 +68,10 @@ SUITES = {
         "bootargs": "",
         "doc": "host reads/writes/fetches of hypervisor memory abort and the host continues",
     },
+    "host-abi": {
+        "bootargs": "",
+        "doc": "host memory calls: share/unshare/donate/reclaim, MEM_STATE, HYP_STATS, errors, invariants after every call",
+    },
     "selftest": {
         "bootargs": "",
         "doc": "one passing and one deliberately failing test (used by harness::catches_failing_test)",
@@ -91,7 +95,7 @@ HARNESS_TESTS = [
 ]
 # harness::catches_timeout waits this long for a kernel that hangs.
 HANG_TIMEOUT = 5.0
-DEFAULT_SUITES = ["boot", "isolation", "demo", "harness"]
+DEFAULT_SUITES = ["boot", "isolation", "host-abi", "demo", "harness"]
 
 PLAN_RE = re.compile(r"^plan (\S+):(.*)$")
 RESULT_RE = re.compile(r"^test (\S+)::(\S+) \.\.\. (ok|FAILED(?::\s?(.*))?)$")

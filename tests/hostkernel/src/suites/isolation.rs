@@ -103,7 +103,7 @@ fn hyp_memory(boot: &BootInfo) -> Result<Ranges, Failure> {
 
 /// An abort is the one ABI.md promises: a synchronous external abort from
 /// the current EL, of the expected class, reporting the address.
-fn check_abort(abort: &Abort, class: u64, addr: u64, what: &str) -> TestResult {
+pub(crate) fn check_abort(abort: &Abort, class: u64, addr: u64, what: &str) -> TestResult {
     ensure!(
         abort.ec() == class,
         "{} {:#x}: EC {:#x}, expected {:#x} ({})",
@@ -262,7 +262,7 @@ fn scratch_check(addr: u64) -> TestResult {
 
 /// Whether `addr` is in the initrd /chosen describes (not to be scribbled on,
 /// even temporarily: the boot suite reads it).
-fn in_initrd(boot: &BootInfo, addr: u64) -> bool {
+pub(crate) fn in_initrd(boot: &BootInfo, addr: u64) -> bool {
     let Some(chosen) = boot.fdt.find_node("/chosen") else {
         return false;
     };

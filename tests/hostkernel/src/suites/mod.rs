@@ -6,12 +6,14 @@ use crate::harness::Suite;
 pub mod boot;
 pub mod crash;
 pub mod demo;
+pub mod host_abi;
 pub mod isolation;
 pub mod selftest;
 
-pub static ALL: [&Suite; 5] = [
+pub static ALL: [&Suite; 6] = [
     &boot::SUITE,
     &isolation::SUITE,
+    &host_abi::SUITE,
     &selftest::SUITE,
     &demo::SUITE,
     &crash::SUITE,
