@@ -50,6 +50,9 @@ pub struct CpuLocal {
     pub mpidr: u64,
     /// Bottom (lowest address) of this CPU's stack guard page.
     pub guard_page: u64,
+    /// While a guest runs on this CPU: the image's record of that run
+    /// (0 otherwise), so that a trap from a lower EL knows whose it is.
+    pub guest_run: u64,
 }
 
 impl CpuLocal {
@@ -59,6 +62,7 @@ impl CpuLocal {
             cpu_index: 0,
             mpidr: 0,
             guard_page: 0,
+            guest_run: 0,
         }
     }
 }

@@ -52,6 +52,11 @@ sysreg_read! {
     sctlr_el2 => "sctlr_el2",
     tpidr_el2 => "tpidr_el2",
     spsr_el1 => "spsr_el1",
+    vtcr_el2 => "vtcr_el2",
+    cptr_el2 => "cptr_el2",
+    mdcr_el2 => "mdcr_el2",
+    cnthctl_el2 => "cnthctl_el2",
+    vmpidr_el2 => "vmpidr_el2",
 }
 
 sysreg_write! {

@@ -74,7 +74,7 @@ impl Call {
 
 /// The vendor-hypervisor functions this build implements, as FEATURES
 /// reports them (bit n for function number n). Grows with the ABI work.
-pub const IMPLEMENTED_FEATURES: u64 = 1 << 0;
+pub const IMPLEMENTED_FEATURES: u64 = keel_abi::FEATURES_BITMAP;
 
 /// Discovery calls, answered the same for every caller. None when `id` is not
 /// a discovery call.

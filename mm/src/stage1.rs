@@ -333,6 +333,23 @@ impl Stage1 {
         None
     }
 
+    /// Where the descriptor of the 4K page mapping `va` lives, for a
+    /// temporary-mapping slot the hypervisor rewrites itself (the caller
+    /// keeps the walker coherent: one 64-bit store, then TLB invalidation).
+    pub fn page_entry_ptr(&self, va: u64, pages: &impl TablePages) -> Option<*mut u64> {
+        let (table, idx, size) = self.leaf_slot(va, pages)?;
+        if size != PAGE {
+            return None;
+        }
+        // SAFETY: `table` is one of our table pages; idx < 512.
+        Some(unsafe { (*pages.table_ptr(table)).as_mut_ptr().add(idx) })
+    }
+
+    /// The descriptor of a 4K page mapping `pa` with `perm`.
+    pub fn page_descriptor(pa: u64, perm: Perm) -> u64 {
+        (pa & OA_MASK) | perm.leaf_bits() | 0b10
+    }
+
     /// The descriptor and size of the leaf that maps `va`.
     pub fn leaf(&self, va: u64, pages: &impl TablePages) -> Option<(u64, u64)> {
         let (table, idx, size) = self.leaf_slot(va, pages)?;

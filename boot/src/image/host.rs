@@ -7,7 +7,9 @@ use keel_arch::{barrier, exception, sysreg, tlb, TrapFrame};
 use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
 use keel_boot::layout::Layout;
 use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE};
+use keel_hyp::vm::{GuestTlb, Vms};
 use keel_mm::donated::DonatedPages;
+use keel_mm::stage1::{Perm, Stage1};
 use keel_mm::{Geometry, PagePool, PageState, S2Attrs, Stage2, TlbMaintenance, Vmid};
 use log::info;
 
@@ -15,28 +17,71 @@ use super::{boot_fail, image_sections, mmu, Hyp, HYP, KEEL_CPU_LOCAL};
 
 /// Stage-2 TLB maintenance with real instructions. Invalidation applies to
 /// the VMID in VTTBR_EL2, which is the table's own while keel changes it.
-pub struct HwTlb;
+///
+/// TLBI by IPA or VMID acts on the VMID in VTTBR_EL2, so each operation runs
+/// with the table's own VTTBR loaded (keel changes a guest's table while the
+/// host's is loaded, and the host's while a guest's is).
+pub struct HwTlb {
+    vttbr: u64,
+}
+
+impl HwTlb {
+    fn under<R>(&self, f: impl FnOnce() -> R) -> R {
+        let current = sysreg::vttbr_el2();
+        if self.vttbr == 0 || current == self.vttbr {
+            return f();
+        }
+        // SAFETY: only TLB maintenance runs under the other VTTBR; nothing
+        // executes at EL1 before the original value is back.
+        unsafe { sysreg::set_vttbr_el2(self.vttbr) };
+        barrier::isb();
+        let r = f();
+        // SAFETY: restores the value read above.
+        unsafe { sysreg::set_vttbr_el2(current) };
+        barrier::isb();
+        r
+    }
+}
+
+impl GuestTlb for HwTlb {
+    fn new() -> Self {
+        HwTlb { vttbr: 0 }
+    }
+    fn bind(&mut self, vttbr: u64) {
+        self.vttbr = vttbr;
+    }
+}
 
 impl TlbMaintenance for HwTlb {
     fn publish_writes(&mut self) {
         barrier::dsb_ishst();
     }
     fn invalidate_ipa(&mut self, _vmid: Vmid, ipa: u64, _level: Option<u8>) {
-        tlb::ipas2e1is(ipa);
+        self.under(|| tlb::ipas2e1is(ipa));
     }
     fn invalidate_vmid(&mut self, _vmid: Vmid) {
-        tlb::vmalls12e1is();
+        self.under(tlb::vmalls12e1is);
     }
     fn complete(&mut self, _vmid: Vmid) {
-        barrier::dsb_ish();
-        tlb::vmalle1is();
-        barrier::dsb_ish();
-        barrier::isb();
+        self.under(|| {
+            barrier::dsb_ish();
+            tlb::vmalle1is();
+            barrier::dsb_ish();
+            barrier::isb();
+        });
     }
 }
 
+/// The VA of the hypervisor's one temporary-mapping slot (a page of its
+/// stage 1 it points at whatever page it must clear), above every
+/// identity-mapped address.
+const FIXMAP_VA: u64 = 0xffff_ffff_f000;
+
 /// The hypervisor's own stage 1 with real instructions.
-pub struct HwMmu;
+pub struct HwMmu {
+    /// Address of the fixmap slot's descriptor.
+    fixmap_pte: u64,
+}
 
 impl HypMmu for HwMmu {
     fn invalidate_range(&mut self, va: u64, len: u64) {
@@ -51,7 +96,25 @@ impl HypMmu for HwMmu {
     fn flush_dcache(&mut self, va: u64, len: u64) {
         keel_arch::cache::clean_invalidate(va as usize, len as usize);
     }
+    fn zero_page(&mut self, _pool: &PagePool, pa: u64) {
+        let pte = self.fixmap_pte as *mut u64;
+        // SAFETY: `pte` is the fixmap slot's descriptor in our stage 1; the
+        // caller holds the memory lock, so no other CPU uses the slot. The
+        // page is RAM the hypervisor is entitled to clear (a guest page on
+        // its way to the host).
+        unsafe {
+            pte.write_volatile(Stage1::page_descriptor(pa, Perm::ReadWrite));
+            tlb::invalidate_el2_va(FIXMAP_VA);
+            core::ptr::write_bytes(FIXMAP_VA as *mut u8, 0, 4096);
+            keel_arch::cache::clean_invalidate(FIXMAP_VA as usize, 4096);
+            pte.write_volatile(0);
+            tlb::invalidate_el2_va(FIXMAP_VA);
+        }
+    }
 }
+
+/// The VM table (static: far too large for a stack).
+static VMS: spin::Mutex<Vms<HwTlb>> = spin::Mutex::new(Vms::new());
 
 /// Pages the host donates to the hypervisor (HOST_DONATE_HYP).
 static mut DONATED: DonatedPages = DonatedPages::new();
@@ -81,10 +144,12 @@ fn build_host_stage2(info: &BootInfo, plan: &Layout, pool: &mut PagePool) -> Sta
         Ok(g) => g,
         Err(e) => boot_fail(format_args!("host stage 2 geometry: {e:?}")),
     };
-    let mut s2 = match Stage2::new(geometry, 0, pool, HwTlb) {
+    let mut s2 = match Stage2::new(geometry, 0, pool, HwTlb::new()) {
         Ok(s) => s,
         Err(e) => boot_fail(format_args!("host stage 2 root: {e:?}")),
     };
+    let vttbr = s2.vttbr();
+    s2.tlb_mut().bind(vttbr);
     let mut map = |r: PhysRange, attrs: S2Attrs, pool: &mut PagePool| {
         if let Err(e) = s2.map(pool, r.start, r.size(), r.start, attrs, PageState::Owned) {
             boot_fail(format_args!(
@@ -223,6 +288,17 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         Ok(s) => s,
         Err(e) => boot_fail(format_args!("hypervisor stage 1: {e:?}")),
     };
+    // The fixmap slot: its tables now, its descriptor cleared until used.
+    let mut s1 = s1;
+    let fixmap_pte = s1
+        .map_pages(FIXMAP_VA, plan.pool.start, 4096, Perm::ReadWrite, &mut pool)
+        .ok()
+        .and_then(|()| s1.page_entry_ptr(FIXMAP_VA, &pool));
+    let Some(fixmap_pte) = fixmap_pte else {
+        boot_fail(format_args!("hypervisor stage 1: fixmap slot"))
+    };
+    // SAFETY: the slot's descriptor in our own tables; the MMU is still off.
+    unsafe { fixmap_pte.write_volatile(0) };
     mmu::enable(&s1);
     info!("MMU on: stage 1 at {:#x}", s1.ttbr());
 
@@ -251,9 +327,11 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         host: s2,
         hyp: s1,
         pool,
-        mmu: HwMmu,
+        mmu: HwMmu {
+            fixmap_pte: fixmap_pte as u64,
+        },
     };
-    HYP.call_once(|| Hyp::new(mem));
+    HYP.call_once(|| Hyp::new(mem, &VMS));
 
     let entry = info.kernel.range.start;
     info!(

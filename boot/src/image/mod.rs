@@ -2,6 +2,7 @@
 //! device tree, stage 1 and MMU, host stage 2, EL2 configuration, host entry.
 
 mod fatal;
+mod guest;
 mod host;
 mod mmu;
 mod traps;
@@ -16,7 +17,7 @@ use log::info;
 core::arch::global_asm!(include_str!("../entry.S"));
 
 /// The hypervisor's state once booted.
-pub type Hyp = keel_hyp::host::Hyp<host::HwTlb, host::HwMmu>;
+pub type Hyp = keel_hyp::host::Hyp<host::HwTlb, host::HwMmu, host::HwTlb>;
 
 pub static HYP: spin::Once<Hyp> = spin::Once::new();
 

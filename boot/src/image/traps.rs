@@ -13,6 +13,9 @@ use super::{exit_code, report, HYP};
 /// Called by the vectors with the interrupted context's registers.
 #[no_mangle]
 extern "C" fn keel_lower_exception(k: u64, frame: &mut TrapFrame) {
+    if super::this_cpu().guest_run != 0 {
+        return super::guest::trap(k, frame);
+    }
     if k != kind::LOWER64_SYNC {
         let esr = sysreg::esr_el2();
         report(format_args!(
@@ -32,8 +35,12 @@ extern "C" fn keel_lower_exception(k: u64, frame: &mut TrapFrame) {
                 ));
                 exit::exit(exit_code::FATAL_EXCEPTION);
             };
-            hyp.host_hvc(esr.imm16(), &Call::from_regs(&frame.x))
-                .apply(&mut frame.x);
+            if frame.x[0] == keel_abi::func::VCPU_RUN && esr.imm16() == 0 {
+                super::guest::vcpu_run(hyp, frame);
+            } else {
+                hyp.host_hvc(esr.imm16(), &Call::from_regs(&frame.x))
+                    .apply(&mut frame.x);
+            }
         }
         ec::SMC64 => handle_smc(frame),
         ec::DABT_LOWER | ec::IABT_LOWER => refuse_access(esr),

@@ -1,0 +1,206 @@
+//! VCPU_RUN: the world switch between the host and a protected guest.
+//!
+//! The host's HVC is being handled on this CPU's stack. VCPU_RUN saves what
+//! belongs to the host at EL1 (system registers, FP/SIMD, the HVC's return
+//! state, the EL2 controls that differ for guests), loads the guest's, and
+//! enters it. A trap from the guest comes back through the same vectors:
+//! calls keel answers itself are handled in place and the guest resumes at
+//! once; anything else ends the run, and the host state is put back before
+//! VCPU_RUN returns the exit to the host.
+
+use keel_arch::exception::kind;
+use keel_arch::guest::{self as world, El1Regs, FpRegs, HostSave};
+use keel_arch::{barrier, sysreg, TrapFrame};
+use keel_hyp::guest::{Action, Trap, TrapKind};
+use keel_hyp::host::RunTicket;
+use keel_hyp::hvc::Return;
+use keel_hyp::vm::Vcpu;
+
+use super::{this_cpu, Hyp, HYP};
+
+/// HCR_EL2 while a guest runs: stage 2 (VM); FIQ, IRQ and SError routed to
+/// EL2 (FMO, IMO, AMO), so a physical interrupt ends the run and reaches the
+/// host; SMC trapped (TSC); EL1 is AArch64 (RW); pointer authentication
+/// untrapped (APK, API).
+const HCR_GUEST: u64 =
+    1 | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41);
+/// CPTR_EL2 (non-VHE) for guests: FP/SIMD untrapped (keel switches it);
+/// SVE (TZ) and SME (TSM) trapped, as keel does not switch their state.
+const CPTR_GUEST: u64 = 0x32ff | (1 << 8) | (1 << 12);
+/// CNTHCTL_EL2: guests read the counter, but the physical timer is the host's.
+const CNTHCTL_GUEST: u64 = 1;
+/// MDCR_EL2 traps for guests: PMU (TPMCR, TPM) and debug (TDA, TDOSA, TDRA).
+const MDCR_GUEST_TRAPS: u64 = (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
+/// VTCR_EL2 RES1 bit.
+const VTCR_RES1: u64 = 1 << 31;
+
+/// One guest run on this CPU; `CpuLocal::guest_run` points here meanwhile.
+struct GuestRun {
+    save: HostSave,
+    vcpu: *mut Vcpu,
+    slot: usize,
+    exit: [u64; 4],
+}
+
+/// What the host had in the registers a guest run changes.
+struct HostState {
+    el1: El1Regs,
+    fp: FpRegs,
+    elr: u64,
+    spsr: u64,
+    vttbr: u64,
+    vtcr: u64,
+    hcr: u64,
+    cptr: u64,
+    mdcr: u64,
+    cnthctl: u64,
+    vmpidr: u64,
+}
+
+fn save_host() -> HostState {
+    let mut fp = FpRegs::default();
+    fp.save();
+    HostState {
+        el1: El1Regs::save(),
+        fp,
+        elr: sysreg::elr_el2(),
+        spsr: sysreg::spsr_el2(),
+        vttbr: sysreg::vttbr_el2(),
+        vtcr: sysreg::vtcr_el2(),
+        hcr: sysreg::hcr_el2(),
+        cptr: sysreg::cptr_el2(),
+        mdcr: sysreg::mdcr_el2(),
+        cnthctl: sysreg::cnthctl_el2(),
+        vmpidr: sysreg::vmpidr_el2(),
+    }
+}
+
+fn restore_host(h: &HostState) {
+    // SAFETY: these are the values the host ran with when it made the call.
+    unsafe {
+        sysreg::set_hcr_el2(h.hcr);
+        sysreg::set_vttbr_el2(h.vttbr);
+        sysreg::set_vtcr_el2(h.vtcr);
+        sysreg::set_cptr_el2(h.cptr);
+        sysreg::set_mdcr_el2(h.mdcr);
+        sysreg::set_cnthctl_el2(h.cnthctl);
+        sysreg::set_vmpidr_el2(h.vmpidr);
+        h.el1.restore();
+        sysreg::set_elr_el2(h.elr);
+        sysreg::set_spsr_el2(h.spsr);
+    }
+    h.fp.restore();
+    barrier::isb();
+}
+
+fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host_mdcr: u64) {
+    FpRegs {
+        v: vcpu.fp.v,
+        fpsr: vcpu.fp.fpsr,
+        fpcr: vcpu.fp.fpcr,
+    }
+    .restore();
+    // SAFETY: the guest's own EL1 state and the EL2 controls for guests;
+    // nothing runs at EL1 until the ERET into the guest.
+    unsafe {
+        El1Regs { r: vcpu.el1 }.restore();
+        sysreg::set_vttbr_el2(ticket.vttbr);
+        sysreg::set_vtcr_el2(ticket.vtcr | VTCR_RES1);
+        sysreg::set_cptr_el2(CPTR_GUEST);
+        sysreg::set_mdcr_el2((host_mdcr & 0x1f) | MDCR_GUEST_TRAPS);
+        sysreg::set_cnthctl_el2(CNTHCTL_GUEST);
+        sysreg::set_vmpidr_el2((1 << 31) | index);
+        sysreg::set_hcr_el2(HCR_GUEST);
+        sysreg::set_elr_el2(vcpu.pc);
+        sysreg::set_spsr_el2(vcpu.pstate);
+    }
+    barrier::isb();
+}
+
+/// VCPU_RUN from the host, with its registers in `frame`.
+pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
+    let (handle, index, completion) = (frame.x[1], frame.x[2], frame.x[3]);
+    let ticket = match hyp.begin_run(handle, index, completion) {
+        Ok(t) => t,
+        Err(ret) => return ret.apply(&mut frame.x),
+    };
+    // SAFETY: the ticket makes this vCPU ours until end_run.
+    let vcpu = unsafe { &mut *ticket.vcpu };
+    let host = save_host();
+    load_guest(vcpu, &ticket, index, host.mdcr);
+    let mut run = GuestRun {
+        save: HostSave::default(),
+        vcpu: ticket.vcpu,
+        slot: ticket.slot,
+        exit: [0; 4],
+    };
+    let guest_frame = TrapFrame { x: vcpu.x, _pad: 0 };
+    let run_ptr: *mut GuestRun = &mut run;
+    set_guest_run(run_ptr as u64);
+    // SAFETY: the guest's state is loaded; `run.save` stays valid until the
+    // trap handler leaves through it.
+    unsafe { world::enter(&guest_frame, &mut (*run_ptr).save) };
+    set_guest_run(0);
+    // The trap handler stored the guest's registers and the exit.
+    vcpu.el1 = El1Regs::save().r;
+    let mut fp = FpRegs::default();
+    fp.save();
+    vcpu.fp.v = fp.v;
+    vcpu.fp.fpsr = fp.fpsr;
+    vcpu.fp.fpcr = fp.fpcr;
+    restore_host(&host);
+    hyp.end_run(&ticket);
+    // SAFETY: written by the trap handler through `run_ptr` before it left.
+    let exit = unsafe { core::ptr::read_volatile(&(*run_ptr).exit) };
+    Return {
+        regs: [0, exit[0], exit[1], exit[2], exit[3]],
+        count: 5,
+    }
+    .apply(&mut frame.x);
+}
+
+fn set_guest_run(ptr: u64) {
+    let cpu = this_cpu() as *const keel_arch::CpuLocal as *mut keel_arch::CpuLocal;
+    // SAFETY: this CPU's own CpuLocal; no other CPU writes it.
+    unsafe { core::ptr::addr_of_mut!((*cpu).guest_run).write_volatile(ptr) };
+}
+
+/// A trap taken while this CPU runs a guest (from the vectors).
+pub fn trap(k: u64, frame: &mut TrapFrame) {
+    let run = this_cpu().guest_run as *mut GuestRun;
+    // SAFETY: guest_run points at the live GuestRun of vcpu_run on this
+    // CPU's stack (it is cleared before that frame goes away).
+    let run = unsafe { &mut *run };
+    // SAFETY: the run's vCPU is ours while it is Running.
+    let vcpu = unsafe { &mut *run.vcpu };
+    vcpu.x = frame.x;
+    vcpu.pc = sysreg::elr_el2();
+    vcpu.pstate = sysreg::spsr_el2();
+    let trap = Trap {
+        kind: match k {
+            kind::LOWER64_SYNC => TrapKind::Sync,
+            kind::LOWER64_IRQ => TrapKind::Irq,
+            _ => TrapKind::Other,
+        },
+        esr: sysreg::esr_el2(),
+        far: sysreg::far_el2(),
+        hpfar: sysreg::hpfar_el2(),
+    };
+    let hyp = HYP.get().expect("a guest runs only after boot");
+    match hyp.guest_trap(run.slot, vcpu, &trap) {
+        Action::Resume => {
+            frame.x = vcpu.x;
+            // SAFETY: the guest continues where its registers say.
+            unsafe {
+                sysreg::set_elr_el2(vcpu.pc);
+                sysreg::set_spsr_el2(vcpu.pstate);
+            }
+        }
+        Action::Exit(exit) => {
+            run.exit = exit;
+            // SAFETY: called from the trap handler of the guest that
+            // vcpu_run entered on this CPU; the stack below is dropped.
+            unsafe { world::leave(&run.save, 0) }
+        }
+    }
+}
