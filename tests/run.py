@@ -72,6 +72,10 @@ SUITES = {
         "bootargs": "",
         "doc": "host memory calls: share/unshare/donate/reclaim, MEM_STATE, HYP_STATS, errors, invariants after every call",
     },
+    "bench": {
+        "bootargs": "",
+        "doc": "costs of the host calls as `bench NAME VALUE UNIT` lines (tests/bench.py boots it with -icount)",
+    },
     "selftest": {
         "bootargs": "",
         "doc": "one passing and one deliberately failing test (used by harness::catches_failing_test)",

@@ -273,7 +273,7 @@ fn pfn(pa: u64) -> u64 {
 
 /// The physical address of test block `k`, checked to be host RAM that
 /// nothing of ours uses and that the host stage 2 maps as one 2 MiB block.
-fn test_block(boot: &BootInfo, k: u64) -> Result<u64, Failure> {
+pub(crate) fn test_block(boot: &BootInfo, k: u64) -> Result<u64, Failure> {
     let base = TEST_BASE + k * BLOCK;
     let block = Range::new(base, base + BLOCK);
     ensure!(

@@ -3,6 +3,7 @@
 
 use crate::harness::Suite;
 
+pub mod bench;
 pub mod boot;
 pub mod crash;
 pub mod demo;
@@ -10,12 +11,13 @@ pub mod host_abi;
 pub mod isolation;
 pub mod selftest;
 
-pub static ALL: [&Suite; 6] = [
+pub static ALL: [&Suite; 7] = [
     &boot::SUITE,
     &isolation::SUITE,
     &host_abi::SUITE,
     &selftest::SUITE,
     &demo::SUITE,
+    &bench::SUITE,
     &crash::SUITE,
 ];
 
