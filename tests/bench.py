@@ -43,6 +43,8 @@ import tempfile
 import threading
 import time
 
+# No tests/__pycache__ from importing run.py.
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402  (tests/run.py: the machine, command line and UART protocol)
 
