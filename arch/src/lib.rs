@@ -53,7 +53,18 @@ pub struct CpuLocal {
     /// While a guest runs on this CPU: the image's record of that run
     /// (0 otherwise), so that a trap from a lower EL knows whose it is.
     pub guest_run: u64,
+    /// Top of this CPU's stack (offset 40: read by the secondary entry).
+    pub stack_top: u64,
+    /// Where the host asked this CPU to start (PSCI CPU_ON or a powerdown
+    /// CPU_SUSPEND), and the context id it passes in x0.
+    pub host_entry: u64,
+    pub host_context: u64,
 }
+
+/// Offsets the entry code relies on.
+pub const CPU_LOCAL_SIZE: usize = 64;
+const _: () = assert!(core::mem::size_of::<CpuLocal>() == CPU_LOCAL_SIZE);
+const _: () = assert!(core::mem::offset_of!(CpuLocal, stack_top) == 40);
 
 impl CpuLocal {
     pub const fn new() -> Self {
@@ -63,6 +74,9 @@ impl CpuLocal {
             mpidr: 0,
             guard_page: 0,
             guest_run: 0,
+            stack_top: 0,
+            host_entry: 0,
+            host_context: 0,
         }
     }
 }

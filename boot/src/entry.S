@@ -77,6 +77,36 @@ primary_entry:
     bl      keel_main
     b       early_fail
 
+    /*
+     * A secondary CPU (or one resuming from a powerdown suspend), started
+     * by firmware at EL2 with the MMU off because keel relayed the host's
+     * PSCI call with this address; x0 = the CPU's index. Its CpuLocal
+     * already holds its stacks and the host's entry point.
+     */
+    .global keel_secondary_entry
+keel_secondary_entry:
+    cmp     x0, #8                  /* MAX_CPUS */
+    b.hs    early_fail
+    mrs     x1, sctlr_el2
+    bic     x1, x1, #1
+    bic     x1, x1, #(1 << 2)
+    msr     sctlr_el2, x1
+    isb
+    adrp    x2, KEEL_CPU_LOCAL
+    add     x2, x2, :lo12:KEEL_CPU_LOCAL
+    mov     x3, #64                 /* size of CpuLocal */
+    madd    x2, x0, x3, x2
+    msr     tpidr_el2, x2
+    ldr     x4, [x2, #40]           /* stack_top */
+    cbz     x4, early_fail
+    mov     sp, x4
+    adrp    x6, keel_vectors
+    add     x6, x6, :lo12:keel_vectors
+    msr     vbar_el2, x6
+    isb
+    bl      keel_secondary_main
+    b       early_fail
+
     /* Nothing to print with yet: end the run with semihosting exit code 3
      * (needs -semihosting; otherwise park). */
 early_fail:

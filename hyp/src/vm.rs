@@ -140,6 +140,9 @@ pub struct Vm<G: TlbMaintenance> {
     pub pages: u64,
 }
 
+/// A slot lives in a static table and is never moved, so the size of
+/// `Live` costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Slot<G: TlbMaintenance> {
     Free,
     Live(Vm<G>),
@@ -261,7 +264,7 @@ fn annotation(vm: usize) -> Annotation {
 
 /// A guest IPA range, if valid: 4K aligned, no overflow, inside the IPA space.
 fn ipa_range(ipa: u64, nr: u64) -> Result<Range, CallError> {
-    if nr == 0 || ipa % PAGE != 0 {
+    if nr == 0 || !ipa.is_multiple_of(PAGE) {
         return Err(CallError::Invalid);
     }
     let len = nr.checked_mul(PAGE).ok_or(CallError::Invalid)?;
@@ -367,7 +370,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         x0: u64,
     ) -> Result<(), CallError> {
         let vm = self.vms.live_mut(handle)?;
-        if index >= vm.nr_vcpus as u64 || entry % 4 != 0 || entry >= 1 << GUEST_IPA_BITS {
+        if index >= vm.nr_vcpus as u64 || !entry.is_multiple_of(4) || entry >= 1 << GUEST_IPA_BITS {
             return Err(CallError::Invalid);
         }
         let vcpu = &mut vm.vcpus[index as usize];

@@ -195,7 +195,7 @@ impl Stage1 {
         let mut v = va & !(PAGE - 1);
         while v < end {
             let mut table = Some(self.root);
-            for level in 0..3 {
+            for (level, last) in last.iter_mut().enumerate().take(3) {
                 let idx = index(v, level);
                 let present = table
                     .map(|t| Self::entry(pages, t, idx))
@@ -204,8 +204,8 @@ impl Stage1 {
                 match present {
                     Some(d) => table = Some(d & OA_MASK),
                     None => {
-                        if last[level] != prefix {
-                            last[level] = prefix;
+                        if *last != prefix {
+                            *last = prefix;
                             needed += 1;
                         }
                         table = None;

@@ -1,8 +1,6 @@
 //! From the plan to the running host: page pool, host device tree, stage 1
 //! and MMU, the host stage 2, EL2 configuration, and the entry at EL1.
 
-use core::ptr::addr_of_mut;
-
 use keel_arch::{barrier, exception, sysreg, tlb, TrapFrame};
 use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
 use keel_boot::layout::Layout;
@@ -13,7 +11,7 @@ use keel_mm::stage1::{Perm, Stage1};
 use keel_mm::{Geometry, PagePool, PageState, S2Attrs, Stage2, TlbMaintenance, Vmid};
 use log::info;
 
-use super::{boot_fail, image_sections, mmu, Hyp, HYP, KEEL_CPU_LOCAL};
+use super::{boot_fail, image_sections, mmu, smp, Hyp, HYP};
 
 /// Stage-2 TLB maintenance with real instructions. Invalidation applies to
 /// the VMID in VTTBR_EL2, which is the table's own while keel changes it.
@@ -182,7 +180,7 @@ fn build_host_stage2(info: &BootInfo, plan: &Layout, pool: &mut PagePool) -> Sta
 
 /// Everything EL2 sets so that an unmodified OS runs at EL1 without
 /// noticing it is not alone.
-fn configure_el2_for_host(s2: &Stage2<HwTlb>) {
+pub fn configure_el2_for_host(vtcr: u64, vttbr: u64) {
     let sme = (sysreg::id_aa64pfr1_el1() >> 24) & 0xf != 0;
     // CPTR_EL2 (non-VHE): RES1 bits [7:0], 9, 13 (and 12 unless it is
     // TSM); TZ, TFP, TSM, TTA, TAM, TCPAC clear: FP, SVE and SME are the
@@ -223,8 +221,8 @@ fn configure_el2_for_host(s2: &Stage2<HwTlb>) {
         sysreg::set_vmpidr_el2(sysreg::mpidr_el1());
         // SCTLR_EL1: RES1 bits only (MMU off, little-endian), as at reset.
         sysreg::set_sctlr_el1(0x30d0_0800);
-        sysreg::set_vtcr_el2(s2.vtcr() | VTCR_RES1);
-        sysreg::set_vttbr_el2(s2.vttbr());
+        sysreg::set_vtcr_el2(vtcr | VTCR_RES1);
+        sysreg::set_vttbr_el2(vttbr);
         barrier::isb();
         tlb::vmalls12e1is();
         barrier::dsb_ish();
@@ -265,15 +263,16 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         Err(e) => boot_fail(format_args!("host device tree: {e}")),
     };
 
-    // Per-CPU data of the boot CPU (entry.S filled emergency_sp).
+    // Per-CPU data: the boot CPU's (entry.S took slot 0) and the others'.
     let slot = plan.stack_slot(0);
-    // SAFETY: only the boot CPU runs; nothing else holds a reference.
-    unsafe {
-        let cpu0 = &mut (*addr_of_mut!(KEEL_CPU_LOCAL))[0];
-        cpu0.cpu_index = 0;
-        cpu0.mpidr = sysreg::mpidr_el1() & 0xff_00ff_ffff;
-        cpu0.guard_page = slot.guard.start;
+    let mut mpidrs = [0u64; keel_boot::dt::MAX_CPUS];
+    for (m, cpu) in mpidrs.iter_mut().zip(info.cpus.iter()) {
+        *m = cpu.mpidr;
     }
+    smp::init_cpus(&mpidrs[..info.cpus.len()], |i| {
+        let s = plan.stack_slot(i);
+        (s.guard.start, s.stack.end, s.emergency.end)
+    });
 
     // SAFETY: only the boot CPU runs, and nothing else refers to DONATED.
     pool.attach_donated(unsafe { &mut *core::ptr::addr_of_mut!(DONATED) });
@@ -299,12 +298,15 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     };
     // SAFETY: the slot's descriptor in our own tables; the MMU is still off.
     unsafe { fixmap_pte.write_volatile(0) };
+    smp::HYP_TTBR.store(s1.ttbr(), core::sync::atomic::Ordering::Release);
     mmu::enable(&s1);
     info!("MMU on: stage 1 at {:#x}", s1.ttbr());
 
     let s2 = build_host_stage2(info, plan, &mut pool);
     let stats = s2.stats();
-    configure_el2_for_host(&s2);
+    smp::HOST_VTTBR.store(s2.vttbr(), core::sync::atomic::Ordering::Release);
+    smp::HOST_VTCR.store(s2.vtcr(), core::sync::atomic::Ordering::Release);
+    configure_el2_for_host(s2.vtcr(), s2.vttbr());
     info!(
         "host stage 2: {}-bit IPA, {} root + {} table pages; {} pool pages free",
         s2.geometry().ipa_bits(),

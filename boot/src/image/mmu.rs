@@ -63,13 +63,19 @@ pub fn build(
 /// Turns the MMU on with `s1`. The code doing it is identity mapped, so
 /// execution continues at the next instruction.
 pub fn enable(s1: &Stage1) {
+    enable_ttbr(s1.ttbr());
+}
+
+/// Turns the MMU on with the stage-1 tables at `ttbr` (every CPU shares
+/// keel's one stage 1).
+pub fn enable_ttbr(ttbr: u64) {
     // SAFETY: `s1` identity-maps the image, stacks, pool and console with
     // the right permissions, so every access after the switch still hits;
     // the TLB holds nothing for EL2 that could conflict (invalidated here).
     unsafe {
         sysreg::set_mair_el2(MAIR_EL2);
         sysreg::set_tcr_el2(tcr_el2());
-        sysreg::set_ttbr0_el2(s1.ttbr());
+        sysreg::set_ttbr0_el2(ttbr);
         barrier::dsb_ish();
         barrier::isb();
         tlb::invalidate_el2_all();

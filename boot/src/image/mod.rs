@@ -5,6 +5,7 @@ mod fatal;
 mod guest;
 mod host;
 mod mmu;
+mod smp;
 mod traps;
 
 use core::fmt::Write;

@@ -65,30 +65,19 @@ fn handle_smc(frame: &mut TrapFrame) {
     // SAFETY: ELR_EL2 points at the 4-byte SMC; the host resumes after it.
     unsafe { sysreg::set_elr_el2(sysreg::elr_el2() + 4) };
     let fid = frame.x[0] as u32;
-    match fid {
-        psci::SYSTEM_OFF | psci::SYSTEM_RESET => {
-            info!(
-                "host asked for PSCI {}",
-                if fid == psci::SYSTEM_OFF {
-                    "SYSTEM_OFF"
-                } else {
-                    "SYSTEM_RESET"
-                }
-            );
-        }
-        // Starting or resuming a CPU at a host address would run host code
-        // without the host stage 2; refused until those calls are relayed
-        // through keel's own entry point.
-        psci::CPU_ON
-        | psci::CPU_ON_32
-        | psci::CPU_SUSPEND
-        | psci::CPU_SUSPEND_32
-        | 0x8400_000E
-        | 0xC400_000E => {
-            frame.x[0] = psci::DENIED as u64;
-            return;
-        }
-        _ => {}
+    if fid == psci::SYSTEM_OFF || fid == psci::SYSTEM_RESET {
+        info!(
+            "host asked for PSCI {}",
+            if fid == psci::SYSTEM_OFF {
+                "SYSTEM_OFF"
+            } else {
+                "SYSTEM_RESET"
+            }
+        );
+    }
+    if let Some(r) = super::smp::psci_call(frame) {
+        frame.x[0] = r as u64;
+        return;
     }
     let mut args = [0u64; 17];
     args.copy_from_slice(&frame.x[1..18]);
