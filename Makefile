@@ -16,7 +16,7 @@ HYP_LOAD    := 0x40200000
 SYSROOT     = $(shell rustc --print sysroot)
 OBJCOPY     = $(firstword $(wildcard $(SYSROOT)/lib/rustlib/*/bin/llvm-objcopy) llvm-objcopy)
 
-.PHONY: all deps image testkernel run debug test test-host test-qemu lint bench fuzz clean
+.PHONY: all deps image testkernel run run-linux debug test test-host test-c test-qemu test-linux lint bench clean
 
 all: image testkernel
 
@@ -47,11 +47,25 @@ debug: image testkernel
 	@echo "  gdb-multiarch -ex 'add-symbol-file $(HYP_ELF) -o $(HYP_LOAD)' -ex 'target remote :1234'"
 	python3 tests/run.py --demo --gdb
 
-test: deps test-host test-qemu lint
+test: deps test-host test-c test-qemu test-linux lint
 	@echo "make test: all passed"
 
 test-host:
 	cargo test --release --workspace
+
+# The C header compiles (user and kernel flavours) and matches the contract.
+test-c:
+	sh tests/c/check.sh
+
+# An unmodified Debian arm64 kernel as the host, on 4 CPUs (fetched as
+# packages into .cache/linux on first use).
+test-linux: image
+	tests/linux/fetch.sh
+	python3 tests/linux/run.py --test
+
+run-linux: image
+	tests/linux/fetch.sh
+	python3 tests/linux/run.py --shell
 
 test-qemu: image testkernel
 	python3 tests/run.py
@@ -65,6 +79,8 @@ lint:
 bench: image testkernel
 	cargo run --release -q -p keel-mm --example s2bench
 	python3 tests/bench.py
+	tests/linux/fetch.sh >/dev/null
+	python3 tests/linux/bench.py
 
 clean:
 	cargo clean
