@@ -231,6 +231,13 @@ pub fn configure_el2_for_host(vtcr: u64, vttbr: u64) {
     barrier::isb();
 }
 
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn overflow_stack(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    overflow_stack(depth + 1).wrapping_add(frame[(depth % 64) as usize])
+}
+
 /// Boots the host; never returns.
 pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     let mut pool = match PagePool::new(0) {
@@ -298,9 +305,18 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     };
     // SAFETY: the slot's descriptor in our own tables; the MMU is still off.
     unsafe { fixmap_pte.write_volatile(0) };
+    let overflow_test = super::has_flag(info.bootargs, "keel.selftest=stack-overflow");
     smp::HYP_TTBR.store(s1.ttbr(), core::sync::atomic::Ordering::Release);
     mmu::enable(&s1);
     info!("MMU on: stage 1 at {:#x}", s1.ttbr());
+    // (The boot DTB, and so `info`'s strings, are not mapped any more.)
+    if overflow_test {
+        // The harness's proof that the guard page works: recurse until the
+        // stack runs into it, which must be reported, not corrupt memory.
+        log::warn!("deliberate stack overflow (keel.selftest=stack-overflow)");
+        let depth = overflow_stack(0);
+        boot_fail(format_args!("the stack never overflowed ({depth} frames)"));
+    }
 
     let s2 = build_host_stage2(info, plan, &mut pool);
     let stats = s2.stats();

@@ -140,7 +140,7 @@ fn log_level(cmdline: &str) -> log::LevelFilter {
     }
 }
 
-fn has_flag(cmdline: &str, flag: &str) -> bool {
+pub fn has_flag(cmdline: &str, flag: &str) -> bool {
     cmdline.split_whitespace().any(|w| w == flag)
 }
 
