@@ -181,9 +181,9 @@ def main():
 
     out = [
         ("hvc_null_ticks", null, unit),
-        ("host_share_unshare_4k_ratio", ratio("share_unshare_4k"), "x hvc_null"),
-        ("host_donate_reclaim_4k_ratio", ratio("donate_reclaim_4k"), "x hvc_null"),
-        ("host_donate_reclaim_2m_ratio", ratio("donate_reclaim_2m"), "x hvc_null"),
+        ("host_share_unshare_4k_ratio", ratio("share_unshare_4k"), "ratio"),
+        ("host_donate_reclaim_4k_ratio", ratio("donate_reclaim_4k"), "ratio"),
+        ("host_donate_reclaim_2m_ratio", ratio("donate_reclaim_2m"), "ratio"),
         ("hyp_reserved_bytes", reserved, "bytes"),
         ("host_stage2_table_pages", tables, "pages"),
         ("boot_to_host_ms", round(statistics.median(times), 1), "ms"),

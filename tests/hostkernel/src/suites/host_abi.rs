@@ -91,6 +91,11 @@ pub static SUITE: Suite = Suite {
             name: "stats_bad_index",
             run: stats_bad_index,
         },
+        // Last: it leaves the hypervisor's boot pool used up.
+        Test {
+            name: "no_memory_then_donate",
+            run: no_memory_then_donate,
+        },
     ],
 };
 
@@ -106,6 +111,7 @@ type Status = Result<(), Error>;
 const OK: Status = Ok(());
 const INVALID: Status = Err(Error::InvalidParameter);
 const DENIED: Status = Err(Error::Denied);
+const NO_MEMORY: Status = Err(Error::NoMemory);
 
 /// (owner, host state, host mapping size) as MEM_STATE x1..x3.
 type PageView = (u64, u64, u64);
@@ -865,6 +871,94 @@ fn stats_bad_index(_: &BootInfo) -> TestResult {
             i,
             got
         );
+    }
+    Ok(())
+}
+
+/// Most fresh 2 MiB regions `no_memory_then_donate` shares a page of.
+const MAX_REGIONS: usize = 128;
+
+fn no_memory_then_donate(boot: &BootInfo) -> TestResult {
+    // Sharing a page of a 2 MiB region the hypervisor never mapped costs
+    // it a stage-1 table page, which it keeps: share one page in fresh
+    // regions of the second GiB until the boot pool runs out.
+    let mut shared = [0u64; MAX_REGIONS];
+    let mut n = 0;
+    let refused = loop {
+        let pa = 0x8000_0000 + n as u64 * BLOCK;
+        ensure!(
+            boot.memory.covers(&Range::new(pa, pa + BLOCK)),
+            "{:#x}: out of host memory before the pool ran out ({} regions shared)",
+            pa,
+            n
+        );
+        ensure!(n < MAX_REGIONS, "no NO_MEMORY after sharing {} regions", n);
+        let was = view(pfn(pa))?;
+        let before = counters()?;
+        match op(Share, pfn(pa), 1)? {
+            Ok(()) => {
+                shared[n] = pfn(pa);
+                n += 1;
+            }
+            Err(Error::NoMemory) => {
+                // All or nothing: NO_MEMORY changes no page and no counter.
+                expect_view(pfn(pa), 1, was, "page of a share refused with NO_MEMORY")?;
+                ensure_eq!(counters()?, before, "HYP_STATS 0..4 after NO_MEMORY");
+                break pfn(pa);
+            }
+            Err(e) => fail!("HOST_SHARE_HYP({:#x}, 1): {:?}", pfn(pa), e),
+        }
+    };
+    let free = stat(stat::FREE_POOL_PAGES)?;
+    ensure!(
+        free < 2,
+        "{} free pool pages after NO_MEMORY on a share that needs at most 2",
+        free
+    );
+    // Donating one page of a fresh block needs a split table and a stage-1
+    // table: NO_MEMORY too, nothing changed.
+    let fresh = pfn(test_block(boot, 12)?);
+    expect(Donate, fresh, 1, NO_MEMORY)?;
+    expect_view(fresh, 1, HOST_OWNED_2M, "page of a refused donation")?;
+    // A whole block whose stage-1 table the hypervisor already has (the
+    // one donate_reclaim_whole_block used) needs no table page: accepted,
+    // and its 512 pages join the pool.
+    let b = pfn(TEST_BASE + 4 * BLOCK);
+    expect_view(b, 1, HOST_OWNED_2M, "block 4 before donating it")?;
+    ok(Donate, b, BLOCK_PAGES)?;
+    ensure_eq!(
+        stat(stat::FREE_POOL_PAGES)?,
+        free + BLOCK_PAGES,
+        "free pool pages after donating a whole block"
+    );
+    // The refused calls now succeed, their tables taken from the donation.
+    ok(Share, refused, 1)?;
+    ensure_eq!(
+        view(refused)?.1,
+        1,
+        "host state of the page shared on retry"
+    );
+    ok(Donate, fresh, 1)?;
+    expect_view(fresh, 1, HYP_NOPAGE, "retried donation")?;
+    ok(Reclaim, fresh, 1)?;
+    expect_view(fresh, 1, HOST_OWNED_2M, "reclaimed page")?;
+    // Some donated pages now hold the hypervisor's tables: the block
+    // cannot be reclaimed whole, and the refusal changes nothing.
+    let before = counters()?;
+    expect(Reclaim, b, BLOCK_PAGES, DENIED)?;
+    for q in [b, b + BLOCK_PAGES / 2, b + BLOCK_PAGES - 1] {
+        expect_view(q, 1, HYP_NOPAGE, "donated block after a refused reclaim")?;
+    }
+    ensure_eq!(
+        counters()?,
+        before,
+        "HYP_STATS 0..4 after a refused reclaim"
+    );
+    // Unshare everything again.
+    ok(Unshare, refused, 1)?;
+    for &p in &shared[..n] {
+        ok(Unshare, p, 1)?;
+        expect_view(p, 1, (owner::HOST, 0, view(p)?.2), "unshared page")?;
     }
     Ok(())
 }
