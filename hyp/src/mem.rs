@@ -331,7 +331,7 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
         let range = pfn_range(&self.ram, pfn, nr)?;
         self.check(range, Request::HostUnshareHyp, g)?;
         self.hyp
-            .unmap(range.start, range.len(), &self.pool)
+            .unmap(range.start, range.len(), &mut self.pool)
             .map_err(s1_err)?;
         self.mmu.invalidate_range(range.start, range.len());
         Ok(())
@@ -390,7 +390,7 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
                 // pool.va in the hypervisor's stage 1 until just below.
                 unsafe { core::ptr::write_bytes(self.pool.va(pa), 0, PAGE as usize) };
                 self.mmu.flush_dcache(self.pool.va(pa) as u64, PAGE);
-                self.hyp.unmap(pa, PAGE, &self.pool).map_err(s1_err)?;
+                self.hyp.unmap(pa, PAGE, &mut self.pool).map_err(s1_err)?;
                 self.mmu.invalidate_range(pa, PAGE);
             } else {
                 zero(self, pa);

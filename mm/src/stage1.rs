@@ -253,7 +253,15 @@ impl Stage1 {
     /// Removes the leaves that map [va, va + len); each leaf must lie wholly
     /// inside the range. Returns how many leaves were removed; the caller
     /// invalidates the TLB for the range.
-    pub fn unmap(&mut self, va: u64, len: u64, pages: &impl TablePages) -> Result<usize, S1Error> {
+    /// Tables left empty go back to `pages`; the caller's TLB invalidation
+    /// of the range (TLBI VAE2IS, all levels) also drops their walk-cache
+    /// entries, and must come before the pages are reused.
+    pub fn unmap(
+        &mut self,
+        va: u64,
+        len: u64,
+        pages: &mut impl TablePages,
+    ) -> Result<usize, S1Error> {
         check_range(va, 0, len)?;
         // Check the whole range first, so a failure changes nothing.
         let mut off = 0;
@@ -273,7 +281,43 @@ impl Stage1 {
             removed += 1;
             off += size;
         }
+        // Once per 2 MiB (one level-3 table) of the range.
+        let mut v = va & !(BLOCK_2M - 1);
+        while v < va + len {
+            self.prune(v, pages);
+            v += BLOCK_2M;
+        }
         Ok(removed)
+    }
+
+    /// Frees the empty tables on the path to `va`, deepest first.
+    fn prune(&mut self, va: u64, pages: &mut impl TablePages) {
+        let mut path = [(0u64, 0usize); 3];
+        let mut table = self.root;
+        let mut depth = 0;
+        for (level, slot) in path.iter_mut().enumerate() {
+            let idx = index(va, level);
+            let desc = Self::entry(pages, table, idx);
+            if desc & 0b11 != 0b11 {
+                break;
+            }
+            *slot = (table, idx);
+            table = desc & OA_MASK;
+            depth = level + 1;
+        }
+        // path[l] = (table at level l, index of the child at level l + 1).
+        for l in (0..depth).rev() {
+            let (parent, idx) = path[l];
+            let child = Self::entry(pages, parent, idx) & OA_MASK;
+            // SAFETY: `child` is one of our table pages.
+            let empty = unsafe { (*pages.table_ptr(child)).iter().all(|&d| d == 0) };
+            if !empty {
+                break;
+            }
+            Self::set_entry(pages, parent, idx, 0);
+            pages.free_table(child);
+            self.tables -= 1;
+        }
     }
 
     /// The lowest mapped VA in [va, va + len), skipping unmapped subtrees
@@ -541,15 +585,35 @@ mod tests {
             .unwrap();
         s1.map(0x40_0000, 0x40_0000, 2 * PAGE, Perm::ReadWrite, &mut p)
             .unwrap();
-        assert_eq!(s1.unmap(0x20_0000, PAGE, &p), Err(S1Error::NotMapped));
-        assert_eq!(s1.unmap(0x40_0000, 3 * PAGE, &p), Err(S1Error::NotMapped));
+        let tables = s1.table_pages();
+        assert_eq!(s1.unmap(0x20_0000, PAGE, &mut p), Err(S1Error::NotMapped));
+        assert_eq!(
+            s1.unmap(0x40_0000, 3 * PAGE, &mut p),
+            Err(S1Error::NotMapped)
+        );
         assert!(
             s1.translate(0x40_0000, &p).is_some(),
             "a refused unmap changes nothing"
         );
-        assert_eq!(s1.unmap(0x40_0000, 2 * PAGE, &p), Ok(2));
-        assert_eq!(s1.unmap(0x20_0000, BLOCK_2M, &p), Ok(1));
+        assert_eq!(s1.unmap(0x40_0000, PAGE, &mut p), Ok(1));
+        assert_eq!(
+            (p.freed, s1.table_pages()),
+            (0, tables),
+            "the L3 table still maps a page"
+        );
+        assert_eq!(s1.unmap(0x40_1000, PAGE, &mut p), Ok(1));
+        assert_eq!(
+            (p.freed, s1.table_pages()),
+            (1, tables - 1),
+            "the empty L3 table is freed"
+        );
+        assert_eq!(s1.unmap(0x20_0000, BLOCK_2M, &mut p), Ok(1));
         assert_eq!(s1.translate(0x20_0000, &p), None);
-        assert_eq!(p.freed, 0);
+        assert_eq!(
+            s1.table_pages(),
+            1,
+            "every empty table is freed, the root stays"
+        );
+        assert_eq!(p.freed, 3);
     }
 }

@@ -119,6 +119,30 @@ fn boot_dtb(pa: u64) -> Option<&'static [u8]> {
     Some(unsafe { core::slice::from_raw_parts(pa as *const u8, size as usize) })
 }
 
+/// Bytes the host kernel will occupy: for an arm64 Image, the header's
+/// image_size (its bss and early page tables lie beyond the file), else the
+/// module's size.
+fn kernel_footprint(module: Range) -> u64 {
+    const ARM64_MAGIC: u32 = 0x644d_5241; // "ARM\x64"
+    if module.size() < 64 {
+        return module.size();
+    }
+    // SAFETY: the module lies in RAM (the loader put it there) and is at
+    // least 64 bytes long; the MMU is off, so its address is readable.
+    let (magic, image_size) = unsafe {
+        let base = module.start as *const u8;
+        (
+            (base.add(56) as *const u32).read_unaligned(),
+            (base.add(16) as *const u64).read_unaligned(),
+        )
+    };
+    if magic == ARM64_MAGIC {
+        image_size.max(module.size())
+    } else {
+        module.size()
+    }
+}
+
 /// This CPU's per-CPU data.
 pub fn this_cpu() -> &'static CpuLocal {
     // SAFETY: TPIDR_EL2 is set (entry.S, CPU bring-up) to this CPU's
@@ -171,10 +195,14 @@ extern "C" fn keel_main(dtb_pa: u64, load_base: u64) -> ! {
     }
 
     let image = Range::new(sections.start, sections.end);
+    let kernel = Range::new(
+        info.kernel.range.start,
+        info.kernel.range.start + kernel_footprint(info.kernel.range),
+    );
     let mut avoid = [
         Range::new(dtb_pa, dtb_pa + dtb.len() as u64),
-        info.kernel.range,
-        info.kernel.range,
+        kernel,
+        kernel,
     ];
     if let Some(rd) = info.ramdisk {
         avoid[2] = rd;
