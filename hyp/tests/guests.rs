@@ -1,0 +1,1038 @@
+//! The VM calls through the real dispatcher: host calls with
+//! `Hyp::host_hvc`, guest calls and exits with `Hyp::guest_trap` and
+//! fabricated syndromes, VCPU_RUN with `begin_run`/`end_run`, on simulated
+//! machines (64 MiB, or 2 GiB of lazily backed RAM for 1 GiB blocks). The
+//! invariant checker (KEEL_CHECK_INVARIANTS) runs after every call that
+//! may change something.
+
+mod common;
+
+use common::{slot, Config, Machine, BIG, ESR_HVC, ESR_SMC, GIB, MIB2, RAM_BASE};
+use keel_abi::{exit, func, stat, status};
+use keel_hyp::guest::{Action, Trap, TrapKind};
+use keel_hyp::hvc::Return;
+use keel_hyp::mem::PAGE;
+use keel_hyp::vm::{Vcpu, MAX_VCPUS, MAX_VMS};
+
+const OWNED: u64 = 0;
+const SHARED_OWNED: u64 = 1;
+const SHARED_BORROWED: u64 = 2;
+const NOPAGE: u64 = 3;
+
+const OK: i64 = status::SUCCESS;
+const NOT_SUPPORTED: i64 = status::NOT_SUPPORTED;
+const INVALID: i64 = status::INVALID_PARAMETER;
+const DENIED: i64 = status::DENIED;
+const NO_MEMORY: i64 = status::NO_MEMORY;
+const BUSY: i64 = status::BUSY;
+
+/// A host page of the small machine well away from the hypervisor.
+const FREE_2M: u64 = 0x4100_0000;
+
+fn pfn(pa: u64) -> u64 {
+    pa / PAGE
+}
+
+impl Machine {
+    fn create(&self, nr_vcpus: u64) -> u64 {
+        let r = self.call(func::VM_CREATE, &[nr_vcpus, 0]);
+        assert_eq!(r.regs[0], 0, "VM_CREATE");
+        self.assert_invariants("VM_CREATE");
+        r.regs[1]
+    }
+
+    fn donate(&self, h: u64, pa: u64, ipa: u64, nr: u64) -> i64 {
+        self.checked(func::VM_DONATE, &[h, pfn(pa), ipa, nr])
+    }
+
+    fn share(&self, h: u64, pa: u64, ipa: u64, nr: u64) -> i64 {
+        self.checked(func::VM_SHARE, &[h, pfn(pa), ipa, nr])
+    }
+
+    fn reclaim(&self, pa: u64, nr: u64) -> i64 {
+        self.checked(func::HOST_RECLAIM, &[pfn(pa), nr])
+    }
+
+    /// Everything a refused call must leave as it was: MEM_STATE of every
+    /// page, HYP_STATS 0..4, VM_MEM_STATE of every page of the first
+    /// `ipa_window` bytes of each live VM.
+    fn snapshot(&self, handles: &[u64], ipa_window: u64) -> Vec<(u64, u64, u64)> {
+        let mut v: Vec<_> = (RAM_BASE..self.cfg.ram_end())
+            .step_by(PAGE as usize)
+            .map(|pa| self.mem_state(pa))
+            .collect();
+        for i in 0..stat::HYPERCALLS {
+            v.push((i, self.stat(i), 0));
+        }
+        for &h in handles {
+            for ipa in (0..ipa_window).step_by(PAGE as usize) {
+                v.push(self.vm_mem_state(h, ipa));
+            }
+        }
+        v
+    }
+
+    /// Panics with the first difference from `before`.
+    fn unchanged(&self, before: &[(u64, u64, u64)], handles: &[u64], ipa_window: u64, what: &str) {
+        let now = self.snapshot(handles, ipa_window);
+        assert_eq!(now.len(), before.len());
+        if let Some(i) = (0..now.len()).find(|&i| now[i] != before[i]) {
+            let pages = ((self.cfg.ram_end() - RAM_BASE) / PAGE) as usize;
+            let at = if i < pages {
+                format!("MEM_STATE of {:#x}", RAM_BASE + i as u64 * PAGE)
+            } else if i < pages + stat::HYPERCALLS as usize {
+                format!("HYP_STATS {}", i - pages)
+            } else {
+                let j = i - pages - stat::HYPERCALLS as usize;
+                let per = (ipa_window / PAGE) as usize;
+                format!(
+                    "VM_MEM_STATE of {:#x} at {:#x}",
+                    handles[j / per],
+                    (j % per) as u64 * PAGE
+                )
+            };
+            panic!("{what}: {at} was {:x?}, is {:x?}", before[i], now[i]);
+        }
+    }
+
+    /// Starts VCPU_RUN of vCPU 0 of `h`: the ticket's vCPU registers,
+    /// exclusively the caller's while it is Running (until end_run).
+    #[allow(clippy::mut_from_ref)]
+    fn run(&self, h: u64, completion: u64) -> (keel_hyp::host::RunTicket, &mut Vcpu) {
+        let t = self.hyp.begin_run(h, 0, completion).expect("VCPU_RUN");
+        // SAFETY: the vCPU is Running, so only the ticket's holder (this
+        // test) touches it until end_run.
+        let vcpu = unsafe { &mut *t.vcpu };
+        (t, vcpu)
+    }
+
+    fn trap(&self, h: u64, vcpu: &mut Vcpu, esr: u64, far: u64, hpfar: u64) -> Action {
+        self.hyp.guest_trap(
+            slot(h),
+            vcpu,
+            &Trap {
+                kind: TrapKind::Sync,
+                esr,
+                far,
+                hpfar,
+            },
+        )
+    }
+}
+
+/// A machine big enough for 1 GiB blocks: RAM 0x4000_0000..0xC000_0000,
+/// so 0x8000_0000..0xC000_0000 is a whole 1 GiB host block.
+fn big() -> Machine {
+    Machine::new(Config::new(2 * GIB, 1 << 20))
+}
+
+#[test]
+fn vm_create_limits_and_errors() {
+    let m = Machine::small();
+    let r = m.call(func::HYP_FEATURES, &[]);
+    assert_eq!(
+        r.regs[..4],
+        [0, keel_abi::BLOCK_SIZES, MAX_VMS as u64, MAX_VCPUS as u64]
+    );
+    let tables = m.stat(stat::TABLE_PAGES);
+    for (nr, flags) in [
+        (0, 0),
+        (MAX_VCPUS as u64 + 1, 0),
+        (u64::MAX, 0),
+        (1, 1),
+        (1, u64::MAX),
+    ] {
+        assert_eq!(
+            m.checked(func::VM_CREATE, &[nr, flags]),
+            INVALID,
+            "{nr} {flags}"
+        );
+    }
+    let handles: Vec<u64> = (0..MAX_VMS as u64)
+        .map(|i| m.create(i % MAX_VCPUS as u64 + 1))
+        .collect();
+    assert_eq!(
+        handles,
+        (0..MAX_VMS as u64).map(|i| 0x1000 + i).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        m.stat(stat::TABLE_PAGES),
+        tables + MAX_VMS as u64,
+        "one root page per VM"
+    );
+    assert_eq!(
+        m.checked(func::VM_CREATE, &[1, 0]),
+        NO_MEMORY,
+        "every slot taken"
+    );
+    assert_eq!(m.checked(func::VM_DESTROY, &[0x1003]), OK);
+    assert_eq!(
+        m.checked(func::VM_DESTROY, &[0x1003]),
+        INVALID,
+        "already gone"
+    );
+    for h in [0, 1, 0xfff, 0x1000 + MAX_VMS as u64, u64::MAX] {
+        assert_eq!(m.checked(func::VM_DESTROY, &[h]), INVALID, "{h:#x}");
+    }
+    assert_eq!(m.create(2), 0x1003, "a free slot is reused");
+    for h in handles {
+        assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    }
+    assert_eq!(m.stat(stat::TABLE_PAGES), tables, "roots returned");
+}
+
+#[test]
+fn donate_1g_share_one_page_unshare_restores_the_block() {
+    let _big = BIG.lock().unwrap_or_else(|e| e.into_inner());
+    let m = big();
+    let h = m.create(1);
+    let (pa, ipa, nr) = (0x8000_0000u64, GIB, GIB / PAGE);
+    assert_eq!(m.mem_state(pa), (0, OWNED, GIB), "host 1G block");
+    // The guest's memory, as the host wrote it before donating.
+    for off in [0, 5 * PAGE, MIB2, GIB - PAGE] {
+        m.fill(pa + off, 0x77);
+    }
+    let tables = m.stat(stat::TABLE_PAGES);
+    let host_tables = m.host_tables();
+    assert_eq!(m.donate(h, pa, ipa, nr), OK);
+    for off in [0, 5 * PAGE, MIB2, GIB - PAGE] {
+        assert_eq!(
+            m.vm_mem_state(h, ipa + off),
+            (pfn(pa + off), OWNED, GIB),
+            "1G block at {off:#x}"
+        );
+        assert_eq!(m.mem_state(pa + off), (h, NOPAGE, 0));
+    }
+    assert_eq!(m.vm_tables(h), (1, 0), "the block sits in the root");
+    assert_eq!(
+        m.host_tables(),
+        host_tables,
+        "the host's block became one entry"
+    );
+    assert_eq!(m.stat(stat::TABLE_PAGES), tables);
+    assert_eq!(
+        m.checked(func::HOST_RECLAIM, &[pfn(pa), 1]),
+        DENIED,
+        "a live VM's page"
+    );
+
+    // MEM_SHARE of one page splits the guest block down to 4K: an L2 and
+    // an L3 table; the host maps the page 4K, through two tables too.
+    let splits = m.stat(stat::BLOCK_SPLITS);
+    let page = ipa + 5 * PAGE;
+    assert_eq!(m.guest_checked(slot(h), func::MEM_SHARE, page, 1), OK);
+    assert_eq!(m.vm_tables(h), (1, 2));
+    assert_eq!(m.host_tables(), host_tables + 2);
+    assert_eq!(m.stat(stat::TABLE_PAGES), tables + 4);
+    assert!(m.stat(stat::BLOCK_SPLITS) >= splits + 2);
+    assert_eq!(m.mem_state(pa + 5 * PAGE), (h, SHARED_BORROWED, PAGE));
+    assert_eq!(m.mem_state(pa + 4 * PAGE), (h, NOPAGE, 0));
+    assert_eq!(m.vm_mem_state(h, page), (pfn(pa) + 5, SHARED_OWNED, PAGE));
+    assert_eq!(m.vm_mem_state(h, page + PAGE), (pfn(pa) + 6, OWNED, PAGE));
+    assert_eq!(m.vm_mem_state(h, ipa + MIB2), (pfn(pa + MIB2), OWNED, MIB2));
+    assert_eq!(m.vm_mem_state(h, ipa + GIB - PAGE).2, MIB2);
+    assert_eq!(m.read(pa + 5 * PAGE)[0], 0x77, "shared in place");
+
+    // Pinned: neither unshare nor relinquish.
+    assert_eq!(m.checked(func::HOST_PIN, &[pfn(pa) + 5, 1]), OK);
+    assert_eq!(m.checked(func::HOST_PIN, &[pfn(pa) + 5, 1]), OK);
+    assert_eq!(m.checked(func::HOST_PIN, &[pfn(pa) + 4, 2]), DENIED);
+    let before = (m.vm_mem_state(h, page), m.mem_state(pa + 5 * PAGE));
+    assert_eq!(m.guest_checked(slot(h), func::MEM_UNSHARE, page, 1), BUSY);
+    assert_eq!(
+        m.guest_checked(slot(h), func::MEM_RELINQUISH, page, 1),
+        BUSY
+    );
+    assert_eq!(
+        (m.vm_mem_state(h, page), m.mem_state(pa + 5 * PAGE)),
+        before
+    );
+    assert_eq!(m.checked(func::HOST_UNPIN, &[pfn(pa) + 5, 1]), OK);
+    assert_eq!(
+        m.guest_checked(slot(h), func::MEM_UNSHARE, page, 1),
+        BUSY,
+        "one pin left"
+    );
+    assert_eq!(m.checked(func::HOST_UNPIN, &[pfn(pa) + 5, 1]), OK);
+    assert_eq!(m.checked(func::HOST_UNPIN, &[pfn(pa) + 5, 1]), DENIED);
+
+    let merges = m.stat(stat::BLOCK_MERGES);
+    assert_eq!(m.guest_checked(slot(h), func::MEM_UNSHARE, page, 0), OK);
+    assert_eq!(m.vm_mem_state(h, page), (pfn(pa) + 5, OWNED, GIB));
+    assert_eq!(m.vm_tables(h), (1, 0), "the 1G block is rebuilt");
+    assert_eq!(m.host_tables(), host_tables);
+    assert_eq!(m.stat(stat::TABLE_PAGES), tables);
+    assert!(m.stat(stat::BLOCK_MERGES) > merges);
+    assert_eq!(m.mem_state(pa + 5 * PAGE), (h, NOPAGE, 0));
+
+    // Destroy, reclaim the whole GiB: zeroed, the host block rebuilt, the
+    // slot free again.
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(m.mem_state(pa), (h, NOPAGE, 0), "still the dead VM's");
+    assert_eq!(m.reclaim(pa, nr), OK);
+    for off in [0, 5 * PAGE, MIB2, GIB - PAGE] {
+        assert!(m.read(pa + off).iter().all(|&b| b == 0), "{off:#x} zeroed");
+    }
+    assert_eq!(m.hyp.mem.lock().mmu.zeroed, nr, "every page zeroed once");
+    assert_eq!(m.mem_state(pa + 5 * PAGE), (0, OWNED, GIB));
+    assert_eq!(m.host_tables(), host_tables);
+    assert_eq!(m.create(1), h);
+}
+
+#[test]
+fn donate_2m_and_unaligned_ranges_use_the_largest_blocks() {
+    let m = Machine::small();
+    let h = m.create(1);
+    // 2M-aligned in both: one 2M block, under one L2 table.
+    assert_eq!(m.donate(h, FREE_2M, 0x20_0000, 512), OK);
+    assert_eq!(m.vm_mem_state(h, 0x20_0000), (pfn(FREE_2M), OWNED, MIB2));
+    assert_eq!(
+        m.vm_mem_state(h, 0x3f_f000),
+        (pfn(FREE_2M) + 511, OWNED, MIB2)
+    );
+    assert_eq!(m.vm_tables(h), (1, 1));
+    assert_eq!(m.mem_state(FREE_2M + PAGE), (h, NOPAGE, 0));
+    // Congruent mod 2M but 4K-offset: 511 4K pages, one 2M block, one 4K page.
+    let (pa, ipa) = (0x4140_1000, 0x40_1000);
+    assert_eq!(m.donate(h, pa, ipa, 1024), OK);
+    assert_eq!(m.vm_mem_state(h, ipa), (pfn(pa), OWNED, PAGE));
+    assert_eq!(m.vm_mem_state(h, 0x5f_f000), (pfn(pa) + 510, OWNED, PAGE));
+    assert_eq!(m.vm_mem_state(h, 0x60_0000), (pfn(pa) + 511, OWNED, MIB2));
+    assert_eq!(m.vm_mem_state(h, 0x80_0000), (pfn(pa) + 1023, OWNED, PAGE));
+    assert_eq!(m.vm_mem_state(h, 0x80_1000), (0, NOPAGE, 0));
+    // Not congruent: all 4K.
+    let (pa, ipa) = (0x4200_0000, 0x100_1000);
+    assert_eq!(m.donate(h, pa, ipa, 600), OK);
+    for i in [0, 511, 599] {
+        assert_eq!(
+            m.vm_mem_state(h, ipa + i * PAGE),
+            (pfn(pa) + i, OWNED, PAGE)
+        );
+    }
+    // One 4K page.
+    assert_eq!(m.donate(h, 0x41c0_3000, 0x200_0000, 1), OK);
+    assert_eq!(m.vm_mem_state(h, 0x200_0000), (0x41c03, OWNED, PAGE));
+    assert_eq!(m.mem_state(0x41c0_3000), (h, NOPAGE, 0));
+    assert_eq!(
+        m.mem_state(0x41c0_4000),
+        (0, OWNED, PAGE),
+        "host split around it"
+    );
+}
+
+#[test]
+fn vm_donate_and_share_errors_change_nothing() {
+    let m = Machine::small();
+    let h = m.create(1);
+    let h2 = m.create(1);
+    assert_eq!(m.donate(h, FREE_2M, 0, 16), OK);
+    assert_eq!(m.share(h, FREE_2M + 16 * PAGE, 0x10_0000, 4), OK);
+    assert_eq!(m.checked(func::HOST_SHARE_HYP, &[pfn(FREE_2M) + 32, 1]), OK);
+    let before = m.snapshot(&[h, h2], 2 * MIB2);
+    let fresh = pfn(0x4200_0000);
+    let ram_end = pfn(m.cfg.ram_end());
+    let cases: &[(u64, u64, u64, u64, i64)] = &[
+        // handle, pfn, ipa, nr
+        (0x0fff, fresh, 0, 1, INVALID),
+        (0x1000 + MAX_VMS as u64, fresh, 0, 1, INVALID),
+        (0x1002, fresh, 0, 1, INVALID), // a free slot
+        (u64::MAX, fresh, 0, 1, INVALID),
+        (h, fresh, 0x20_0000, 0, INVALID),
+        (h, fresh, 0x20_0800, 1, INVALID),
+        (h, fresh, 1 << 39, 1, INVALID),
+        (h, fresh, (1 << 39) - PAGE, 2, INVALID),
+        (h, fresh, u64::MAX - PAGE + 1, 1, INVALID),
+        (h, fresh, 0x20_0000, u64::MAX, INVALID),
+        (h, fresh, 0x20_0000, u64::MAX / PAGE + 1, INVALID),
+        (h, 0, 0x20_0000, 1, INVALID),
+        (h, pfn(RAM_BASE) - 1, 0x20_0000, 2, INVALID),
+        (h, ram_end - 1, 0x20_0000, 2, INVALID),
+        (h, ram_end, 0x20_0000, 1, INVALID),
+        (h, u64::MAX, 0x20_0000, 1, INVALID),
+        (h, u64::MAX / PAGE, 0x20_0000, 1, INVALID),
+        // the hypervisor's memory, at both ends of it
+        (h, pfn(m.cfg.hyp.start), 0x20_0000, 1, DENIED),
+        (h, pfn(m.cfg.hyp.start) - 2, 0x20_0000, 3, DENIED),
+        (h, pfn(m.cfg.hyp.end) - 1, 0x20_0000, 2, DENIED),
+        (h, pfn(m.cfg.pool.start), 0x20_0000, 1, DENIED),
+        // a page already the guest's, lent to it, shared with the hypervisor
+        (h, pfn(FREE_2M) + 15, 0x20_0000, 1, DENIED),
+        (h2, pfn(FREE_2M), 0x20_0000, 1, DENIED),
+        (h, pfn(FREE_2M) + 19, 0x20_0000, 2, DENIED),
+        (h2, pfn(FREE_2M) + 16, 0x20_0000, 1, DENIED),
+        (h, pfn(FREE_2M) + 31, 0x20_0000, 2, DENIED),
+        // an IPA already mapped (first page, last page)
+        (h, fresh, 0, 1, DENIED),
+        (h, fresh, 0x0f_f000, 3, DENIED),
+        (h, fresh, 0x10_3000, 1, DENIED),
+    ];
+    for &(hh, p, ipa, nr, want) in cases {
+        for id in [func::VM_DONATE, func::VM_SHARE] {
+            assert_eq!(
+                m.checked(id, &[hh, p, ipa, nr]),
+                want,
+                "{id:#x} {hh:#x} pfn {p:#x} ipa {ipa:#x} nr {nr:#x}"
+            );
+        }
+    }
+    m.unchanged(&before, &[h, h2], 2 * MIB2, "all or nothing");
+}
+
+#[test]
+fn guest_share_unshare_relinquish() {
+    let m = Machine::small();
+    let h = m.create(1);
+    let s = slot(h);
+    assert_eq!(m.donate(h, FREE_2M, 0, 16), OK);
+    assert_eq!(m.share(h, 0x4200_0000, 0x10_0000, 2), OK);
+    for i in 0..16 {
+        m.fill(FREE_2M + i * PAGE, 0x40 + i as u8);
+    }
+    // nr 0 means 1.
+    assert_eq!(m.guest_checked(s, func::MEM_SHARE, 2 * PAGE, 0), OK);
+    assert_eq!(m.mem_state(FREE_2M + 2 * PAGE), (h, SHARED_BORROWED, PAGE));
+    assert_eq!(m.mem_state(FREE_2M + 3 * PAGE), (h, NOPAGE, 0));
+    assert_eq!(m.guest_checked(s, func::MEM_SHARE, 3 * PAGE, 4), OK);
+    for i in 2..7 {
+        assert_eq!(m.mem_state(FREE_2M + i * PAGE).1, SHARED_BORROWED);
+        assert_eq!(m.vm_mem_state(h, i * PAGE).1, SHARED_OWNED);
+    }
+    assert_eq!(
+        m.read(FREE_2M + 4 * PAGE)[9],
+        0x44,
+        "the host sees the guest's data"
+    );
+    for (ipa, nr, want, what) in [
+        (6 * PAGE, 2, DENIED, "already shared (first page)"),
+        (0, 3, DENIED, "already shared (last page)"),
+        (0x10_0000, 1, DENIED, "a page the host lent"),
+        (0x800, 1, INVALID, "misaligned"),
+        (0, u64::MAX, INVALID, "huge nr"),
+        (1 << 39, 1, INVALID, "outside the IPA space"),
+        (!0xfff, 2, INVALID, "overflow"),
+    ] {
+        assert_eq!(m.guest_checked(s, func::MEM_SHARE, ipa, nr), want, "{what}");
+    }
+    for (ipa, nr, want, what) in [
+        (0, 3, DENIED, "not shared"),
+        (6 * PAGE, 2, DENIED, "the last page is not shared"),
+        (0x10_0000, 1, DENIED, "a page the host lent"),
+        (0x800, 1, INVALID, "misaligned"),
+    ] {
+        assert_eq!(
+            m.guest_checked(s, func::MEM_UNSHARE, ipa, nr),
+            want,
+            "{what}"
+        );
+    }
+    assert_eq!(m.guest_checked(s, func::MEM_UNSHARE, 2 * PAGE, 2), OK);
+    assert_eq!(m.mem_state(FREE_2M + 3 * PAGE), (h, NOPAGE, 0));
+    assert_eq!(m.vm_mem_state(h, 3 * PAGE), (pfn(FREE_2M) + 3, OWNED, PAGE));
+
+    // Relinquish a run of private and shared pages: zeroed, the host's.
+    assert_eq!(
+        m.guest_checked(s, func::MEM_RELINQUISH, 0x10_0000, 1),
+        DENIED
+    );
+    assert_eq!(
+        m.guest_checked(s, func::MEM_RELINQUISH, 15 * PAGE, 2),
+        DENIED
+    );
+    assert_eq!(m.guest_checked(s, func::MEM_RELINQUISH, 3 * PAGE, 3), OK);
+    for i in 3..6 {
+        assert_eq!(m.mem_state(FREE_2M + i * PAGE).1, OWNED, "page {i}");
+        assert!(
+            m.read(FREE_2M + i * PAGE).iter().all(|&b| b == 0),
+            "page {i}"
+        );
+        assert_eq!(m.vm_mem_state(h, i * PAGE), (0, NOPAGE, 0));
+    }
+    assert_eq!(m.read(FREE_2M + 6 * PAGE)[0], 0x46, "not relinquished");
+    assert_eq!(
+        m.guest_checked(s, func::MEM_RELINQUISH, 3 * PAGE, 1),
+        DENIED,
+        "gone"
+    );
+    // The slot owes 16 - 3 + 2 pages: destroy and reclaim them all.
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(m.reclaim(FREE_2M, 3), OK);
+    assert_eq!(
+        m.reclaim(FREE_2M + 3 * PAGE, 1),
+        DENIED,
+        "the host's already"
+    );
+    assert_eq!(m.reclaim(FREE_2M + 6 * PAGE, 10), OK);
+}
+
+#[test]
+fn vm_share_and_unshare() {
+    let m = Machine::small();
+    let h = m.create(1);
+    let pa = 0x4200_0000;
+    m.fill(pa, 0x11);
+    assert_eq!(m.share(h, pa, MIB2, 3), OK);
+    assert_eq!(m.mem_state(pa).0, 0);
+    assert_eq!(m.mem_state(pa).1, SHARED_OWNED);
+    assert_ne!(m.mem_state(pa).2, 0, "the host keeps access");
+    assert_eq!(
+        m.vm_mem_state(h, MIB2 + PAGE),
+        (pfn(pa) + 1, SHARED_BORROWED, PAGE)
+    );
+    assert_eq!(m.guest_checked(slot(h), func::MEM_SHARE, MIB2, 1), DENIED);
+    assert_eq!(
+        m.checked(func::HOST_PIN, &[pfn(pa), 1]),
+        DENIED,
+        "the host's own page"
+    );
+    assert_eq!(m.checked(func::HOST_SHARE_HYP, &[pfn(pa), 1]), DENIED);
+    assert_eq!(m.checked(func::HOST_DONATE_HYP, &[pfn(pa), 1]), DENIED);
+    assert_eq!(m.checked(func::VM_UNSHARE, &[h, MIB2, 4]), DENIED);
+    assert_eq!(m.checked(func::VM_UNSHARE, &[h, MIB2 + 0x800, 1]), INVALID);
+    assert_eq!(m.checked(func::VM_UNSHARE, &[h, MIB2, 0]), INVALID);
+    assert_eq!(m.checked(func::VM_UNSHARE, &[h + 1, MIB2, 1]), INVALID);
+    assert_eq!(m.checked(func::VM_UNSHARE, &[h, MIB2, 3]), OK);
+    assert_eq!(
+        m.mem_state(pa),
+        (0, OWNED, MIB2),
+        "the host block is whole again"
+    );
+    assert_eq!(m.vm_mem_state(h, MIB2), (0, NOPAGE, 0));
+    assert_eq!(m.read(pa)[0], 0x11, "the host's page is not zeroed");
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(m.create(1), h, "nothing owed: the slot is free at once");
+}
+
+#[test]
+fn destroy_then_reclaim_zeroes_every_page_and_frees_the_slot() {
+    let m = Machine::small();
+    let handles: Vec<u64> = (0..MAX_VMS).map(|_| m.create(2)).collect();
+    let h = handles[3];
+    let s = slot(h);
+    let (a, b) = (FREE_2M, 0x4180_3000);
+    assert_eq!(m.donate(h, a, 0, 512), OK);
+    assert_eq!(m.donate(h, b, 0x100_0000, 20), OK);
+    for p in (a..a + MIB2)
+        .step_by(PAGE as usize)
+        .chain((b..b + 20 * PAGE).step_by(PAGE as usize))
+    {
+        m.fill(p, 0xee);
+    }
+    assert_eq!(m.guest_checked(s, func::MEM_SHARE, 0x100_0000, 2), OK);
+    assert_eq!(m.checked(func::HOST_PIN, &[pfn(b), 1]), OK);
+    let before = m.snapshot(&handles, 0);
+    assert_eq!(m.reclaim(a, 1), DENIED, "live VM");
+    assert_eq!(m.reclaim(b, 1), DENIED, "live VM, shared with the host");
+    assert_eq!(
+        m.reclaim(b - PAGE, 2),
+        DENIED,
+        "the host's own page, then a live VM's"
+    );
+    m.unchanged(&before, &handles, 0, "all or nothing");
+
+    let tables = m.stat(stat::TABLE_PAGES);
+    let (root, below) = m.vm_tables(h);
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(
+        m.stat(stat::TABLE_PAGES),
+        tables - (root + below) as u64,
+        "the VM's tables go back to the pool at once"
+    );
+    assert_eq!(m.checked(func::VM_MEM_STATE, &[h, 0]), INVALID);
+    assert_eq!(
+        m.checked(func::VM_DONATE, &[h, pfn(0x4200_0000), 0, 1]),
+        INVALID
+    );
+    assert_eq!(m.mem_state(a), (h, NOPAGE, 0), "a dead VM's page");
+    assert_eq!(
+        m.checked(func::VM_CREATE, &[1, 0]),
+        NO_MEMORY,
+        "the slot still owes pages"
+    );
+    assert_eq!(m.reclaim(a, 512), OK);
+    assert_eq!(m.mem_state(a + PAGE), (0, OWNED, MIB2));
+    assert_eq!(
+        m.checked(func::VM_CREATE, &[1, 0]),
+        NO_MEMORY,
+        "20 pages still owed"
+    );
+    assert_eq!(
+        m.reclaim(b, 20),
+        OK,
+        "pinned and shared pages of a dead VM too"
+    );
+    for p in (a..a + MIB2)
+        .step_by(PAGE as usize)
+        .chain((b..b + 20 * PAGE).step_by(PAGE as usize))
+    {
+        assert!(m.read(p).iter().all(|&x| x == 0), "{p:#x} zeroed");
+        assert_eq!(m.mem_state(p).0, 0);
+    }
+    assert_eq!(m.reclaim(b, 1), DENIED, "already reclaimed");
+    assert_eq!(m.create(1), h, "the slot is reused");
+    assert_eq!(m.vm_mem_state(h, 0), (0, NOPAGE, 0), "a fresh VM");
+}
+
+#[test]
+fn two_vms_cannot_touch_each_others_pages() {
+    let m = Machine::small();
+    let (a, b) = (m.create(1), m.create(1));
+    assert_eq!(m.donate(a, FREE_2M, 0, 8), OK);
+    assert_eq!(m.share(a, 0x4200_0000, 0x10_0000, 2), OK);
+    assert_eq!(m.guest_checked(slot(a), func::MEM_SHARE, 0, 2), OK);
+    assert_eq!(m.donate(b, 0x4180_0000, 0, 8), OK);
+    let before = m.snapshot(&[a, b], MIB2);
+    // The host cannot hand A's pages (private, shared with the host, or
+    // the host's page lent to A) to B.
+    for p in [FREE_2M, FREE_2M + 4 * PAGE, 0x4200_0000] {
+        assert_eq!(m.donate(b, p, 0x20_0000, 1), DENIED);
+        assert_eq!(m.share(b, p, 0x20_0000, 1), DENIED);
+    }
+    assert_eq!(m.checked(func::VM_UNSHARE, &[b, 0x10_0000, 1]), DENIED);
+    // B's calls reach only B's IPA space: at IPA 0 B has its own pages.
+    assert_eq!(m.guest_checked(slot(b), func::MEM_UNSHARE, 0, 2), DENIED);
+    assert_eq!(
+        m.guest_checked(slot(b), func::MEM_RELINQUISH, 0x10_0000, 1),
+        DENIED
+    );
+    m.unchanged(&before, &[a, b], MIB2, "all or nothing");
+    assert_eq!(m.guest_checked(slot(b), func::MEM_SHARE, 0, 1), OK);
+    assert_eq!(m.mem_state(0x4180_0000), (b, SHARED_BORROWED, PAGE));
+    assert_eq!(m.mem_state(FREE_2M), (a, SHARED_BORROWED, PAGE));
+    assert_eq!(m.vm_mem_state(a, 0).0, pfn(FREE_2M));
+    assert_eq!(m.vm_mem_state(b, 0).0, pfn(0x4180_0000));
+    // Destroying A leaves B alone.
+    assert_eq!(m.checked(func::VM_DESTROY, &[a]), OK);
+    assert_eq!(m.reclaim(0x4180_0000, 1), DENIED, "B is alive");
+    assert_eq!(m.vm_mem_state(b, 0), (pfn(0x4180_0000), SHARED_OWNED, PAGE));
+}
+
+/// A data abort: ISV, SAS = log2(size), SSE, SRT, SF, WnR; DFSC 0x07
+/// (translation fault, level 3) unless `dfsc` says otherwise.
+fn dabt(size: u64, sign: bool, reg: u64, sf: bool, write: bool, dfsc: u64) -> u64 {
+    (0x24 << 26)
+        | (1 << 25)
+        | (1 << 24)
+        | (size.trailing_zeros() as u64) << 22
+        | u64::from(sign) << 21
+        | reg << 16
+        | u64::from(sf) << 15
+        | u64::from(write) << 6
+        | dfsc
+}
+
+#[test]
+fn mmio_exits_and_completions() {
+    let m = Machine::small();
+    let h = m.create(1);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x8_0000, 0xabc]), OK);
+    let ipa = 0x0900_0124u64;
+    let (far, hpfar) = (0xffff_8000_1234_5124, (ipa >> 12) << 4);
+
+    // A 4-byte write of x5: the value is truncated to the access size.
+    let (t, v) = m.run(h, 0);
+    assert_eq!(v.x[0], 0xabc, "x0 from VCPU_INIT");
+    assert_eq!(v.pc, 0x8_0000);
+    v.x[5] = 0x1122_3344_5566_7788;
+    let a = m.trap(h, v, dabt(4, false, 5, true, true, 0x07), far, hpfar);
+    assert_eq!(
+        a,
+        Action::Exit([exit::MMIO, ipa, 1 | 4 << 8 | 5 << 16, 0x5566_7788])
+    );
+    m.hyp.end_run(&t);
+
+    // Completing the write skips the instruction; registers stay.
+    let (t, v) = m.run(h, 0xdead);
+    assert_eq!(v.pc, 0x8_0004);
+    assert_eq!(v.x[5], 0x1122_3344_5566_7788);
+    // Reads: (size, sign-extend, 64-bit register, completion) -> register.
+    let reads = [
+        (1, true, true, 0x180, 0xffff_ffff_ffff_ff80),
+        (1, true, false, 0x80, 0xffff_ff80),
+        (1, false, true, 0xff80, 0x80),
+        (2, false, true, 0x12345, 0x2345),
+        (2, true, true, 0x8001, 0xffff_ffff_ffff_8001),
+        (4, true, true, 0x7fff_ffff, 0x7fff_ffff),
+        (4, false, false, 0x1_8000_0000, 0x8000_0000),
+        (8, false, true, u64::MAX - 1, u64::MAX - 1),
+    ];
+    let mut pc = 0x8_0004;
+    let mut t = t;
+    let mut v = v;
+    for (i, (size, sign, sf, value, want)) in reads.into_iter().enumerate() {
+        v.x[7] = 0x5555;
+        let a = m.trap(h, v, dabt(size, sign, 7, sf, false, 0x06), 0x24, hpfar);
+        assert_eq!(
+            a,
+            Action::Exit([exit::MMIO, (ipa & !0xfff) | 0x24, size << 8 | 7 << 16, 0]),
+            "read {i}"
+        );
+        m.hyp.end_run(&t);
+        (t, v) = m.run(h, value);
+        pc += 4;
+        assert_eq!((v.x[7], v.pc), (want, pc), "read {i}: {value:#x}");
+    }
+    // A read into xzr (SRT 31) changes no register.
+    let x = v.x;
+    m.trap(h, v, dabt(8, false, 31, true, false, 0x07), 0, hpfar);
+    m.hyp.end_run(&t);
+    let (t, v) = m.run(h, 0x99);
+    assert_eq!((v.x, v.pc), (x, pc + 4));
+    // An abort without a valid syndrome, or a permission fault: the guest
+    // cannot continue.
+    let esr = dabt(4, false, 1, true, false, 0x07) & !(1 << 24);
+    assert_eq!(
+        m.trap(h, v, esr, 0, hpfar),
+        Action::Exit([exit::FAULT, esr, 0, 0])
+    );
+    m.hyp.end_run(&t);
+    let r = m.hyp.begin_run(h, 0, 0).err().expect("failed for good");
+    assert_eq!(r.regs[..3], [0, exit::FAULT, esr]);
+    assert_eq!(
+        m.checked(func::VCPU_INIT, &[h, 0, 0x8_0000, 0]),
+        OK,
+        "reset"
+    );
+    let (t, v) = m.run(h, 0);
+    let esr = dabt(4, false, 1, true, true, 0x0f);
+    assert_eq!(
+        m.trap(h, v, esr, 0, hpfar),
+        Action::Exit([exit::FAULT, esr, 0, 0])
+    );
+    m.hyp.end_run(&t);
+}
+
+#[test]
+fn hypercall_exits_and_guest_calls() {
+    let m = Machine::small();
+    let h = m.create(2);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 1, 0x1000, 0]), OK);
+    let t = m.hyp.begin_run(h, 1, 0).expect("run vCPU 1");
+    // SAFETY: Running: the ticket's vCPU is ours until end_run.
+    let v = unsafe { &mut *t.vcpu };
+    v.pc = 0x2004;
+    v.x[..6].copy_from_slice(&[0xC600_0050, 11, 22, 33, 44, 55]);
+    assert_eq!(
+        m.trap(h, v, ESR_HVC, 0, 0),
+        Action::Exit([exit::HYPERCALL, 0xC600_0050, 11, 22])
+    );
+    m.hyp.end_run(&t);
+    let t = m.hyp.begin_run(h, 1, 0x1234).expect("run");
+    // SAFETY: as above.
+    let v = unsafe { &mut *t.vcpu };
+    assert_eq!(
+        (v.x[0], v.x[1], v.pc),
+        (0x1234, 11, 0x2004),
+        "x3 of VCPU_RUN lands in x0"
+    );
+    // Calls the hypervisor answers in place.
+    let guest = |v: &mut Vcpu, id: u64, esr: u64| {
+        v.x[0] = id;
+        let a = m.trap(h, v, esr, 0, 0);
+        (a, v.x[0])
+    };
+    assert_eq!(guest(v, func::HYP_MEMINFO, ESR_HVC), (Action::Resume, 4096));
+    assert_eq!(
+        guest(v, func::FEATURES, ESR_HVC).1,
+        keel_abi::FEATURES_BITMAP
+    );
+    for id in [
+        func::VM_CREATE,
+        func::MEM_STATE,
+        func::HOST_RECLAIM,
+        func::KEEL_CHECK_INVARIANTS,
+    ] {
+        assert_eq!(
+            guest(v, id, ESR_HVC),
+            (Action::Resume, NOT_SUPPORTED as u64),
+            "{id:#x}"
+        );
+    }
+    assert_eq!(
+        guest(v, func::HYP_MEMINFO, ESR_HVC | 1),
+        (Action::Resume, NOT_SUPPORTED as u64),
+        "HVC #1"
+    );
+    // PSCI over SMC: VERSION in place, SYSTEM_OFF exits for good.
+    v.pc = 0x3000;
+    assert_eq!(guest(v, 0x8400_0000, ESR_SMC), (Action::Resume, 0x1_0000));
+    assert_eq!(v.pc, 0x3004, "the SMC is stepped over");
+    assert_eq!(guest(v, 0x8400_0001, ESR_SMC).1, NOT_SUPPORTED as u64);
+    assert_eq!(
+        guest(v, 0x8400_0008, ESR_SMC).0,
+        Action::Exit([exit::SYSTEM_OFF, 0, 0, 0])
+    );
+    m.hyp.end_run(&t);
+    let r = m.hyp.begin_run(h, 1, 0).err().expect("off");
+    assert_eq!(r.regs[..3], [0, exit::SYSTEM_OFF, 0]);
+    // An IRQ exits without touching the vCPU.
+    let h2 = m.create(1);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h2, 0, 0, 0]), OK);
+    let (t, v) = m.run(h2, 0);
+    v.x[0] = 0x8400_0009;
+    assert_eq!(
+        m.trap(h2, v, ESR_SMC, 0, 0),
+        Action::Exit([exit::SYSTEM_OFF, 1, 0, 0])
+    );
+    m.hyp.end_run(&t);
+    assert_eq!(
+        m.hyp.begin_run(h2, 0, 0).err().unwrap().regs[..3],
+        [0, exit::SYSTEM_OFF, 1]
+    );
+    assert_eq!(m.checked(func::VM_DESTROY, &[h2]), OK);
+    m.assert_invariants("exits");
+}
+
+#[test]
+fn bad_handles_and_vcpu_indices() {
+    let m = Machine::small();
+    let h = m.create(2);
+    let bad = [
+        0,
+        0xfff,
+        0x1001,
+        0x1000 + MAX_VMS as u64,
+        u64::MAX,
+        0x1_0000_1000,
+    ];
+    for b in bad {
+        assert_eq!(m.checked(func::VCPU_INIT, &[b, 0, 0, 0]), INVALID);
+        assert_eq!(m.checked(func::VM_MEM_STATE, &[b, 0]), INVALID);
+        assert_eq!(m.checked(func::VM_UNSHARE, &[b, 0, 1]), INVALID);
+        assert_eq!(m.checked(func::VM_DESTROY, &[b]), INVALID);
+        let r = m.hyp.begin_run(b, 0, 0).err().expect("refused");
+        assert_eq!(r, Return::status(INVALID), "{b:#x}");
+    }
+    for i in [2, 3, MAX_VCPUS as u64, u64::MAX] {
+        assert_eq!(
+            m.checked(func::VCPU_INIT, &[h, i, 0, 0]),
+            INVALID,
+            "vCPU {i}"
+        );
+        assert_eq!(
+            m.hyp.begin_run(h, i, 0).err(),
+            Some(Return::status(INVALID))
+        );
+    }
+    for entry in [2, (1 << 39) + 4, !3] {
+        assert_eq!(
+            m.checked(func::VCPU_INIT, &[h, 0, entry, 0]),
+            INVALID,
+            "{entry:#x}"
+        );
+    }
+    assert_eq!(
+        m.hyp.begin_run(h, 1, 0).err(),
+        Some(Return::status(INVALID)),
+        "never initialized"
+    );
+    assert_eq!(m.checked(func::VM_MEM_STATE, &[h, 0x800]), INVALID);
+    assert_eq!(m.checked(func::VM_MEM_STATE, &[h, 1 << 39]), INVALID);
+    // A running vCPU: BUSY for VCPU_INIT, VCPU_RUN and VM_DESTROY.
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 1, 0, 0]), OK);
+    let t = m.hyp.begin_run(h, 1, 0).expect("run");
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 1, 0, 0]), BUSY);
+    assert_eq!(m.hyp.begin_run(h, 1, 0).err(), Some(Return::status(BUSY)));
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), BUSY);
+    m.hyp.end_run(&t);
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(
+        m.checked(func::VCPU_INIT, &[h, 0, 0, 0]),
+        INVALID,
+        "destroyed"
+    );
+    for idx in [stat::COUNT, u64::MAX] {
+        assert_eq!(m.checked(func::HYP_STATS, &[idx]), INVALID);
+    }
+    assert_eq!(
+        m.checked(func::VCPU_RUN, &[h, 0, 0]),
+        NOT_SUPPORTED,
+        "not through host_hvc"
+    );
+}
+
+#[test]
+fn refused_calls_change_nothing_including_no_memory() {
+    let m = Machine::small();
+    let (a, b) = (m.create(1), m.create(1));
+    assert_eq!(m.donate(a, FREE_2M, 0, 512), OK);
+    assert_eq!(m.donate(a, 0x4140_0000, MIB2, 8), OK);
+    assert_eq!(m.share(a, 0x4180_0000, 0x40_0000, 4), OK);
+    assert_eq!(m.guest_checked(slot(a), func::MEM_SHARE, MIB2, 2), OK);
+    assert_eq!(m.checked(func::HOST_PIN, &[pfn(0x4140_1000), 1]), OK);
+    let handles = [a, b];
+    let before = m.snapshot(&handles, 3 * MIB2);
+    let hcalls = m.stat(stat::HYPERCALLS);
+    let host: &[(u64, &[u64], i64)] = &[
+        (func::HOST_RECLAIM, &[pfn(0x4140_0000), 8], DENIED),
+        (func::HOST_RECLAIM, &[pfn(0x4180_0000), 1], DENIED),
+        (func::VM_UNSHARE, &[a, 0x40_0000, 5], DENIED),
+        (func::VM_UNSHARE, &[a, 0x3f_f000, 2], DENIED),
+        (func::HOST_PIN, &[pfn(0x4140_0000), 3], DENIED),
+        (func::HOST_UNPIN, &[pfn(0x4140_0000), 2], DENIED),
+        (func::HOST_SHARE_HYP, &[pfn(0x4180_0000) - 1, 2], DENIED),
+        (
+            func::VM_DONATE,
+            &[b, pfn(0x4180_3000), 0x10_0000, 2],
+            DENIED,
+        ),
+        (func::VM_SHARE, &[a, pfn(0x4200_0000), 0x1f_f000, 2], DENIED),
+    ];
+    for &(id, args, want) in host {
+        assert_eq!(m.checked(id, args), want, "{id:#x} {args:x?}");
+    }
+    for (id, ipa, nr, want) in [
+        (func::MEM_SHARE, MIB2 + PAGE, 2, DENIED),
+        (func::MEM_UNSHARE, MIB2 + PAGE, 2, BUSY),
+        (func::MEM_UNSHARE, MIB2 + 2 * PAGE, 1, DENIED),
+        (func::MEM_UNSHARE, 0x20_0000, 2, BUSY),
+        (func::MEM_RELINQUISH, 0x20_0000, 2, BUSY),
+        (func::MEM_RELINQUISH, 0x3f_f000, 2, DENIED),
+        (func::MEM_RELINQUISH, MIB2 + 6 * PAGE, 3, DENIED),
+    ] {
+        assert_eq!(
+            m.guest_checked(slot(a), id, ipa, nr),
+            want,
+            "{id:#x} {ipa:#x} {nr}"
+        );
+    }
+    // Starve the pool: every call that needs a table page is refused.
+    let mut held = vec![];
+    while let Ok(p) = m.hyp.mem.lock().pool.alloc_zeroed() {
+        held.push(p);
+    }
+    for (id, args) in [
+        (func::VM_DONATE, &[b, pfn(0x4200_1000), 0x30_0000, 2][..]),
+        (func::VM_SHARE, &[b, pfn(0x4200_1000), 0x30_0000, 2]),
+        (func::VM_CREATE, &[1, 0]),
+        (func::HOST_SHARE_HYP, &[pfn(0x4200_1000), 1]),
+    ] {
+        assert_eq!(m.st(id, args), NO_MEMORY, "{id:#x} {args:x?}");
+    }
+    assert_eq!(
+        m.guest_st(slot(a), func::MEM_SHARE, 0x10_0000, 1),
+        NO_MEMORY
+    );
+    assert_eq!(
+        m.guest_st(slot(a), func::MEM_RELINQUISH, 0x10_0000, 1),
+        NO_MEMORY
+    );
+    for p in held {
+        // SAFETY: allocated above and never used.
+        unsafe { m.hyp.mem.lock().pool.free(p) };
+    }
+    m.assert_invariants("pool refilled");
+    m.unchanged(&before, &handles, 3 * MIB2, "all or nothing");
+    // Only the successful calls were counted (the two above, plus the
+    // snapshot's own MEM_STATE/HYP_STATS/VM_MEM_STATE and checks).
+    assert!(m.stat(stat::HYPERCALLS) > hcalls);
+}
+
+#[test]
+fn hypercalls_are_counted_only_when_they_succeed() {
+    let m = Machine::small();
+    let n = m.stat(stat::HYPERCALLS);
+    // HYP_STATS itself succeeded: +1.
+    assert_eq!(m.st(func::VM_CREATE, &[0, 0]), INVALID);
+    assert_eq!(m.st(func::VM_DESTROY, &[0x1000]), INVALID);
+    assert_eq!(m.stat(stat::HYPERCALLS), n + 1);
+    let h = m.create(1); // +1, and its invariant check +1
+    assert_eq!(m.guest_st(slot(h), func::MEM_RELINQUISH, 0, 1), DENIED);
+    assert_eq!(m.stat(stat::HYPERCALLS), n + 4);
+    assert_eq!(m.stat(stat::HOST_ABORTS), 0);
+}
+
+// ---- Disagreements with ABI.md found by these tests ----
+
+// BUG: host pages shared into a VM (VM_SHARE) can never come back once the
+// VM is destroyed. ABI.md: HOST_RECLAIM returns "pages of destroyed VMs",
+// and VM_DESTROY makes "all its pages reclaimable"; vm.rs `reclaim` means to
+// return such pages "as they are" (owner::Page::LentToDead), but
+// mem.rs `Memory::page` reads every host SHARED_OWNED leaf as
+// `Page::SharedWithGuest(u16::MAX)` without asking whether the borrower is
+// dead, so `transition(.., HostReclaim)` is DENIED. VM_UNSHARE is INVALID
+// too (the VM is not live), so the pages stay SHARED_OWNED forever, the
+// slot stays Dead (its `pages` never reach 0) and is never reused.
+#[test]
+#[ignore]
+fn bug_host_pages_lent_to_a_destroyed_vm_are_reclaimable() {
+    let m = Machine::small();
+    let handles: Vec<u64> = (0..MAX_VMS).map(|_| m.create(1)).collect();
+    let h = handles[0];
+    assert_eq!(m.share(h, 0x4200_0000, 0, 1), OK);
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(
+        m.reclaim(0x4200_0000, 1),
+        OK,
+        "returned to the host as it is"
+    );
+    assert_eq!(m.mem_state(0x4200_0000).1, OWNED);
+    assert_eq!(m.create(1), h, "nothing owed: the slot is reusable");
+}
+
+// BUG: VM_UNSHARE of a range the guest maps with more than 64 leaves is
+// refused with INVALID_PARAMETER (vm.rs `VmOps::unshare`: `runs` is a fixed
+// array of 64 and "More fragments than one call handles"). ABI.md allows
+// INVALID_PARAMETER only for misaligned, zero-length, overflowing or
+// out-of-space ranges and bad handles; VM_UNSHARE is the "reverse of
+// VM_SHARE", which accepted the same range. Reproduction: VM_SHARE 65 pages
+// at a pfn/IPA pair not congruent mod 2 MiB (65 4K leaves), then VM_UNSHARE
+// the same 65 pages.
+#[test]
+#[ignore]
+fn bug_vm_unshare_of_many_4k_leaves() {
+    let m = Machine::small();
+    let h = m.create(1);
+    assert_eq!(m.share(h, 0x4200_0000, 0x1000, 65), OK);
+    assert_eq!(m.checked(func::VM_UNSHARE, &[h, 0x1000, 65]), OK);
+}
+
+// BUG: after VM_DESTROY, a page the dead guest had shared with the host
+// (MEM_SHARE) is reported by MEM_STATE as NOPAGE (owner the dead handle)
+// while the host stage 2 still maps it (x3 = 4096), and the host can keep
+// reading and writing it until HOST_RECLAIM. ABI.md: MEM_STATE x2 is the
+// host's state and x3 the size of the host mapping (0 if unmapped); a host
+// access to a page it "neither owns nor borrows never reaches the page".
+// Either the page stays SHARED_BORROWED until reclaimed, or VM_DESTROY
+// removes the host's mapping (mem.rs `Memory::page` maps a dead lender to
+// Page::Dead, whose host view is NOPAGE, but nothing unmaps it).
+#[test]
+#[ignore]
+fn bug_dead_vm_shared_page_is_nopage_but_host_mapped() {
+    let m = Machine::small();
+    let h = m.create(1);
+    assert_eq!(m.donate(h, FREE_2M, 0, 1), OK);
+    assert_eq!(m.guest_checked(slot(h), func::MEM_SHARE, 0, 1), OK);
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    let (_, state, size) = m.mem_state(FREE_2M);
+    assert_eq!(
+        state == NOPAGE,
+        size == 0,
+        "MEM_STATE says {state} with a {size}-byte host mapping"
+    );
+}
+
+// BUG: guest MEM_SHARE and MEM_UNSHARE of a range with an unmapped IPA (in
+// the guest's IPA space, 4K aligned) return INVALID_PARAMETER instead of
+// DENIED. ABI.md: INVALID_PARAMETER is for misaligned, zero-length or
+// overflowing ranges and IPAs outside the IPA space; a page "not in the
+// state ... the call requires" is DENIED, which MEM_RELINQUISH returns for
+// the same range. Cause: vm.rs `guest_share`/`guest_unshare` compute
+// `vm.s2.pages_needed(.., Change::State(..))` before walking the range with
+// `mapped_runs` (whose unmapped case is DENIED); the engine refuses a state
+// change on an unmapped range with MmError::NotMapped, which `mm()` maps to
+// CallError::Invalid.
+#[test]
+#[ignore]
+fn bug_guest_share_of_unmapped_ipa_is_denied() {
+    let m = Machine::small();
+    let h = m.create(1);
+    assert_eq!(m.guest_checked(slot(h), func::MEM_SHARE, 0, 1), DENIED);
+    assert_eq!(m.guest_checked(slot(h), func::MEM_UNSHARE, 0, 1), DENIED);
+    assert_eq!(m.guest_checked(slot(h), func::MEM_RELINQUISH, 0, 1), DENIED);
+    assert_eq!(m.donate(h, FREE_2M, 0, 1), OK);
+    assert_eq!(
+        m.guest_checked(slot(h), func::MEM_SHARE, 0, 2),
+        DENIED,
+        "last page unmapped"
+    );
+}
