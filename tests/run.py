@@ -72,6 +72,10 @@ SUITES = {
         "bootargs": "",
         "doc": "host memory calls: share/unshare/donate/reclaim, MEM_STATE, HYP_STATS, errors, invariants after every call",
     },
+    "guests": {
+        "bootargs": "",
+        "doc": "protected VMs: a guest agent (tests/hostkernel/src/guest.S) run through VCPU_RUN; donate, share/unshare, block splits and merges, pins, teardown, isolation, exits",
+    },
     "bench": {
         "bootargs": "",
         "doc": "costs of the host calls as `bench NAME VALUE UNIT` lines (tests/bench.py boots it with -icount)",

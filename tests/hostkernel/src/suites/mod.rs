@@ -7,14 +7,16 @@ pub mod bench;
 pub mod boot;
 pub mod crash;
 pub mod demo;
+pub mod guests;
 pub mod host_abi;
 pub mod isolation;
 pub mod selftest;
 
-pub static ALL: [&Suite; 7] = [
+pub static ALL: [&Suite; 8] = [
     &boot::SUITE,
     &isolation::SUITE,
     &host_abi::SUITE,
+    &guests::SUITE,
     &selftest::SUITE,
     &demo::SUITE,
     &bench::SUITE,

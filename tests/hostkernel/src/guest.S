@@ -1,0 +1,264 @@
+/*
+ * The test guest: a command agent that the `guests` suite copies into
+ * donated pages and runs at guest EL1, MMU off, at its first byte.
+ * Position independent (only PC-relative branches and `adr`), no stack, no
+ * FP/SIMD (CPACR_EL1 is 0 in a fresh vCPU), aligned 8-byte accesses only
+ * (with the MMU off data accesses are Device memory).
+ *
+ * Protocol (tests/hostkernel/src/suites/guests.rs, `Guest`):
+ *   - at entry it reports (HELLO, x0): x0 is the VCPU_INIT argument;
+ *   - then, for ever: it reads a command from the mailbox, four 8-byte
+ *     MMIO reads at MBOX + 0, 8, 16, 24 (op, a1, a2, a3) that the host
+ *     completes, runs it and reports (r1, r2);
+ *   - a report is a vendor call REPORT (x0 = 0xC6000FF0, x1 = r1, x2 = r2)
+ *     that keel does not handle: a HYPERCALL exit with x3 = r1, x4 = r2.
+ */
+    .section .rodata.keel_guest, "a"
+    .balign 16
+    .global keel_guest_start
+    .global keel_guest_end
+keel_guest_start:
+    mov     x20, x0
+    movz    x19, #0x0a00, lsl #16           /* MBOX IPA 0x0a000000 */
+    mov     x1, x20
+    movz    x2, #0x4845                     /* "HE": hello */
+    bl      99f
+
+1:  /* next command */
+    ldr     x10, [x19]
+    ldr     x11, [x19, #8]
+    ldr     x12, [x19, #16]
+    ldr     x13, [x19, #24]
+    cmp     x10, #1
+    b.eq    10f
+    cmp     x10, #2
+    b.eq    20f
+    cmp     x10, #3
+    b.eq    30f
+    cmp     x10, #4
+    b.eq    40f
+    cmp     x10, #5
+    b.eq    50f
+    cmp     x10, #6
+    b.eq    60f
+    cmp     x10, #7
+    b.eq    70f
+    cmp     x10, #8
+    b.eq    80f
+    cmp     x10, #9
+    b.eq    90f
+    cmp     x10, #10
+    b.eq    100f
+    cmp     x10, #11
+    b.eq    110f
+    cmp     x10, #12
+    b.eq    120f
+    /* unknown: report (-1, op) */
+    mov     x1, #-1
+    mov     x2, x10
+    bl      99f
+    b       1b
+
+10: /* HVC: x0 = a1, x1 = a2, x2 = a3; report (x0, x1) */
+    mov     x0, x11
+    mov     x1, x12
+    mov     x2, x13
+    hvc     #0
+    mov     x2, x1
+    mov     x1, x0
+    bl      99f
+    b       1b
+
+20: /* SMC: as HVC */
+    mov     x0, x11
+    mov     x1, x12
+    mov     x2, x13
+    smc     #0
+    mov     x2, x1
+    mov     x1, x0
+    bl      99f
+    b       1b
+
+30: /* WRITE: [a1] = a2; report (0, 0) */
+    str     x12, [x11]
+    mov     x1, #0
+    mov     x2, #0
+    bl      99f
+    b       1b
+
+40: /* READ: report ([a1], 0) */
+    ldr     x1, [x11]
+    mov     x2, #0
+    bl      99f
+    b       1b
+
+50: /* FILL: for each 8 bytes at addr in [a1, a1 + a2): addr ^ a3; report (0, 0) */
+    cbz     x12, 52f
+51: eor     x14, x11, x13
+    str     x14, [x11], #8
+    subs    x12, x12, #8
+    b.hi    51b
+52: mov     x1, #0
+    mov     x2, #0
+    bl      99f
+    b       1b
+
+60: /* CHECK: as FILL's pattern; report (0, 0), or (1, first bad address) */
+    cbz     x12, 62f
+61: ldr     x14, [x11]
+    eor     x15, x11, x13
+    cmp     x14, x15
+    b.ne    63f
+    add     x11, x11, #8
+    subs    x12, x12, #8
+    b.hi    61b
+62: mov     x1, #0
+    mov     x2, #0
+    bl      99f
+    b       1b
+63: mov     x1, #1
+    mov     x2, x11
+    bl      99f
+    b       1b
+
+70: /* SHARE_LOOP: a2 times MEM_SHARE + MEM_UNSHARE of the page at a1, timed
+     * with CNTVCT_EL0; report (ticks, 0), or (-1, status) at a failure */
+    isb
+    mrs     x21, cntvct_el0
+    cbz     x12, 72f
+71: movz    x0, #3
+    movk    x0, #0xc600, lsl #16            /* MEM_SHARE */
+    mov     x1, x11
+    mov     x2, #0
+    hvc     #0
+    cbnz    x0, 73f
+    movz    x0, #4
+    movk    x0, #0xc600, lsl #16            /* MEM_UNSHARE */
+    mov     x1, x11
+    mov     x2, #0
+    hvc     #0
+    cbnz    x0, 73f
+    subs    x12, x12, #1
+    b.ne    71b
+72: isb
+    mrs     x22, cntvct_el0
+    sub     x1, x22, x21
+    mov     x2, #0
+    bl      99f
+    b       1b
+73: mov     x2, x0
+    mov     x1, #-1
+    bl      99f
+    b       1b
+
+80: /* MMIO_READ at a1 into x5, by a2: 0 ldr x5, 1 ldr w5, 2 ldrb w5,
+     * 3 ldrsh x5; x5 starts as a3; report (x5, 0) */
+    mov     x5, x13
+    cmp     x12, #1
+    b.eq    81f
+    cmp     x12, #2
+    b.eq    82f
+    cmp     x12, #3
+    b.eq    83f
+    ldr     x5, [x11]
+    b       84f
+81: ldr     w5, [x11]
+    b       84f
+82: ldrb    w5, [x11]
+    b       84f
+83: ldrsh   x5, [x11]
+84: mov     x1, x5
+    mov     x2, #0
+    bl      99f
+    b       1b
+
+90: /* MMIO_WRITE of a2 at a1 from x7, by a3: 0 str x7, 1 str w7, 2 strb w7 */
+    mov     x7, x12
+    cmp     x13, #1
+    b.eq    91f
+    cmp     x13, #2
+    b.eq    92f
+    str     x7, [x11]
+    b       93f
+91: str     w7, [x11]
+    b       93f
+92: strb    w7, [x11]
+93: mov     x1, #0
+    mov     x2, #0
+    bl      99f
+    b       1b
+
+100: /* CONSOLE: the message below, byte by byte, to the UART IPA
+      * 0x09000000; report (bytes written, 0) */
+    movz    x9, #0x0900, lsl #16
+    adr     x10, 109f
+    mov     x1, #0
+101: ldrb   w11, [x10], #1
+    cbz     w11, 102f
+    strb    w11, [x9]
+    add     x1, x1, #1
+    b       101b
+102: mov    x2, #0
+    bl      99f
+    b       1b
+
+110: /* FAULT: a load pair from a1 (no instruction syndrome: keel cannot
+      * emulate it); reports (x1, x2) only if it does not fault */
+    ldp     x1, x2, [x11]
+    bl      99f
+    b       1b
+
+120: /* REGS: x4..x17 and x19..x28 keep their values across an HVC from
+      * the guest (the call in a1, a2, a3): x4..x17 = a1 + n, checked;
+      * report (0, status) or (1, first bad register number) */
+    add     x4, x11, #4
+    add     x5, x11, #5
+    add     x6, x11, #6
+    add     x7, x11, #7
+    add     x8, x11, #8
+    add     x9, x11, #9
+    add     x10, x11, #10
+    add     x14, x11, #14
+    add     x15, x11, #15
+    add     x16, x11, #16
+    add     x17, x11, #17
+    mov     x21, x11
+    mov     x0, x11
+    mov     x1, x12
+    mov     x2, x13
+    hvc     #0
+    mov     x22, x0
+    mov     x1, #4
+    add     x23, x21, #4
+    cmp     x4, x23
+    b.ne    121f
+    mov     x1, #7
+    add     x23, x21, #7
+    cmp     x7, x23
+    b.ne    121f
+    mov     x1, #10
+    add     x23, x21, #10
+    cmp     x10, x23
+    b.ne    121f
+    mov     x1, #17
+    add     x23, x21, #17
+    cmp     x17, x23
+    b.ne    121f
+    mov     x1, #0
+    mov     x2, x22
+    bl      99f
+    b       1b
+121: mov    x2, x1
+    mov     x1, #1
+    bl      99f
+    b       1b
+
+99: /* REPORT (x1, x2); returns with x0 = the host's completion value */
+    movz    x0, #0x0ff0
+    movk    x0, #0xc600, lsl #16
+    hvc     #0
+    ret
+
+109: .asciz "keel guest: hello from EL1\n"
+    .balign 16
+keel_guest_end:
