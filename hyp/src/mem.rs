@@ -342,13 +342,26 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
         let range = pfn_range(&self.ram, pfn, nr)?;
         self.check(range, Request::HostDonateHyp, g)?;
         self.pool.check_donate(pfn, nr).map_err(mm_err)?;
-        let s1 = self.hyp.pages_needed(range.start, range.len(), &self.pool);
+        // Donation is how the host refills an empty pool, so it may use the
+        // pool's reserve for its own tables: it never gets stuck.
+        self.pool.open_reserve(true);
+        let r = self.donate_range(range, pfn, nr);
+        self.pool.open_reserve(false);
+        r
+    }
+
+    fn donate_range(&mut self, range: Range, pfn: u64, nr: u64) -> Result<(), CallError> {
+        // Whole 2 MiB blocks are mapped as blocks in the hypervisor's stage 1
+        // (no table), the ragged ends as pages.
+        let s1 = self
+            .hyp
+            .pages_needed_blocks(range.start, range.len(), &self.pool);
         self.ensure_pages(self.need(range, Change::Unmap(ANN_HYP_DONATED))? + s1)?;
         self.host
             .unmap(&mut self.pool, range.start, range.len(), ANN_HYP_DONATED)
             .map_err(mm_err)?;
         self.hyp
-            .map_pages(
+            .map(
                 range.start,
                 range.start,
                 range.len(),
@@ -357,6 +370,19 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
             )
             .map_err(s1_err)?;
         self.pool.donate(pfn, nr).map_err(mm_err)
+    }
+
+    /// Whether the hypervisor maps `pa` with a 2 MiB block that extends
+    /// beyond `range` (so unmapping part of it needs a split first).
+    fn block_sticks_out(&self, pa: u64, range: Range) -> bool {
+        const BLOCK: u64 = 2 << 20;
+        match self.hyp.leaf(pa, &self.pool) {
+            Some((_, size)) if size == BLOCK => {
+                let start = pa & !(BLOCK - 1);
+                start < range.start || start + BLOCK > range.end
+            }
+            _ => false,
+        }
     }
 
     /// HOST_RECLAIM: free donated pages and pages of dead VMs go back to
@@ -378,23 +404,57 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
             state: PageState::Owned,
         };
         // Donated pages leave the pool before the host mapping is built, so
-        // they do not count as available for its tables.
+        // they do not count as available for its tables; a block of the
+        // hypervisor's stage 1 that the range cuts needs a table to split.
         let donated = (pfn..pfn + nr)
             .filter(|&p| self.pool.donated_in_use(p) == Some(false))
             .count();
-        self.ensure_pages(self.need(range, change)? + donated)?;
-        for pa in (range.start..range.end).step_by(PAGE as usize) {
-            if self.pool.donated_in_use(pa / PAGE) == Some(false) {
-                self.pool.reclaim_donated(pa / PAGE, 1).map_err(mm_err)?;
+        let is_donated = |m: &Self, pa: u64| m.pool.donated_in_use(pa / PAGE) == Some(false);
+        let splits = [range.start, range.end - PAGE]
+            .iter()
+            .filter(|&&pa| is_donated(self, pa) && self.block_sticks_out(pa, range))
+            .count();
+        let splits = if splits == 2 && (range.start >> 21) == ((range.end - PAGE) >> 21) {
+            1
+        } else {
+            splits
+        };
+        self.ensure_pages(self.need(range, change)? + donated + splits)?;
+        // Unmap the donated runs from the hypervisor's stage 1 (splitting
+        // blocks the range cuts), clearing each page while it is still
+        // mapped; clear the other pages (a dead guest's) through `zero`.
+        let mut pa = range.start;
+        while pa < range.end {
+            if !is_donated(self, pa) {
+                zero(self, pa);
+                pa += PAGE;
+                continue;
+            }
+            let mut end = pa;
+            while end < range.end && is_donated(self, end) {
+                self.pool.reclaim_donated(end / PAGE, 1).map_err(mm_err)?;
                 // SAFETY: a free donated page: ours alone, and mapped at
                 // pool.va in the hypervisor's stage 1 until just below.
-                unsafe { core::ptr::write_bytes(self.pool.va(pa), 0, PAGE as usize) };
-                self.mmu.flush_dcache(self.pool.va(pa) as u64, PAGE);
-                self.hyp.unmap(pa, PAGE, &mut self.pool).map_err(s1_err)?;
-                self.mmu.invalidate_range(pa, PAGE);
-            } else {
-                zero(self, pa);
+                unsafe { core::ptr::write_bytes(self.pool.va(end), 0, PAGE as usize) };
+                self.mmu.flush_dcache(self.pool.va(end) as u64, PAGE);
+                end += PAGE;
             }
+            let run = Range::new(pa, end);
+            for edge in [pa, end - PAGE] {
+                if self.block_sticks_out(edge, run) {
+                    let mmu = &mut self.mmu;
+                    self.hyp
+                        .split_block(edge, &mut self.pool, &mut |va| {
+                            mmu.invalidate_range(va, 2 << 20)
+                        })
+                        .map_err(s1_err)?;
+                }
+            }
+            self.hyp
+                .unmap(pa, end - pa, &mut self.pool)
+                .map_err(s1_err)?;
+            self.mmu.invalidate_range(pa, end - pa);
+            pa = end;
         }
         self.host
             .map(
@@ -516,7 +576,7 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
             }
         }
         let tables = self.table_pages() + g.table_pages();
-        if self.pool.total_pages() as u64 != self.pool.free_pages() as u64 + tables {
+        if self.pool.total_pages() as u64 != self.pool.all_free_pages() as u64 + tables {
             return violation(
                 "pool pages != free pages + table pages",
                 self.pool.total_pages() as u64,

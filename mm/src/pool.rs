@@ -48,6 +48,11 @@ pub struct PagePool {
     /// Pages the host donated, each reclaimable by name while free; used
     /// for single pages once the buddy heap is empty.
     donated: Option<&'static mut DonatedPages>,
+    /// Pages held back for the calls that bring memory in (a donation must
+    /// work even when the pool is otherwise empty), and whether they are
+    /// available right now.
+    reserve: usize,
+    reserve_open: bool,
 }
 
 impl PagePool {
@@ -65,6 +70,8 @@ impl PagePool {
             free_pages: 0,
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             donated: None,
+            reserve: 0,
+            reserve_open: false,
         })
     }
 
@@ -128,20 +135,20 @@ impl PagePool {
         if pages == 0 || !pages.is_power_of_two() || pages > MAX_CONTIGUOUS_PAGES {
             return Err(MmError::InvalidArgument);
         }
-        let layout = Self::layout(pages)?;
-        let ptr = match self.heap.alloc(layout) {
-            Ok(ptr) => ptr,
-            Err(()) if pages == 1 => {
-                let pfn = self
-                    .donated
-                    .as_mut()
-                    .and_then(|d| d.take())
-                    .ok_or(MmError::NoMemory)?;
+        if pages > self.free_pages() {
+            return Err(MmError::NoMemory);
+        }
+        // Single pages come from donated memory first: that is what the
+        // host gave it for, and it leaves the boot pages (the reserve for
+        // donations among them) untouched as long as possible.
+        if pages == 1 {
+            if let Some(pfn) = self.donated.as_mut().and_then(|d| d.take()) {
                 self.free_pages -= 1;
                 return Ok(pfn << PAGE_SHIFT);
             }
-            Err(()) => return Err(MmError::NoMemory),
-        };
+        }
+        let layout = Self::layout(pages)?;
+        let ptr = self.heap.alloc(layout).map_err(|_| MmError::NoMemory)?;
         self.free_pages -= pages;
         Ok((ptr.as_ptr() as usize).wrapping_sub(self.va_offset) as u64)
     }
@@ -231,9 +238,29 @@ impl PagePool {
         self.total_pages
     }
 
-    /// Pages currently free.
+    /// Pages free for allocation now: all free pages while the reserve is
+    /// open, else all but the reserve.
     pub fn free_pages(&self) -> usize {
+        if self.reserve_open {
+            self.free_pages
+        } else {
+            self.free_pages.saturating_sub(self.reserve)
+        }
+    }
+
+    /// Every free page, the reserve included.
+    pub fn all_free_pages(&self) -> usize {
         self.free_pages
+    }
+
+    /// Holds `pages` back from ordinary allocations.
+    pub fn set_reserve(&mut self, pages: usize) {
+        self.reserve = pages;
+    }
+
+    /// Lets allocations use the reserve (`true`) or not.
+    pub fn open_reserve(&mut self, open: bool) {
+        self.reserve_open = open;
     }
 
     /// Where the pool's page at `pa` can be accessed.

@@ -186,6 +186,16 @@ impl Stage1 {
 
     /// Table pages that `map_pages(va, .., len, ..)` would allocate.
     pub fn pages_needed(&self, va: u64, len: u64, pages: &impl TablePages) -> usize {
+        self.pages_needed_with(va, len, pages, false)
+    }
+
+    /// Table pages that `map(va, va, len, ..)` (identity, blocks where
+    /// aligned) would allocate.
+    pub fn pages_needed_blocks(&self, va: u64, len: u64, pages: &impl TablePages) -> usize {
+        self.pages_needed_with(va, len, pages, true)
+    }
+
+    fn pages_needed_with(&self, va: u64, len: u64, pages: &impl TablePages, blocks: bool) -> usize {
         // Walk the 4K leaves in VA order; a missing table at `level` is
         // counted once per distinct VA prefix it covers, and everything
         // below a missing table is missing too.
@@ -194,8 +204,10 @@ impl Stage1 {
         let end = va.saturating_add(len).min(VA_LIMIT);
         let mut v = va & !(PAGE - 1);
         while v < end {
+            let block = blocks && v.is_multiple_of(BLOCK_2M) && end - v >= BLOCK_2M;
+            let leaf_level = if block { 2 } else { 3 };
             let mut table = Some(self.root);
-            for (level, last) in last.iter_mut().enumerate().take(3) {
+            for (level, last) in last.iter_mut().enumerate().take(leaf_level) {
                 let idx = index(v, level);
                 let present = table
                     .map(|t| Self::entry(pages, t, idx))
@@ -212,7 +224,7 @@ impl Stage1 {
                     }
                 }
             }
-            v += PAGE;
+            v += if block { BLOCK_2M } else { PAGE };
         }
         needed
     }
@@ -288,6 +300,37 @@ impl Stage1 {
             v += BLOCK_2M;
         }
         Ok(removed)
+    }
+
+    /// Replaces the 2 MiB block that maps `va` by a table of 512 pages with
+    /// the same output and permissions, so that part of it can be unmapped.
+    /// `invalidate(block_va)` must drop the block's TLB entries: it is
+    /// called between removing the block and installing the table
+    /// (break-before-make). Ok(false) if `va` is not in a block.
+    pub fn split_block(
+        &mut self,
+        va: u64,
+        pages: &mut impl TablePages,
+        invalidate: &mut dyn FnMut(u64),
+    ) -> Result<bool, S1Error> {
+        let Some((table, idx, size)) = self.leaf_slot(va, pages) else {
+            return Err(S1Error::NotMapped);
+        };
+        if size != BLOCK_2M {
+            return Ok(false);
+        }
+        let block = Self::entry(pages, table, idx);
+        let new = pages.alloc_table().ok_or(S1Error::NoMemory)?;
+        self.tables += 1;
+        let attrs = block & !OA_MASK & !0b11;
+        let base = block & OA_MASK;
+        for i in 0..ENTRIES {
+            Self::set_entry(pages, new, i, (base + i as u64 * PAGE) | attrs | 0b11);
+        }
+        Self::set_entry(pages, table, idx, 0);
+        invalidate(va & !(BLOCK_2M - 1));
+        Self::set_entry(pages, table, idx, new | 0b11);
+        Ok(true)
     }
 
     /// Frees the empty tables on the path to `va`, deepest first.
@@ -551,6 +594,42 @@ mod tests {
         );
         // Next 2 MiB along: only its L3.
         assert_eq!(s1.pages_needed(0x4040_0000, BLOCK_2M, &p), 1);
+    }
+
+    #[test]
+    fn split_block_keeps_every_translation() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        s1.map(0x4020_0000, 0x4020_0000, BLOCK_2M, Perm::ReadOnly, &mut p)
+            .unwrap();
+        assert_eq!(
+            s1.pages_needed_blocks(0x4040_0000, BLOCK_2M, &p),
+            0,
+            "the L2 table exists"
+        );
+        assert_eq!(
+            s1.pages_needed(0x4040_0000, BLOCK_2M, &p),
+            1,
+            "4K pages need an L3 table"
+        );
+        let mut invalidated = vec![];
+        assert_eq!(
+            s1.split_block(0x4030_0000, &mut p, &mut |va| invalidated.push(va)),
+            Ok(true)
+        );
+        assert_eq!(invalidated, [0x4020_0000]);
+        for va in (0x4020_0000..0x4040_0000).step_by(PAGE as usize) {
+            assert_eq!(s1.leaf(va, &p).unwrap().1, PAGE);
+            assert_eq!(s1.translate(va, &p), Some(va));
+            assert_eq!(s1.permissions(va, &p), Some((false, false)));
+        }
+        assert_eq!(
+            s1.split_block(0x4030_0000, &mut p, &mut |_| {}),
+            Ok(false),
+            "already pages"
+        );
+        assert_eq!(s1.unmap(0x4030_0000, PAGE, &mut p), Ok(1));
+        assert_eq!(s1.translate(0x4030_1000, &p), Some(0x4030_1000));
     }
 
     #[test]

@@ -111,6 +111,9 @@ impl HypMmu for HwMmu {
     }
 }
 
+/// Pool pages only donations may use.
+const DONATION_RESERVE: usize = 12;
+
 /// The VM table (static: far too large for a stack).
 static VMS: spin::Mutex<Vms<HwTlb>> = spin::Mutex::new(Vms::new());
 
@@ -281,6 +284,10 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         (s.guard.start, s.stack.end, s.emergency.end)
     });
 
+    // Enough for the tables of any one donation (host stage-2 splits at both
+    // ends, the hypervisor's stage-1 tables at both ends), so the host can
+    // always refill the pool.
+    pool.set_reserve(DONATION_RESERVE);
     // SAFETY: only the boot CPU runs, and nothing else refers to DONATED.
     pool.attach_donated(unsafe { &mut *core::ptr::addr_of_mut!(DONATED) });
 

@@ -735,11 +735,17 @@ fn all_or_nothing(boot: &BootInfo) -> TestResult {
 
 fn stats_pool_accounting(boot: &BootInfo) -> TestResult {
     let p = pfn(test_block(boot, 9)?);
-    // The hypervisor maps shared and donated pages in its own stage 1 and
-    // keeps those tables; share once so that only the host stage 2 changes
-    // below.
+    // The hypervisor maps shared and donated pages in its own stage 1, and
+    // frees those tables once nothing in them is mapped: a share and an
+    // unshare leave no trace.
+    let start = counters()?;
     ok(Share, p, 1)?;
     ok(Unshare, p, 1)?;
+    ensure_eq!(
+        [counters()?[0], counters()?[1]],
+        [start[0], start[1]],
+        "table and free pages after share + unshare"
+    );
     const N: u64 = 16;
     let before = counters()?;
     ok(Donate, p, N)?;
@@ -754,9 +760,11 @@ fn stats_pool_accounting(boot: &BootInfo) -> TestResult {
         tables,
         N
     );
+    // One table for the host stage-2 split, one for the pages in the
+    // hypervisor's stage 1 (freed again when they are unmapped).
     ensure!(
-        tables == 1 && donated[2] == before[2] + 1,
-        "donating {} pages of a 2 MiB block: table pages {:+}, splits {:+}; expected one split into one table",
+        tables == 2 && donated[2] == before[2] + 1,
+        "donating {} pages of a 2 MiB block: table pages {:+}, splits {:+}; expected one split and two tables",
         N,
         tables,
         donated[2] - before[2]
@@ -915,45 +923,58 @@ fn no_memory_then_donate(boot: &BootInfo) -> TestResult {
         "{} free pool pages after NO_MEMORY on a share that needs at most 2",
         free
     );
-    // Donating one page of a fresh block needs a split table and a stage-1
-    // table: NO_MEMORY too, nothing changed.
+    // Donating is how the host refills the pool, so it works even now: its
+    // own tables (a host split, a stage-1 table) come from the pool's
+    // reserve, which nothing else may use.
     let fresh = pfn(test_block(boot, 12)?);
-    expect(Donate, fresh, 1, NO_MEMORY)?;
-    expect_view(fresh, 1, HOST_OWNED_2M, "page of a refused donation")?;
-    // A whole block whose stage-1 table the hypervisor already has (the
-    // one donate_reclaim_whole_block used) needs no table page: accepted,
-    // and its 512 pages join the pool.
+    ok(Donate, fresh, 1)?;
+    expect_view(
+        fresh,
+        1,
+        HYP_NOPAGE,
+        "page donated while the pool was exhausted",
+    )?;
+    // A whole block: its 512 pages join the pool, mapped by the hypervisor
+    // as one 2 MiB block (no table needed).
     let b = pfn(TEST_BASE + 4 * BLOCK);
     expect_view(b, 1, HOST_OWNED_2M, "block 4 before donating it")?;
     ok(Donate, b, BLOCK_PAGES)?;
-    ensure_eq!(
-        stat(stat::FREE_POOL_PAGES)?,
-        free + BLOCK_PAGES,
-        "free pool pages after donating a whole block"
+    let refilled = stat(stat::FREE_POOL_PAGES)?;
+    ensure!(
+        refilled > free + BLOCK_PAGES / 2,
+        "free pool pages {} -> {} after donating a whole block",
+        free,
+        refilled
     );
-    // The refused calls now succeed, their tables taken from the donation.
+    // The refused share now succeeds.
     ok(Share, refused, 1)?;
     ensure_eq!(
         view(refused)?.1,
         1,
         "host state of the page shared on retry"
     );
-    ok(Donate, fresh, 1)?;
-    expect_view(fresh, 1, HYP_NOPAGE, "retried donation")?;
     ok(Reclaim, fresh, 1)?;
     expect_view(fresh, 1, HOST_OWNED_2M, "reclaimed page")?;
-    // Some donated pages now hold the hypervisor's tables: the block
-    // cannot be reclaimed whole, and the refusal changes nothing.
+    // Reclaiming the block whole works if the hypervisor took none of its
+    // pages for tables, and is refused, changing nothing, if it did.
     let before = counters()?;
-    expect(Reclaim, b, BLOCK_PAGES, DENIED)?;
-    for q in [b, b + BLOCK_PAGES / 2, b + BLOCK_PAGES - 1] {
-        expect_view(q, 1, HYP_NOPAGE, "donated block after a refused reclaim")?;
+    match op(Reclaim, b, BLOCK_PAGES)? {
+        Ok(()) => {
+            expect_view(b, 1, HOST_OWNED_2M, "reclaimed block")?;
+            ok(Donate, b, BLOCK_PAGES)?;
+        }
+        Err(Error::Denied) => {
+            for q in [b, b + BLOCK_PAGES / 2, b + BLOCK_PAGES - 1] {
+                expect_view(q, 1, HYP_NOPAGE, "donated block after a refused reclaim")?;
+            }
+            ensure_eq!(
+                counters()?,
+                before,
+                "HYP_STATS 0..4 after a refused reclaim"
+            );
+        }
+        Err(e) => fail!("HOST_RECLAIM of the donated block: {:?}", e),
     }
-    ensure_eq!(
-        counters()?,
-        before,
-        "HYP_STATS 0..4 after a refused reclaim"
-    );
     // Unshare everything again.
     ok(Unshare, refused, 1)?;
     for &p in &shared[..n] {
