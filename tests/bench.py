@@ -19,6 +19,21 @@ one instruction there, however long real hardware takes.
   host_donate_reclaim_4k_ratio   HOST_DONATE_HYP + HOST_RECLAIM of one 4K page of a whole
                                  2 MiB host block (so a split and a merge each time) / null call
   host_donate_reclaim_2m_ratio   the same for a 2 MiB range, one call each / null call
+  guest_1g_map_hypercalls        hypercalls to give a guest 1 GiB of memory (one VM_DONATE)
+  guest_1g_table_pages           table pages below the guest's root that the 1 GiB needs
+                                 (HYP_STATS 0 after VM_DONATE less after VM_CREATE, whose root
+                                 is its one page; the host stage 2 only loses a 1G block)
+  guest_convert_4k_table_pages   guest stage-2 tables added by the guest's MEM_SHARE of one
+                                 4K page inside its 1G block (measured as what VM_DESTROY frees,
+                                 less the root); guest_convert_4k_table_pages_all is all of
+                                 HYP_STATS 0's growth, the host stage 2's tables for the page
+                                 it now borrows included
+  guest_revert_table_pages_delta HYP_STATS 0 after MEM_UNSHARE less before MEM_SHARE (0: both
+                                 stage 2s are back to one block)
+  guest_share_unshare_4k_ratio   MEM_SHARE + MEM_UNSHARE of that page, timed by the guest on
+                                 CNTVCT_EL0 over a loop, / the host's null call on the same clock
+  vm_destroy_ticks_4k_guest      VM_DESTROY of a VM with one 4K page (bench clock, median of 11)
+  vm_destroy_ticks_1g_guest      VM_DESTROY of a VM with 1 GiB in one block (median of 3)
   hyp_reserved_bytes             the hypervisor's reservation on a 2 GiB, 1-CPU machine
   host_stage2_table_pages        host stage-2 table pages (roots included) at boot, same machine
   boot_to_host_ms                wall time from starting QEMU to the test kernel's first output
@@ -52,7 +67,7 @@ ICOUNT = ["-icount", "shift=0,sleep=off"]
 BOOTS = 5
 # The suite booted for the boot figures: any suite would do; this one is short.
 BOOT_SUITE = "selftest"
-BENCH_RE = re.compile(r"^bench (\S+) (\d+) (\S+)")
+BENCH_RE = re.compile(r"^bench (\S+) (-?\d+) (\S+)")
 FIGURES_RE = re.compile(r"figures: hyp_reserved_bytes=(\d+) host_stage2_table_pages=(\d+)")
 ENTERING_HOST = "entering host"
 
@@ -113,7 +128,11 @@ def call_costs(opts, initrd):
             figures[m.group(1)] = (int(m.group(2)), m.group(3))
             if opts.verbose:
                 log(f"  {line}")
-    for name in ["hvc_null", "share_unshare_4k", "donate_reclaim_4k", "donate_reclaim_2m"]:
+    for name in ["hvc_null", "share_unshare_4k", "donate_reclaim_4k", "donate_reclaim_2m",
+                 "guest_1g_map_hypercalls", "guest_1g_table_pages", "guest_convert_4k_table_pages",
+                 "guest_convert_4k_table_pages_all", "guest_revert_table_pages_delta",
+                 "guest_share_unshare_4k_mticks", "hvc_null_mticks", "vm_destroy_4k_guest",
+                 "vm_destroy_1g_guest"]:
         if name not in figures:
             log(f"bench.py: the bench suite printed no `bench {name}` line")
             sys.exit(1)
@@ -184,6 +203,16 @@ def main():
         ("host_share_unshare_4k_ratio", ratio("share_unshare_4k"), "ratio"),
         ("host_donate_reclaim_4k_ratio", ratio("donate_reclaim_4k"), "ratio"),
         ("host_donate_reclaim_2m_ratio", ratio("donate_reclaim_2m"), "ratio"),
+        ("guest_1g_map_hypercalls", costs["guest_1g_map_hypercalls"][0], "calls"),
+        ("guest_1g_table_pages", costs["guest_1g_table_pages"][0], "pages"),
+        ("guest_convert_4k_table_pages", costs["guest_convert_4k_table_pages"][0], "pages"),
+        ("guest_convert_4k_table_pages_all", costs["guest_convert_4k_table_pages_all"][0], "pages"),
+        ("guest_revert_table_pages_delta", costs["guest_revert_table_pages_delta"][0], "pages"),
+        ("guest_share_unshare_4k_ratio",
+         round(costs["guest_share_unshare_4k_mticks"][0] / max(costs["hvc_null_mticks"][0], 1), 2),
+         "x hvc_null (CNTVCT)"),
+        ("vm_destroy_ticks_4k_guest", *costs["vm_destroy_4k_guest"]),
+        ("vm_destroy_ticks_1g_guest", *costs["vm_destroy_1g_guest"]),
         ("hyp_reserved_bytes", reserved, "bytes"),
         ("host_stage2_table_pages", tables, "pages"),
         ("boot_to_host_ms", round(statistics.median(times), 1), "ms"),

@@ -41,6 +41,18 @@ pub static SUITE: Suite = Suite {
             name: "donate_reclaim_2m",
             run: donate_reclaim_2m,
         },
+        Test {
+            name: "guest_1g_tables",
+            run: crate::suites::guests::bench_guest_1g_tables,
+        },
+        Test {
+            name: "guest_share_unshare",
+            run: crate::suites::guests::bench_guest_share_unshare,
+        },
+        Test {
+            name: "vm_destroy",
+            run: crate::suites::guests::bench_vm_destroy,
+        },
     ],
 };
 
@@ -108,7 +120,7 @@ fn clock() -> Clock {
     c
 }
 
-fn unit() -> &'static str {
+pub(crate) fn unit() -> &'static str {
     match clock() {
         Clock::Cycles => "cycles",
         Clock::Ticks => "ticks",
@@ -118,7 +130,7 @@ fn unit() -> &'static str {
 /// The clock, with the instruction stream synchronised on both sides so
 /// nothing of the measured code moves across the read.
 #[inline(always)]
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     let v: u64;
     // SAFETY: reading the counters has no side effects; `clock()` enabled
     // the one read here before any measurement.

@@ -1585,3 +1585,140 @@ fn back_to_boot_state(_: &BootInfo) -> TestResult {
     }
     Ok(())
 }
+
+// ---- figures for the bench suite (tests/bench.py) ----
+
+/// `bench guest_1g_*`: what mapping a 1 GiB guest and converting one of
+/// its pages costs in hypercalls and table pages (HYP_STATS 0, which counts
+/// every table: the host's stage 2, keel's stage 1 and each guest's). The
+/// guest's own share is measured by VM_DESTROY, which frees exactly the
+/// VM's stage 2 (its root and every table below it) and nothing else.
+pub(crate) fn bench_guest_1g_tables(_: &BootInfo) -> TestResult {
+    let t0 = stat_of(stat::TABLE_PAGES)?;
+    let g = Guest::create(PA_1G, IPA, GB1 / PAGE)?;
+    // Guest::create made exactly one VM_DONATE for the whole GiB.
+    expect_guest_view(&g, IPA + GB1 - PAGE, 0, GB1, "after one VM_DONATE")?;
+    println!("bench guest_1g_map_hypercalls 1 calls");
+    let mut g = g.start(1)?;
+    let mapped = stat_of(stat::TABLE_PAGES)?;
+    let ipa = IPA + 0x1234_5000;
+    g.share(ipa, 0)?;
+    let converted = stat_of(stat::TABLE_PAGES)?;
+    g.unshare(ipa, 0)?;
+    let reverted = stat_of(stat::TABLE_PAGES)?;
+    expect_guest_view(&g, ipa, 0, GB1, "after MEM_UNSHARE")?;
+    g.share(ipa, 0)?;
+    let again = stat_of(stat::TABLE_PAGES)?;
+    g.destroy()?;
+    let destroyed = stat_of(stat::TABLE_PAGES)?;
+    // The root is one page (39-bit IPA, start level 1).
+    let guest_converted = (again - destroyed).saturating_sub(1);
+    let guest_root = 1;
+    // VM_CREATE takes the root; a 1 GiB VM_DONATE adds the rest.
+    let below_root = mapped - t0 - guest_root;
+    println!("bench guest_1g_table_pages {} pages", below_root);
+    println!(
+        "bench guest_convert_4k_table_pages {} pages   (guest stage 2; HYP_STATS 0 grew by {}: {} in the host stage 2)",
+        guest_converted,
+        converted - mapped,
+        (converted - mapped).saturating_sub(guest_converted)
+    );
+    println!(
+        "bench guest_convert_4k_table_pages_all {} pages",
+        converted - mapped
+    );
+    println!(
+        "bench guest_revert_table_pages_delta {} pages",
+        reverted as i64 - mapped as i64
+    );
+    ensure_eq!(again, converted, "table pages after the second conversion");
+    g.teardown()?;
+    ensure_eq!(
+        stat_of(stat::TABLE_PAGES)?,
+        t0,
+        "table pages after teardown"
+    );
+    Ok(())
+}
+
+/// Round trips per measurement of the null call and of the guest's pair.
+const NULL_ROUNDS: u64 = 2000;
+const SHARE_ROUNDS: u64 = 200;
+
+/// `bench guest_share_unshare_4k_mticks` and `bench hvc_null_mticks`:
+/// MEM_SHARE + MEM_UNSHARE of one 4K page of a 1 GiB block as the guest
+/// times it (CNTVCT_EL0 around a loop of them), and the host's null call
+/// (HYP_FEATURES) on the same clock; in thousandths of a tick per round.
+pub(crate) fn bench_guest_share_unshare(_: &BootInfo) -> TestResult {
+    let mut g = Guest::new(PA_1G, IPA, GB1 / PAGE, 2)?;
+    let ipa = IPA + 0x1234_5000;
+    // Warm up (the first conversion builds nothing the later ones reuse,
+    // but the guest's code and keel's paths are cold).
+    ensure_eq!(g.op(Op::ShareLoop, ipa, 4, 0)?.1, 0, "warm-up loop status");
+    let mut per_pair = [0u64; 5];
+    for v in per_pair.iter_mut() {
+        let (t, s) = g.op(Op::ShareLoop, ipa, SHARE_ROUNDS, 0)?;
+        ensure!(
+            t != u64::MAX,
+            "MEM_SHARE/UNSHARE in the loop: status {}",
+            s as i64
+        );
+        *v = t * 1000 / SHARE_ROUNDS;
+    }
+    expect_guest_view(&g, ipa, 0, GB1, "after the loops")?;
+    g.teardown()?;
+    let mut null = [0u64; 5];
+    for v in null.iter_mut() {
+        let t0 = ticks();
+        for _ in 0..NULL_ROUNDS {
+            keel_abi::call::hvc(func::HYP_FEATURES, [0; 5]);
+        }
+        *v = (ticks() - t0) * 1000 / NULL_ROUNDS;
+    }
+    per_pair.sort_unstable();
+    null.sort_unstable();
+    println!(
+        "bench guest_share_unshare_4k_mticks {} mticks   (guest CNTVCT, per pair, median of 5 x {})",
+        per_pair[2], SHARE_ROUNDS
+    );
+    println!(
+        "bench hvc_null_mticks {} mticks   (host CNTVCT, HYP_FEATURES, median of 5 x {})",
+        null[2], NULL_ROUNDS
+    );
+    ensure!(null[2] > 0 && per_pair[2] > 0, "a measurement took no time");
+    Ok(())
+}
+
+/// `bench vm_destroy_{4k,1g}_guest`: VM_DESTROY of a VM with one 4 KiB
+/// page and of one with 1 GiB (one block), on the bench clock. The guest
+/// ran once (to its hello) before, so its vCPU has state too.
+pub(crate) fn bench_vm_destroy(_: &BootInfo) -> TestResult {
+    // Picks and starts the bench clock if no test did yet.
+    crate::suites::bench::unit();
+    for (name, pa, pages, rounds) in [
+        ("vm_destroy_4k_guest", slot(0), 1u64, 11usize),
+        ("vm_destroy_1g_guest", PA_1G, GB1 / PAGE, 3),
+    ] {
+        let mut v = [0u64; 11];
+        for s in v.iter_mut().take(rounds) {
+            let mut g = Guest::new(pa, IPA, pages, 3)?;
+            let t0 = crate::suites::bench::now();
+            let r = keel_abi::call::hvc(func::VM_DESTROY, [g.handle, 0, 0, 0, 0]);
+            let t1 = crate::suites::bench::now();
+            ensure!(r.status() == 0, "VM_DESTROY: status {}", r.status());
+            g.destroyed = true;
+            *s = t1 - t0;
+            g.teardown()?;
+        }
+        let v = &mut v[..rounds];
+        v.sort_unstable();
+        println!(
+            "bench {} {} {}   (median of {}, includes reading the clock)",
+            name,
+            v[rounds / 2],
+            crate::suites::bench::unit(),
+            rounds
+        );
+    }
+    Ok(())
+}
