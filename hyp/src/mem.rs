@@ -232,17 +232,20 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
                     Page::HostOwned
                 }
             }
-            // Seen from the host side the borrower does not matter.
             LeafKind::Mapped {
                 state: PageState::SharedOwned,
                 ..
-            } => Page::SharedWithGuest(u16::MAX),
+            } => match g.borrower(pa / PAGE) {
+                Some(vm) if g.is_live(vm) => Page::SharedWithGuest(vm),
+                Some(vm) => Page::LentToDead(vm),
+                None => Page::HypPrivate,
+            },
             LeafKind::Mapped {
                 state: PageState::SharedBorrowed,
                 ..
             } => match g.lender(pa / PAGE) {
                 Some((vm, pinned)) if g.is_live(vm) => Page::GuestShared { vm, pinned },
-                Some((vm, _)) => Page::Dead(vm),
+                Some((vm, _)) => Page::DeadShared(vm),
                 None => Page::HypPrivate,
             },
             LeafKind::Unmapped(ANN_HYP_DONATED) => Page::HypDonated {
@@ -521,12 +524,17 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
                                     what: "host RAM mapped with wrong attributes",
                                     addr: leaf.ipa,
                                 });
-                            } else if state == PageState::SharedBorrowed
-                                && g.lender(leaf.ipa / PAGE).is_none()
+                            } else if let Some(p) = (leaf.ipa..leaf.ipa + leaf.size)
+                                .step_by(PAGE as usize)
+                                .find(|p| match state {
+                                    PageState::SharedBorrowed => g.lender(p / PAGE).is_none(),
+                                    PageState::SharedOwned => g.borrower(p / PAGE).is_none(),
+                                    PageState::Owned => false,
+                                })
                             {
                                 bad = Some(Violation {
-                                    what: "host borrows a page no guest lends",
-                                    addr: leaf.ipa,
+                                    what: "host page shared, but no guest on the other side",
+                                    addr: p,
                                 });
                             }
                         }

@@ -278,6 +278,8 @@ fn ipa_range(ipa: u64, nr: u64) -> Result<Range, CallError> {
 fn mm(e: keel_mm::MmError) -> CallError {
     match e {
         keel_mm::MmError::NoMemory => CallError::NoMemory,
+        // A state change of pages the guest does not have.
+        keel_mm::MmError::NotMapped => CallError::Denied,
         _ => CallError::Invalid,
     }
 }
@@ -528,38 +530,34 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         if self.mem.pool.free_pages() < need {
             return Err(CallError::NoMemory);
         }
-        let mut runs = [(0u64, 0u64); 64];
-        let mut n = 0;
-        let mut overflow = false;
-        mapped_runs(vm, &*self.mem, guest, &mut |_, pa, len, _| {
-            if n < runs.len() {
-                runs[n] = (pa, len);
-                n += 1;
-            } else {
-                overflow = true;
-            }
-            Ok(())
-        })?;
-        if overflow {
-            // More fragments than one call handles; the caller can split it.
-            return Err(CallError::Invalid);
-        }
+        // The host's pages come back first (it could always reach them),
+        // walking the guest's mappings while they still say where they are;
+        // then the guest loses them.
+        let mem = &mut *self.mem;
         let Slot::Live(vm) = &mut self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
-        vm.s2
-            .unmap(&mut self.mem.pool, ipa, guest.len(), Annotation(0))
-            .map_err(mm)?;
-        vm.pages -= nr;
-        for &(pa, len) in &runs[..n] {
-            self.mem
-                .host
-                .set_state(&mut self.mem.pool, pa, len, PageState::Owned)
+        let lent = &mut self.vms.lent;
+        let mut ipa_at = guest.start;
+        while ipa_at < guest.end {
+            let leaf = vm.s2.lookup(&mem.pool, ipa_at).map_err(mm)?;
+            let LeafKind::Mapped { pa, .. } = leaf.kind else {
+                return Err(CallError::Denied);
+            };
+            let end = (leaf.ipa + leaf.size).min(guest.end);
+            let (pa, len) = (pa + (ipa_at - leaf.ipa), end - ipa_at);
+            mem.host
+                .set_state(&mut mem.pool, pa, len, PageState::Owned)
                 .map_err(mm)?;
             for p in (pa..pa + len).step_by(PAGE as usize) {
-                self.vms.lent.remove(p / PAGE);
+                lent.remove(p / PAGE);
             }
+            ipa_at = end;
         }
+        vm.s2
+            .unmap(&mut mem.pool, ipa, guest.len(), Annotation(0))
+            .map_err(mm)?;
+        vm.pages -= nr;
         Ok(())
     }
 

@@ -56,6 +56,10 @@ pub enum Page {
     GuestShared { vm: VmIndex, pinned: bool },
     /// A page of a destroyed VM, waiting for HOST_RECLAIM.
     Dead(VmIndex),
+    /// A page a destroyed VM had shared with the host: the host still
+    /// borrows it (and can read what the guest left there) until it
+    /// reclaims it, zeroed, as its own.
+    DeadShared(VmIndex),
     /// The host's page that it had shared with a VM now destroyed: the
     /// host still owns it and gets it back whole with HOST_RECLAIM.
     LentToDead(VmIndex),
@@ -102,7 +106,7 @@ pub fn transition(page: Page, req: Request) -> Result<Page, Refusal> {
         (SharedWithHyp, HostUnshareHyp) => HostOwned,
         (HostOwned, HostDonateHyp) => HypDonated { in_use: false },
         (HypDonated { in_use: false }, HostReclaim) => HostOwned,
-        (Dead(_) | LentToDead(_), HostReclaim) => HostOwned,
+        (Dead(_) | DeadShared(_) | LentToDead(_), HostReclaim) => HostOwned,
         (HostOwned, VmDonate(vm)) => GuestOwned(vm),
         (HostOwned, VmShare(vm)) => SharedWithGuest(vm),
         (SharedWithGuest(a), VmUnshare(b)) if a == b => HostOwned,
@@ -131,6 +135,7 @@ pub fn must_zero(from: Page, to: Page) -> bool {
             from,
             Page::HypDonated { .. }
                 | Page::Dead(_)
+                | Page::DeadShared(_)
                 | Page::GuestOwned(_)
                 | Page::GuestShared { .. }
         )
@@ -144,7 +149,10 @@ impl Page {
             | Page::SharedWithGuest(_)
             | Page::LentToDead(_) => Owner::Host,
             Page::HypPrivate | Page::HypDonated { .. } => Owner::Hyp,
-            Page::GuestOwned(vm) | Page::GuestShared { vm, .. } | Page::Dead(vm) => Owner::Vm(vm),
+            Page::GuestOwned(vm)
+            | Page::GuestShared { vm, .. }
+            | Page::Dead(vm)
+            | Page::DeadShared(vm) => Owner::Vm(vm),
         }
     }
 
@@ -155,7 +163,7 @@ impl Page {
             Page::SharedWithHyp | Page::SharedWithGuest(_) | Page::LentToDead(_) => {
                 View::SharedOwned
             }
-            Page::GuestShared { .. } => View::SharedBorrowed,
+            Page::GuestShared { .. } | Page::DeadShared(_) => View::SharedBorrowed,
             Page::HypPrivate | Page::HypDonated { .. } | Page::GuestOwned(_) | Page::Dead(_) => {
                 View::NoPage
             }
@@ -204,6 +212,7 @@ mod tests {
                 SharedWithGuest(vm),
                 GuestOwned(vm),
                 Dead(vm),
+                DeadShared(vm),
                 LentToDead(vm),
             ]);
             v.extend([false, true].map(|pinned| GuestShared { vm, pinned }));
@@ -239,6 +248,7 @@ mod tests {
         for vm in [A, B] {
             t.extend([
                 (Dead(vm), HostReclaim, Ok(HostOwned)),
+                (DeadShared(vm), HostReclaim, Ok(HostOwned)),
                 (LentToDead(vm), HostReclaim, Ok(HostOwned)),
                 (HostOwned, VmDonate(vm), Ok(GuestOwned(vm))),
                 (HostOwned, VmShare(vm), Ok(SharedWithGuest(vm))),
@@ -326,7 +336,11 @@ mod tests {
             assert_eq!(host_owns, owner == Owner::Host, "{page:?}");
             assert_eq!(hyp_owns, owner == Owner::Hyp, "{page:?}");
             if let Owner::Vm(_) = owner {
-                assert_eq!(vm_owns, !matches!(page, Dead(_)), "{page:?}");
+                assert_eq!(
+                    vm_owns,
+                    !matches!(page, Dead(_) | DeadShared(_)),
+                    "{page:?}"
+                );
             }
             // A borrowed page has an owner that shares it.
             if page.host_view() == View::SharedBorrowed {
