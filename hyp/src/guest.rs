@@ -47,6 +47,20 @@ mod psci {
     pub const NOT_SUPPORTED: i64 = -1;
 }
 
+/// DC ISW, DC CSW, DC CISW: a trapped system instruction (EC 0x18) with
+/// Op0 = 1, Op1 = 0, CRn = 7, CRm = 6/10/14, Op2 = 2.
+fn is_set_way_maintenance(esr: u64) -> bool {
+    let iss = esr & 0x1ff_ffff;
+    let (op0, op2, op1, crn, crm) = (
+        (iss >> 20) & 3,
+        (iss >> 17) & 7,
+        (iss >> 14) & 7,
+        (iss >> 10) & 0xf,
+        (iss >> 1) & 0xf,
+    );
+    op0 == 1 && op1 == 0 && crn == 7 && op2 == 2 && matches!(crm, 6 | 10 | 14)
+}
+
 fn set_status(vcpu: &mut Vcpu, r: Result<(), CallError>) {
     vcpu.x[0] = match r {
         Ok(()) => status::SUCCESS as u64,
@@ -72,6 +86,13 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 self.guest_psci(slot, vcpu)
             }
             ec::DABT_LOWER => self.guest_data_abort(vcpu, trap),
+            ec::SYSREG if is_set_way_maintenance(trap.esr) => {
+                // Caches are coherent for everything keel maps, and a guest
+                // must not invalidate lines by set/way that could hold the
+                // host's data: done, as far as the guest can tell.
+                vcpu.pc += 4;
+                Action::Resume
+            }
             _ => self.fault(vcpu, trap.esr),
         }
     }
@@ -200,5 +221,38 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         };
         let details = u64::from(write) | (size << 8) | (u64::from(reg) << 16);
         Action::Exit([exit::MMIO, ipa, details, value])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sysreg_esr(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
+        (ec::SYSREG << 26)
+            | (1 << 25)
+            | (op0 << 20)
+            | (op2 << 17)
+            | (op1 << 14)
+            | (crn << 10)
+            | (crm << 1)
+    }
+
+    #[test]
+    fn set_way_maintenance_is_recognized() {
+        assert!(is_set_way_maintenance(sysreg_esr(1, 0, 7, 6, 2)), "DC ISW");
+        assert!(is_set_way_maintenance(sysreg_esr(1, 0, 7, 10, 2)), "DC CSW");
+        assert!(
+            is_set_way_maintenance(sysreg_esr(1, 0, 7, 14, 2)),
+            "DC CISW"
+        );
+        assert!(
+            !is_set_way_maintenance(sysreg_esr(1, 3, 7, 14, 1)),
+            "DC CIVAC"
+        );
+        assert!(
+            !is_set_way_maintenance(sysreg_esr(3, 0, 1, 0, 1)),
+            "ACTLR_EL1"
+        );
     }
 }

@@ -20,10 +20,25 @@ use super::{this_cpu, Hyp, HYP};
 
 /// HCR_EL2 while a guest runs: stage 2 (VM); FIQ, IRQ and SError routed to
 /// EL2 (FMO, IMO, AMO), so a physical interrupt ends the run and reaches the
-/// host; SMC trapped (TSC); EL1 is AArch64 (RW); pointer authentication
-/// untrapped (APK, API).
-const HCR_GUEST: u64 =
-    1 | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41);
+/// host; its TLB and barrier operations broadcast to the inner-shareable
+/// domain (FB, BSU), since its vCPUs may move between CPUs; cache
+/// maintenance by set/way (TSW: it could discard the host's dirty lines),
+/// ACTLR (TACR) and implementation-defined registers (TIDCP) trapped; SMC
+/// trapped (TSC); EL1 is AArch64 (RW); pointer authentication untrapped
+/// (APK, API).
+const HCR_GUEST: u64 = 1
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 9)
+    | (1 << 10)
+    | (1 << 19)
+    | (1 << 20)
+    | (1 << 21)
+    | (1 << 22)
+    | (1 << 31)
+    | (1 << 40)
+    | (1 << 41);
 /// CPTR_EL2 (non-VHE) for guests: FP/SIMD untrapped (keel switches it);
 /// SVE (TZ) and SME (TSM) trapped, as keel does not switch their state.
 const CPTR_GUEST: u64 = 0x32ff | (1 << 8) | (1 << 12);
