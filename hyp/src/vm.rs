@@ -211,7 +211,10 @@ impl<G: TlbMaintenance> Vms<G> {
 
     /// One page fewer owed by slot `vm`; a dead slot with nothing owed is free.
     fn settle(&mut self, vm: u16, pages: u64) {
-        match &mut self.slots[vm as usize] {
+        let Some(slot) = self.slots.get_mut(vm as usize) else {
+            return;
+        };
+        match slot {
             Slot::Live(v) => v.pages = v.pages.saturating_sub(pages),
             Slot::Dead { pages: p } => {
                 *p = p.saturating_sub(pages);
@@ -557,7 +560,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         vm.s2
             .unmap(&mut mem.pool, ipa, guest.len(), Annotation(0))
             .map_err(mm)?;
-        vm.pages -= nr;
+        vm.pages = vm.pages.saturating_sub(nr);
         Ok(())
     }
 
@@ -785,7 +788,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                 .map_err(mm)?;
             ipa_at = end;
         }
-        vm.pages -= nr;
+        vm.pages = vm.pages.saturating_sub(nr);
         Ok(())
     }
 
