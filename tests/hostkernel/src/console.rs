@@ -1,10 +1,13 @@
 //! Output through the PL011 UART, the only channel the runner reads.
 //!
-//! No lock: the test kernel runs on one CPU with interrupts masked, and the
-//! exception handler must be able to print even if it interrupted a print.
+//! Each `print!`/`println!` holds a lock for its whole output, so lines of
+//! different CPUs (the smp suite's secondaries) do not interleave. The lock
+//! is re-entrant for the CPU holding it, so the exception handler can print
+//! even if it interrupted a print, and a CPU that waits too long for it
+//! prints anyway rather than hang the run.
 
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// The QEMU `virt` PL011, used until the device tree names another.
 const DEFAULT_PL011: usize = 0x0900_0000;
@@ -46,7 +49,45 @@ impl Write for Console {
 }
 
 pub fn print(args: fmt::Arguments) {
+    let _guard = lock();
     let _ = Console.write_fmt(args);
+}
+
+/// The CPU printing (its MPIDR + 1), or 0.
+static OWNER: AtomicU64 = AtomicU64::new(0);
+
+/// Holds the console until dropped (unless this CPU already held it).
+pub struct Guard {
+    release: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.release {
+            OWNER.store(0, Ordering::Release);
+        }
+    }
+}
+
+pub fn lock() -> Guard {
+    let mpidr: u64;
+    // SAFETY: reading MPIDR_EL1 has no side effects.
+    unsafe { core::arch::asm!("mrs {}, mpidr_el1", out(reg) mpidr, options(nomem, nostack)) };
+    let me = (mpidr & 0xff_00ff_ffff) + 1;
+    if OWNER.load(Ordering::Relaxed) == me {
+        return Guard { release: false };
+    }
+    // Long enough for any line; a holder that died must not silence us.
+    for _ in 0..10_000_000 {
+        if OWNER
+            .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return Guard { release: true };
+        }
+        core::hint::spin_loop();
+    }
+    Guard { release: false }
 }
 
 #[macro_export]
@@ -58,6 +99,7 @@ macro_rules! print {
 macro_rules! println {
     () => { $crate::console::print(format_args!("\n")) };
     ($($arg:tt)*) => {{
+        let _guard = $crate::console::lock();
         $crate::console::print(format_args!($($arg)*));
         $crate::console::print(format_args!("\n"));
     }};
