@@ -40,6 +40,8 @@ mod psci;
 #[cfg(target_os = "none")]
 mod ranges;
 #[cfg(target_os = "none")]
+mod smp;
+#[cfg(target_os = "none")]
 mod suites;
 
 #[cfg(target_os = "none")]

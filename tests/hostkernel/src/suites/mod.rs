@@ -11,8 +11,9 @@ pub mod guests;
 pub mod host_abi;
 pub mod isolation;
 pub mod selftest;
+pub mod smp;
 
-pub static ALL: [&Suite; 8] = [
+pub static ALL: [&Suite; 9] = [
     &boot::SUITE,
     &isolation::SUITE,
     &host_abi::SUITE,
@@ -21,6 +22,7 @@ pub static ALL: [&Suite; 8] = [
     &demo::SUITE,
     &bench::SUITE,
     &crash::SUITE,
+    &smp::SUITE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Suite> {
