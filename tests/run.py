@@ -92,6 +92,11 @@ SUITES = {
         "bootargs": "crash=exception",
         "doc": "ends the run abnormally on purpose (crash=exception|panic|hang; used by harness::catches_*)",
     },
+    "smp": {
+        "bootargs": "",
+        "qemu": ["-smp", "4"],
+        "doc": "PSCI CPU_ON/OFF/AFFINITY_INFO relayed on 4 CPUs; host memory calls from every CPU at once",
+    },
 }
 # Tests of the runner itself, run as the pseudo-suite "harness".
 HARNESS_TESTS = [
@@ -168,10 +173,27 @@ def suite_bootargs(suite, extra=None):
     return args
 
 
+def suite_machine(suite):
+    """QEMU_MACHINE with the suite's own options (SUITES[suite]["qemu"]):
+    one that QEMU_MACHINE already has (e.g. -smp) replaces its value."""
+    machine = list(QEMU_MACHINE)
+    extra = SUITES.get(suite, {}).get("qemu", [])
+    i = 0
+    while i < len(extra):
+        opt = extra[i]
+        has_value = i + 1 < len(extra) and not extra[i + 1].startswith("-")
+        if has_value and opt in machine:
+            machine[machine.index(opt) + 1] = extra[i + 1]
+        else:
+            machine += extra[i:i + 1 + has_value]
+        i += 1 + has_value
+    return machine
+
+
 def qemu_cmd(opts, suite, initrd, append=HYP_APPEND, bootargs=None):
     return [
         opts.qemu,
-        *QEMU_MACHINE,
+        *suite_machine(suite),
         "-kernel", opts.hyp,
         "-append", append,
         "-device", f"guest-loader,addr={KERNEL_ADDR:#x},kernel={opts.kernel},bootargs={suite_bootargs(suite, bootargs)}",
