@@ -4,15 +4,19 @@
 # applet links at run time (`busybox --install -s`, in the init script), as
 # the arm64 binary cannot run here.
 #
-# Usage: tests/linux/mkinitramfs.sh INIT OUTPUT.cpio.gz
+# Extra files: SRC=DEST (DEST a path inside the archive, e.g.
+# .cache/linux/keel/keel.ko=/keel/keel.ko); executables keep their mode.
+#
+# Usage: tests/linux/mkinitramfs.sh INIT OUTPUT.cpio.gz [SRC=DEST...]
 set -eu
 
-if [ $# -ne 2 ]; then
-    echo "usage: $0 INIT OUTPUT.cpio.gz" >&2
+if [ $# -lt 2 ]; then
+    echo "usage: $0 INIT OUTPUT.cpio.gz [SRC=DEST...]" >&2
     exit 2
 fi
 init=$1
 out=$2
+shift 2
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 busybox=$("$HERE/fetch.sh" | sed -n 's/^BUSYBOX=//p')
@@ -29,6 +33,13 @@ chmod 755 "$stage/bin/busybox"
 ln -s busybox "$stage/bin/sh"
 cp "$init" "$stage/init"
 chmod 755 "$stage/init"
+for extra in "$@"; do
+    src=${extra%%=*}
+    dest=${extra#*=}
+    case "$dest" in /*) ;; *) echo "mkinitramfs.sh: $extra: DEST must be absolute" >&2; exit 2 ;; esac
+    mkdir -p "$stage$(dirname "$dest")"
+    cp "$src" "$stage$dest"
+done
 # The kernel opens /dev/console for init's stdin/stdout before devtmpfs is
 # mounted: the node must be in the archive (needs root or CAP_MKNOD).
 if ! mknod -m 600 "$stage/dev/console" c 5 1 2>/dev/null; then

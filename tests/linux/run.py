@@ -75,15 +75,27 @@ def fetch():
     return dict(line.split("=", 1) for line in out.split() if "=" in line)
 
 
+def keel_files():
+    """Builds the driver, the VMM and its guest (build-keel.sh); returns
+    their SRC=DEST arguments for mkinitramfs.sh (under /keel)."""
+    out = subprocess.run([os.path.join(HERE, "build-keel.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    d = dict(line.split("=", 1) for line in out.split() if "=" in line)["DIR"]
+    return [f"{os.path.join(d, name)}=/keel/{name}" for name in ("keel.ko", "keel-vmm", "guest.bin")]
+
+
 def initramfs(init_name, busybox):
-    """The initramfs for tests/linux/INIT_NAME, rebuilt when the init script,
-    the builder or busybox is newer than the cached archive."""
+    """The initramfs for tests/linux/INIT_NAME with keel's driver, VMM and
+    guest in /keel, rebuilt when the init script, the builder, busybox or
+    one of those is newer than the cached archive."""
     init = os.path.join(HERE, init_name)
     builder = os.path.join(HERE, "mkinitramfs.sh")
     out = os.path.join(CACHE, f"initramfs-{init_name}.cpio.gz")
-    newest = max(os.path.getmtime(p) for p in (init, builder, busybox))
+    extras = keel_files()
+    sources = [init, builder, busybox] + [e.split("=", 1)[0] for e in extras]
+    newest = max(os.path.getmtime(p) for p in sources)
     if not os.path.isfile(out) or os.path.getmtime(out) < newest:
-        subprocess.run([builder, init, out], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([builder, init, out] + extras, check=True, stdout=subprocess.DEVNULL)
     return out
 
 
@@ -118,10 +130,20 @@ class Machine:
         return self.mem_mib << 20
 
 
+def carveout(m):
+    """(mem= for Linux, keel.carveout=): the upper half of RAM is left to
+    keel.ko's carveout for guests, so that /dev/mem may name guest pages
+    (it refuses System RAM); Linux gets the lower half less 64 MiB, which
+    covers keel's own reservation in it."""
+    half = m.ram_size // 2
+    return f"{(half >> 20) - 64}M", f"{half >> 20}M@{RAM_BASE + half:#x}"
+
+
 def kernel_bootargs(m, extra=""):
-    args = (f"console=ttyAMA0 earlycon printk.time=1 panic=-1 "
+    mem, co = carveout(m)
+    args = (f"console=ttyAMA0 earlycon printk.time=1 panic=-1 mem={mem} "
             f"keel.expect_cpus={m.smp} keel.ram={RAM_BASE:#x}:{m.ram_size:#x} "
-            f"keel.probe={HYP_LOAD:#x} {extra}").strip()
+            f"keel.probe={HYP_LOAD:#x} keel.carveout={co} {extra}").strip()
     if "," in args:
         raise ValueError("QEMU -device options cannot carry commas in bootargs")
     return args

@@ -1,0 +1,125 @@
+/*
+ * The keel-vmm demonstration guest: a bare-metal aarch64 program that runs
+ * as a protected VM at EL1, MMU off, from the first byte of its image (the
+ * VMM loads it at the start of guest RAM and starts it there). Position
+ * independent: only PC-relative addressing. No stack, no FP/SIMD; data
+ * accesses are Device memory with the MMU off, so wide ones are aligned.
+ *
+ * Devices (client/vmm/src/main.rs, Console): MMIO at 0x0900_0000:
+ *   +0x00 TX      write: a byte to the host's console
+ *   +0x08 SECRET  write: IPA of the private page holding the secret
+ *   +0x10 SHARED  write: IPA of the page shared with the host (MEM_SHARE)
+ *   +0x18 STATUS  write: a status word (the MEM_SHARE result)
+ *
+ * x0 at entry (VCPU_INIT) picks what it does:
+ *   0  demo: hello, HYP_MEMINFO, a secret into private memory at +4 MiB,
+ *      a message into a page at +6 MiB + 4 KiB that it shares with the
+ *      host, the IPAs reported, then PSCI SYSTEM_OFF;
+ *   1  spin: hello, then computes for ever (the VMM gets killed).
+ */
+    .text
+    .global _start
+_start:
+    mov     x28, x0                         /* mode */
+    movz    x27, #0x0900, lsl #16           /* console */
+    adr     x20, _start                     /* guest RAM base */
+    adr     x0, msg_hello
+    bl      puts
+    cbnz    x28, spin
+
+    /* HYP_MEMINFO: the sharing granule is 4 KiB. */
+    movz    x0, #0x0002
+    movk    x0, #0xc600, lsl #16
+    mov     x1, #0
+    mov     x2, #0
+    hvc     #0
+    cmp     x0, #4096
+    b.ne    fail
+    adr     x0, msg_meminfo
+    bl      puts
+
+    /* The secret, into a private page (base + 4 MiB). */
+    add     x21, x20, #0x400, lsl #12
+    adr     x1, secret
+    mov     x2, x21
+    mov     x3, #4                          /* 4 words: 32 bytes */
+1:  ldr     x4, [x1], #8
+    str     x4, [x2], #8
+    subs    x3, x3, #1
+    b.ne    1b
+    str     x21, [x27, #0x08]
+    adr     x0, msg_secret
+    bl      puts
+
+    /* One page (base + 6 MiB + 4 KiB) shared with the host, in place. */
+    add     x22, x20, #0x601, lsl #12
+    movz    x0, #0x0003
+    movk    x0, #0xc600, lsl #16
+    mov     x1, x22
+    mov     x2, #0                          /* one page */
+    hvc     #0
+    str     x0, [x27, #0x18]
+    cbnz    x0, fail
+    adr     x1, message
+    mov     x2, x22
+    mov     x3, #6                          /* 6 words: 48 bytes */
+1:  ldr     x4, [x1], #8
+    str     x4, [x2], #8
+    subs    x3, x3, #1
+    b.ne    1b
+    str     x22, [x27, #0x10]
+    adr     x0, msg_shared
+    bl      puts
+
+    adr     x0, msg_bye
+    bl      puts
+    b       off
+
+spin:
+    adr     x0, msg_spin
+    bl      puts
+    mov     x1, #0
+    add     x2, x20, #0x10, lsl #12         /* a private page past the image */
+1:  add     x1, x1, #1
+    str     x1, [x2]
+    b       1b
+
+fail:
+    adr     x0, msg_fail
+    bl      puts
+off:
+    /* PSCI SYSTEM_OFF: keel answers PSCI on the SMC conduit */
+    movz    x0, #0x0008
+    movk    x0, #0x8400, lsl #16
+    smc     #0
+    b       .
+
+/* puts(x0 = NUL-terminated string): one MMIO write per byte. */
+puts:
+    ldrb    w1, [x0], #1
+    cbz     w1, 2f
+    strb    w1, [x27]
+    b       puts
+2:  ret
+
+    .balign 8
+secret:
+    .ascii  "KEEL-SECRET-7f3a9c1e-0123456789!"
+    .balign 8, 0
+message:
+    .asciz  "hello host: this page is shared by the guest"
+    .balign 8, 0
+msg_hello:
+    .asciz  "guest: hello from a protected guest\n"
+msg_meminfo:
+    .asciz  "guest: HYP_MEMINFO granule 4096\n"
+msg_secret:
+    .asciz  "guest: secret written to private memory\n"
+msg_shared:
+    .asciz  "guest: message written to a shared page\n"
+msg_bye:
+    .asciz  "guest: powering off\n"
+msg_spin:
+    .asciz  "guest: spinning\n"
+msg_fail:
+    .asciz  "guest: FAILED\n"

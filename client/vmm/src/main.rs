@@ -1,0 +1,663 @@
+//! keel-vmm: a small VMM for a Linux host of keel, over /dev/keel
+//! (client/linux). It gives a protected guest its memory, runs its vCPU,
+//! serves its MMIO exits as a console (the guest's lines appear on the
+//! VMM's stdout, the Linux console in the suite) and reads the pages the
+//! guest shares.
+//!
+//! Usage:
+//!   keel-vmm run [--mem MIB] [--carveout] [--mode N] [--hold FILE] GUEST.bin
+//!   keel-vmm map [--mem MIB] [--carveout]    give a VM memory, count hypercalls
+//!   keel-vmm info | state PFN | reclaim | selftest
+//!
+//! Lines: guest output as the guest prints it; the VMM's own lines start
+//! with `vmm: `, its verdicts with `vmm: check NAME ok` or
+//! `vmm: check NAME FAILED: why`, its figures with `vmm: figure NAME=VALUE`.
+
+mod dev;
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use dev::Keel;
+use keel_abi::{exit, PageState};
+
+/// Guest RAM starts here (2 MiB- and 1 GiB-aligned).
+const GUEST_BASE: u64 = 0x8000_0000;
+/// The console device of guest/guest.S.
+const CONSOLE: u64 = 0x0900_0000;
+const CONSOLE_SIZE: u64 = 0x1000;
+const REG_TX: u64 = 0x00;
+const REG_SECRET: u64 = 0x08;
+const REG_SHARED: u64 = 0x10;
+const REG_STATUS: u64 = 0x18;
+const PAGE: u64 = 4096;
+const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
+const PSCI_SYSTEM_RESET: u64 = 0x8400_0009;
+const BLOCK_2M: u64 = 2 << 20;
+const MIB: u64 = 1 << 20;
+/// What the guest writes (guest.S): the VMM checks it finds exactly these.
+const MESSAGE: &str = "hello host: this page is shared by the guest";
+
+struct Checks {
+    failed: u32,
+}
+
+impl Checks {
+    fn check(&mut self, name: &str, ok: bool, why: impl FnOnce() -> String) {
+        if ok {
+            say(&format!("vmm: check {name} ok"));
+        } else {
+            self.failed += 1;
+            say(&format!("vmm: check {name} FAILED: {}", why()));
+        }
+    }
+}
+
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+struct Opts {
+    mem_mib: u64,
+    carveout: bool,
+    mode: u64,
+    hold: Option<String>,
+    image: Option<String>,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        mem_mib: 16,
+        carveout: false,
+        mode: 0,
+        hold: None,
+        image: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--mem" => o.mem_mib = value()?.parse().map_err(|e| format!("--mem: {e}"))?,
+            "--mode" => o.mode = value()?.parse().map_err(|e| format!("--mode: {e}"))?,
+            "--hold" => o.hold = Some(value()?),
+            "--carveout" => o.carveout = true,
+            s if s.starts_with('-') => return Err(format!("unknown option {s}")),
+            s => o.image = Some(s.to_string()),
+        }
+    }
+    Ok(o)
+}
+
+/// The guest's console and report registers.
+struct Console {
+    line: Vec<u8>,
+    first_line: Option<Duration>,
+    secret: Option<u64>,
+    shared: Option<u64>,
+    status: Option<u64>,
+}
+
+impl Console {
+    fn write(&mut self, offset: u64, value: u64, start: Instant) {
+        match offset {
+            REG_TX => {
+                let b = value as u8;
+                if b == b'\n' {
+                    say(&String::from_utf8_lossy(&self.line));
+                    self.line.clear();
+                    if self.first_line.is_none() {
+                        self.first_line = Some(start.elapsed());
+                    }
+                } else if self.line.len() < 4096 {
+                    self.line.push(b);
+                }
+            }
+            REG_SECRET => self.secret = Some(value),
+            REG_SHARED => self.shared = Some(value),
+            REG_STATUS => self.status = Some(value),
+            _ => {}
+        }
+    }
+}
+
+enum Ended {
+    Off,
+    Fault(u64),
+}
+
+fn run_vcpu(keel: &Keel, vm: u64, console: &mut Console, start: Instant) -> io::Result<Ended> {
+    let mut completion = 0;
+    loop {
+        let e = keel.vcpu_run(vm, 0, completion)?;
+        completion = 0;
+        match e.reason {
+            exit::MMIO => {
+                let (ipa, access, value) = (e.x2, e.x3, e.x4);
+                let write = access & 1 != 0;
+                if (CONSOLE..CONSOLE + CONSOLE_SIZE).contains(&ipa) {
+                    if write {
+                        console.write(ipa - CONSOLE, value, start);
+                    }
+                } else {
+                    say(&format!(
+                        "vmm: MMIO {} at {ipa:#x} outside every device",
+                        if write { "write" } else { "read" }
+                    ));
+                }
+                // Reads of any register give 0.
+            }
+            // keel answers PSCI on the SMC conduit; a guest using HVC for
+            // it reaches the VMM, which powers it off just the same.
+            exit::HYPERCALL if e.x2 == PSCI_SYSTEM_OFF || e.x2 == PSCI_SYSTEM_RESET => {
+                return Ok(Ended::Off)
+            }
+            exit::HYPERCALL => completion = keel_abi::status::NOT_SUPPORTED as u64,
+            exit::IRQ => {}
+            exit::SYSTEM_OFF => return Ok(Ended::Off),
+            exit::FAULT => return Ok(Ended::Fault(e.x2)),
+            r => say(&format!("vmm: unknown exit reason {r}")),
+        }
+    }
+}
+
+fn cmd_run(o: Opts) -> Result<u32, String> {
+    let start = Instant::now();
+    let path = o.image.clone().ok_or("run needs a guest image")?;
+    let image = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
+    let size = o.mem_mib * MIB;
+    let keel = Keel::open().map_err(|e| format!("/dev/keel: {e} (is keel.ko loaded?)"))?;
+    let vm = keel.vm_create(1).map_err(|e| format!("VM_CREATE: {e}"))?;
+    let flags = if o.carveout { dev::MEM_CARVEOUT } else { 0 };
+    let m = keel
+        .give(false, vm, GUEST_BASE, size, &image, flags)
+        .map_err(|e| format!("VM_DONATE of {} MiB: {e}", o.mem_mib))?;
+    let base = keel
+        .vm_mem_state(vm, GUEST_BASE)
+        .map_err(|e| format!("VM_MEM_STATE: {e}"))?;
+    say(&format!(
+        "vmm: vm {vm:#x}: {} MiB {} at ipa {GUEST_BASE:#x}, pa {:#x}, {} run(s), {} hypercall(s), mapped with {} KiB blocks",
+        o.mem_mib,
+        if o.carveout { "of the carveout" } else { "of Linux's pages" },
+        base.pfn << 12,
+        m.runs,
+        m.hypercalls,
+        base.map_size >> 10
+    ));
+    keel.vcpu_init(vm, 0, GUEST_BASE, o.mode)
+        .map_err(|e| format!("VCPU_INIT: {e}"))?;
+    let mut console = Console {
+        line: Vec::new(),
+        first_line: None,
+        secret: None,
+        shared: None,
+        status: None,
+    };
+    let ended = run_vcpu(&keel, vm, &mut console, start).map_err(|e| format!("VCPU_RUN: {e}"))?;
+    if let Some(t) = console.first_line {
+        say(&format!(
+            "vmm: figure guest_start_ms={:.3}",
+            t.as_secs_f64() * 1000.0
+        ));
+    }
+    let mut c = Checks { failed: 0 };
+    match ended {
+        Ended::Off => say("vmm: guest powered off"),
+        Ended::Fault(esr) => c.check("guest_ran", false, || format!("guest fault, ESR {esr:#x}")),
+    }
+    if o.mode == 0 {
+        check_demo(&keel, vm, &o, &console, base.map_size, &mut c);
+    }
+    if let Some(hold) = &o.hold {
+        say(&format!("vmm: holding the VM until {hold} exists"));
+        while !Path::new(hold).exists() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Closing /dev/keel destroys the VM and takes its memory back.
+    drop(keel);
+    say("vmm: exit");
+    Ok(c.failed)
+}
+
+/// What the demo guest (mode 0) must have left behind.
+fn check_demo(keel: &Keel, vm: u64, o: &Opts, con: &Console, base_map: u64, c: &mut Checks) {
+    let size = o.mem_mib * MIB;
+    let expect_map = if o.carveout && size >= 1 << 30 {
+        1 << 30
+    } else {
+        BLOCK_2M
+    };
+    c.check("donated_as_blocks", base_map == expect_map, || {
+        format!(
+            "guest RAM at {GUEST_BASE:#x} is mapped with {base_map} bytes, expected {expect_map}"
+        )
+    });
+    c.check("share_status", con.status == Some(0), || {
+        format!("MEM_SHARE returned {:?}", con.status.map(|s| s as i64))
+    });
+    let (Some(secret), Some(shared)) = (con.secret, con.shared) else {
+        c.check("guest_reported", false, || {
+            "the guest reported no secret or shared page".into()
+        });
+        return;
+    };
+
+    // The secret's page: private, NOPAGE for the host; the driver refuses to read it.
+    match keel.vm_mem_state(vm, secret) {
+        Ok(s) => {
+            let host = keel.mem_state(s.pfn);
+            say(&format!(
+                "vmm: secret at ipa {secret:#x} pa {:#x}: guest state {}, map {} KiB, host {:?}",
+                s.pfn << 12,
+                s.state,
+                s.map_size >> 10,
+                host.as_ref().map(|h| (h.owner, h.state))
+            ));
+            say(&format!("vmm: secret_pa={:#x}", s.pfn << 12));
+            c.check("secret_private", s.state == PageState::Owned as u64, || {
+                format!("guest state {}", s.state)
+            });
+            c.check(
+                "secret_hidden_from_host",
+                matches!(host, Ok(h) if h.owner == vm && h.state == PageState::NoPage as u64),
+                || format!("host MEM_STATE {host:?}"),
+            );
+        }
+        Err(e) => c.check("secret_private", false, || format!("VM_MEM_STATE: {e}")),
+    }
+    let mut buf = [0u8; 64];
+    let r = keel.read(vm, secret, &mut buf);
+    c.check(
+        "private_read_refused",
+        matches!(&r, Err(e) if errno(e) == 1),
+        || format!("reading the private page gave {r:?}, expected EPERM"),
+    );
+
+    // The shared page: the message, read through the driver (pinned meanwhile).
+    let mut msg = [0u8; 64];
+    match keel.read(vm, shared, &mut msg) {
+        Ok(()) => {
+            let text =
+                String::from_utf8_lossy(&msg[..msg.iter().position(|&b| b == 0).unwrap_or(64)])
+                    .into_owned();
+            say(&format!("vmm: message from the guest: {text}"));
+            c.check("shared_message", text == MESSAGE, || {
+                format!("read {text:?}")
+            });
+        }
+        Err(e) => c.check("shared_message", false, || {
+            format!("reading the shared page: {e}")
+        }),
+    }
+    let pin = keel
+        .pin(true, vm, shared, 1)
+        .and_then(|_| keel.pin(false, vm, shared, 1));
+    c.check("pin_unpin", pin.is_ok(), || format!("{pin:?}"));
+
+    // The shared page's block: split to 4K, every other page still private,
+    // the same frames as before (contiguous).
+    let block = shared & !(BLOCK_2M - 1);
+    let mut why = String::new();
+    let first = keel.vm_mem_state(vm, block);
+    let mut private = 0;
+    for i in 0..512 {
+        let ipa = block + i * PAGE;
+        match (keel.vm_mem_state(vm, ipa), &first) {
+            (Ok(s), Ok(f)) => {
+                let want = if ipa == shared {
+                    PageState::SharedOwned
+                } else {
+                    PageState::Owned
+                } as u64;
+                if s.state != want || s.pfn != f.pfn + i || s.map_size != PAGE {
+                    why = format!(
+                        "ipa {ipa:#x}: pfn {:#x} state {} map {}",
+                        s.pfn, s.state, s.map_size
+                    );
+                    break;
+                }
+                private += (ipa != shared) as u32;
+            }
+            (r, _) => {
+                why = format!("ipa {ipa:#x}: {r:?}");
+                break;
+            }
+        }
+    }
+    say(&format!(
+        "vmm: shared page's block {block:#x}: {private} private pages around the shared one"
+    ));
+    c.check("shared_block_intact", why.is_empty(), || why);
+
+    // Every other 2M block of guest RAM is still mapped as one block.
+    let (mut blocks, mut whole) = (0, 0);
+    let mut ipa = GUEST_BASE;
+    while ipa < GUEST_BASE + size {
+        if ipa != block {
+            blocks += 1;
+            if keel
+                .vm_mem_state(vm, ipa)
+                .is_ok_and(|s| s.map_size >= BLOCK_2M)
+            {
+                whole += 1;
+            }
+        }
+        ipa += BLOCK_2M;
+    }
+    say(&format!(
+        "vmm: {whole} of {blocks} other 2M blocks still mapped as blocks"
+    ));
+    c.check("other_blocks_2m", whole == blocks, || {
+        format!("{whole} of {blocks}")
+    });
+}
+
+fn cmd_map(o: Opts) -> Result<u32, String> {
+    let keel = Keel::open().map_err(|e| format!("/dev/keel: {e}"))?;
+    let vm = keel.vm_create(1).map_err(|e| format!("VM_CREATE: {e}"))?;
+    let flags = if o.carveout { dev::MEM_CARVEOUT } else { 0 };
+    let t = Instant::now();
+    let m = keel
+        .give(false, vm, GUEST_BASE, o.mem_mib * MIB, &[], flags)
+        .map_err(|e| format!("VM_DONATE of {} MiB: {e}", o.mem_mib))?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let map = keel
+        .vm_mem_state(vm, GUEST_BASE)
+        .map(|s| s.map_size)
+        .unwrap_or(0);
+    say(&format!(
+        "vmm: {} MiB given in {} run(s), {} KiB blocks at the base, {ms:.1} ms",
+        o.mem_mib,
+        m.runs,
+        map >> 10
+    ));
+    say(&format!(
+        "vmm: figure hypercalls_to_map_{}m={}",
+        o.mem_mib, m.hypercalls
+    ));
+    keel.vm_destroy(vm)
+        .map_err(|e| format!("VM_DESTROY: {e}"))?;
+    Ok(0)
+}
+
+fn cmd_info() -> Result<u32, String> {
+    let keel = Keel::open().map_err(|e| format!("/dev/keel: {e}"))?;
+    let i = keel.info().map_err(|e| format!("INFO: {e}"))?;
+    say(&format!(
+        "vmm: info abi={}.{} features={:#x} blocks={:#x} max_vms={} max_vcpus={} vms={} guest_pages={} pool_pages={} leaked_pages={} carveout={:#x}+{:#x} carveout_free={:#x}",
+        i.revision_major, i.revision_minor, i.features, i.block_sizes, i.max_vms, i.max_vcpus,
+        i.vms, i.guest_pages, i.pool_pages, i.leaked_pages, i.carveout_base, i.carveout_size, i.carveout_free
+    ));
+    Ok(0)
+}
+
+fn cmd_state(pfn: &str) -> Result<u32, String> {
+    let pfn =
+        u64::from_str_radix(pfn.trim_start_matches("0x"), 16).map_err(|e| format!("pfn: {e}"))?;
+    let keel = Keel::open().map_err(|e| format!("/dev/keel: {e}"))?;
+    let s = keel
+        .mem_state(pfn)
+        .map_err(|e| format!("MEM_STATE {pfn:#x}: {e}"))?;
+    say(&format!(
+        "vmm: state pfn={pfn:#x} owner={:#x} state={} map_size={:#x}",
+        s.owner, s.state, s.map_size
+    ));
+    Ok(0)
+}
+
+fn cmd_reclaim() -> Result<u32, String> {
+    let keel = Keel::open().map_err(|e| format!("/dev/keel: {e}"))?;
+    let n = keel.reclaim().map_err(|e| format!("RECLAIM: {e}"))?;
+    say(&format!("vmm: reclaimed {n} pages"));
+    Ok(0)
+}
+
+/// Every bad argument gets its errno, and nothing is left behind.
+fn cmd_selftest() -> Result<u32, String> {
+    const EPERM: i32 = 1;
+    const ENOENT: i32 = 2;
+    const ENOMEM: i32 = 12;
+    const EFAULT: i32 = 14;
+    const EEXIST: i32 = 17;
+    const EINVAL: i32 = 22;
+    const ENOTTY: i32 = 25;
+    const ENODEV: i32 = 19;
+    let keel = Keel::open().map_err(|e| format!("/dev/keel: {e}"))?;
+    let mut c = Checks { failed: 0 };
+    let mut expect = |name: &str, r: io::Result<()>, want: i32| {
+        let got = r.as_ref().err().map(errno).unwrap_or(0);
+        c.check(&format!("errno_{name}"), got == want, || {
+            format!("got {r:?}, expected errno {want}")
+        });
+    };
+    use dev::*;
+    expect("unknown_ioctl", keel.raw(ioc_any(0x7f), 0), ENOTTY);
+    expect("null_arg", keel.raw(IOC_INFO, 0), EFAULT);
+    expect("bad_arg_pointer", keel.raw(IOC_VM_CREATE, 8), EFAULT);
+    expect(
+        "mem_state_outside_ram",
+        keel.mem_state(0).map(|_| ()),
+        EINVAL,
+    );
+    expect("stats_index", keel.hyp_stat(99).map(|_| ()), EINVAL);
+    let mut a = VmCreate {
+        nr_vcpus: 0,
+        ..Default::default()
+    };
+    expect("create_0_vcpus", keel.call(IOC_VM_CREATE, &mut a), EINVAL);
+    let mut a = VmCreate {
+        nr_vcpus: 100,
+        ..Default::default()
+    };
+    expect("create_100_vcpus", keel.call(IOC_VM_CREATE, &mut a), EINVAL);
+    let mut a = VmCreate {
+        nr_vcpus: 1,
+        flags: 1,
+        ..Default::default()
+    };
+    expect("create_flags", keel.call(IOC_VM_CREATE, &mut a), EINVAL);
+    expect("destroy_unknown", keel.vm_destroy(0x1000), ENOENT);
+    expect(
+        "init_unknown_vm",
+        keel.vcpu_init(0x1234, 0, GUEST_BASE, 0),
+        ENOENT,
+    );
+
+    let vm = keel.vm_create(1).map_err(|e| format!("VM_CREATE: {e}"))?;
+    expect(
+        "init_bad_vcpu",
+        keel.vcpu_init(vm, 5, GUEST_BASE, 0),
+        EINVAL,
+    );
+    expect(
+        "init_unaligned_entry",
+        keel.vcpu_init(vm, 0, GUEST_BASE + 2, 0),
+        EINVAL,
+    );
+    expect("run_bad_vcpu", keel.vcpu_run(vm, 9, 0).map(|_| ()), EINVAL);
+    expect(
+        "run_uninit_vcpu",
+        keel.vcpu_run(vm, 0, 0).map(|_| ()),
+        EINVAL,
+    );
+    let give = |ipa: u64, size: u64, src: u64, src_len: u64, flags: u64| {
+        let mut a = Mem {
+            handle: vm,
+            ipa,
+            size,
+            src,
+            src_len,
+            flags,
+            ..Default::default()
+        };
+        keel.call(IOC_VM_DONATE, &mut a)
+    };
+    let img = [0u8; 16];
+    expect("donate_size_0", give(GUEST_BASE, 0, 0, 0, 0), EINVAL);
+    expect(
+        "donate_size_unaligned",
+        give(GUEST_BASE, 4097, 0, 0, 0),
+        EINVAL,
+    );
+    expect(
+        "donate_ipa_unaligned",
+        give(GUEST_BASE + 8, PAGE, 0, 0, 0),
+        EINVAL,
+    );
+    expect(
+        "donate_ipa_overflow",
+        give(u64::MAX - PAGE + 1, 2 * PAGE, 0, 0, 0),
+        EINVAL,
+    );
+    expect("donate_ipa_outside", give(1 << 45, PAGE, 0, 0, 0), EINVAL);
+    expect(
+        "donate_src_too_long",
+        give(GUEST_BASE, PAGE, img.as_ptr() as u64, PAGE + 1, 0),
+        EINVAL,
+    );
+    expect("donate_src_fault", give(GUEST_BASE, PAGE, 16, 8, 0), EFAULT);
+    expect("donate_flags", give(GUEST_BASE, PAGE, 0, 0, 0x80), EINVAL);
+    expect("donate_huge", give(GUEST_BASE, 1 << 40, 0, 0, 0), ENOMEM);
+    expect(
+        "donate_unknown_vm",
+        keel.give(false, 0x1777, GUEST_BASE, PAGE, &[], 0)
+            .map(|_| ()),
+        ENOENT,
+    );
+    if keel.info().is_ok_and(|i| i.carveout_size == 0) {
+        expect(
+            "carveout_absent",
+            give(GUEST_BASE, BLOCK_2M, 0, 0, MEM_CARVEOUT),
+            ENODEV,
+        );
+    } else {
+        expect(
+            "carveout_unaligned",
+            give(GUEST_BASE, PAGE, 0, 0, MEM_CARVEOUT),
+            EINVAL,
+        );
+    }
+    expect(
+        "donate_ok",
+        give(GUEST_BASE, BLOCK_2M, img.as_ptr() as u64, 16, 0),
+        0,
+    );
+    expect(
+        "donate_overlap",
+        give(GUEST_BASE + PAGE, PAGE, 0, 0, 0),
+        EEXIST,
+    );
+    expect(
+        "vm_mem_state_unaligned",
+        keel.vm_mem_state(vm, GUEST_BASE + 1).map(|_| ()),
+        EINVAL,
+    );
+    let mut buf = [0u8; 32];
+    expect("rw_private", keel.read(vm, GUEST_BASE, &mut buf), EPERM);
+    expect("rw_unmapped", keel.read(vm, 0x4000_0000, &mut buf), EPERM);
+    let mut a = Rw {
+        handle: vm,
+        ipa: GUEST_BASE,
+        buf: buf.as_mut_ptr() as u64,
+        len: 0,
+        flags: 0,
+    };
+    expect("rw_len_0", keel.call(IOC_VM_RW, &mut a), EINVAL);
+    a.len = 2 << 20;
+    expect("rw_too_long", keel.call(IOC_VM_RW, &mut a), EINVAL);
+    a.len = 8;
+    a.flags = 4;
+    expect("rw_flags", keel.call(IOC_VM_RW, &mut a), EINVAL);
+    expect("pin_nr_0", keel.pin(true, vm, GUEST_BASE, 0), EINVAL);
+    expect("pin_private", keel.pin(true, vm, GUEST_BASE, 1), EPERM);
+    expect("unpin_private", keel.pin(false, vm, GUEST_BASE, 1), EPERM);
+    let mut r = Range {
+        handle: vm,
+        ipa: 0x9000_0000,
+        size: PAGE,
+    };
+    expect("unshare_unknown", keel.call(IOC_VM_UNSHARE, &mut r), EINVAL);
+
+    // A page lent to the guest: the host writes and reads it back, then unshares it.
+    expect(
+        "share_ok",
+        keel.give(true, vm, 0x9000_0000, PAGE, b"lent", 0)
+            .map(|_| ()),
+        0,
+    );
+    let mut back = [0u8; 4];
+    let rw = keel
+        .write(vm, 0x9000_0002, b"NT")
+        .and_then(|_| keel.read(vm, 0x9000_0000, &mut back))
+        .and_then(|_| {
+            if &back == b"leNT" {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(5)) // EIO: other bytes came back
+            }
+        });
+    expect("lent_page_roundtrip", rw, 0);
+    expect("pin_lent", keel.pin(true, vm, 0x9000_0000, 1), EPERM);
+    expect("unshare_ok", keel.call(IOC_VM_UNSHARE, &mut r), 0);
+    expect("destroy_ok", keel.vm_destroy(vm), 0);
+    expect("destroy_twice", keel.vm_destroy(vm), ENOENT);
+    let info = keel.info();
+    let clean = info
+        .as_ref()
+        .is_ok_and(|i| i.vms == 0 && i.guest_pages == 0 && i.leaked_pages == 0);
+
+    c.check("nothing_left", clean, || format!("{info:?}"));
+    Ok(c.failed)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprintln!("usage: keel-vmm run|map|info|state PFN|reclaim|selftest [options] (see --help)");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match cmd.as_str() {
+        "run" => parse(rest).and_then(cmd_run),
+        "map" => parse(rest).and_then(cmd_map),
+        "info" => cmd_info(),
+        "state" => rest
+            .first()
+            .ok_or("state needs a pfn".to_string())
+            .and_then(|p| cmd_state(p)),
+        "reclaim" => cmd_reclaim(),
+        "selftest" => cmd_selftest(),
+        "--help" | "-h" | "help" => {
+            println!(
+                "{}",
+                include_str!("main.rs")
+                    .lines()
+                    .take_while(|l| l.starts_with("//!"))
+                    .map(|l| l.trim_start_matches("//!").trim_start())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            Ok(0)
+        }
+        other => Err(format!("unknown command {other}")),
+    };
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => {
+            say(&format!("vmm: {n} check(s) failed"));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            say(&format!("vmm: error: {e}"));
+            ExitCode::from(1)
+        }
+    }
+}
