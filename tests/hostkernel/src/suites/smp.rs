@@ -86,6 +86,11 @@ pub static SUITE: Suite = Suite {
             name: "invariants_and_accounting_after",
             run: invariants_and_accounting_after,
         },
+        // Last: a host abort it provokes ends the run.
+        Test {
+            name: "host_access_during_split_merge",
+            run: host_access_during_split_merge,
+        },
     ],
 };
 
@@ -383,7 +388,8 @@ const B_DISJOINT_DONATE: u64 = 1;
 const B_CONTEST_SHARE: u64 = 2;
 const B_CONTEST_DONATE: u64 = 3;
 const B_CONTEST_MIXED: u64 = 4;
-const NR_BLOCKS: u64 = 5;
+const B_SPLIT_MERGE: u64 = 5;
+const NR_BLOCKS: u64 = 6;
 /// The anchor page that keeps a donate/reclaim block split.
 const ANCHOR: u64 = BLOCK / PAGE - 1;
 
@@ -578,6 +584,12 @@ fn start_together() {
 
 /// Runs `job` on every CPU at once and reports how it went.
 fn workload(name: &str, job: fn(usize)) -> TestResult {
+    workload_of(name, job, true)
+}
+
+/// [`workload`]; `calls_overlap`: whether several CPUs make calls (then
+/// some of their calls must have been under way at once).
+fn workload_of(name: &str, job: fn(usize), calls_overlap: bool) -> TestResult {
     for slot in 0..MAX_CPUS {
         PROBLEMS[slot].set.store(0, Ordering::Relaxed);
         PROGRESS[slot].store(0, Ordering::Relaxed);
@@ -589,7 +601,7 @@ fn workload(name: &str, job: fn(usize)) -> TestResult {
     workload_result(name, finished)?;
     let most = MAX_IN_FLIGHT.load(Ordering::Relaxed);
     ensure!(
-        most >= 2,
+        most >= 2 || !calls_overlap,
         "{}: the CPUs' calls never overlapped (at most {} at once)",
         name,
         most
@@ -1133,4 +1145,79 @@ fn invariants_and_accounting_after(_: &BootInfo) -> TestResult {
         "a CPU stopped answering after the workloads"
     );
     Ok(())
+}
+
+/// Set by the boot CPU when its donate/reclaim rounds are over.
+static STOP: AtomicU64 = AtomicU64::new(0);
+const SPLIT_MERGE_ROUNDS: u64 = 2000;
+
+fn job_split_merge(slot: usize) {
+    let _ = if slot == 0 {
+        split_merge(slot)
+    } else {
+        touch_own_pages(slot)
+    };
+}
+
+/// The boot CPU: donate and reclaim the block's last page, so that every
+/// donate splits the 2 MiB block and every reclaim merges it again.
+fn split_merge(slot: usize) -> Result<(), ()> {
+    let p = pfn(B_SPLIT_MERGE, ANCHOR);
+    start_together();
+    let result = (|| {
+        for it in 0..SPLIT_MERGE_ROUNDS {
+            must(slot, it, func::HOST_DONATE_HYP, p, 1)?;
+            must(slot, it, func::HOST_RECLAIM, p, 1)?;
+            PROGRESS[slot].store(it + 1, Ordering::Relaxed);
+        }
+        Ok(())
+    })();
+    STOP.store(1, Ordering::Release);
+    result
+}
+
+/// The others: write and read back pages of their own in the same block
+/// until the boot CPU is done.
+fn touch_own_pages(slot: usize) -> Result<(), ()> {
+    let first = TEST_BASE + B_SPLIT_MERGE * BLOCK + slot as u64 * OWN_PAGES * PAGE;
+    start_together();
+    let mut rounds = 0;
+    while STOP.load(Ordering::Acquire) == 0 {
+        for a in (first..first + OWN_PAGES * PAGE).step_by(PAGE as usize) {
+            let v = pattern(a) ^ rounds;
+            // SAFETY: this CPU's own test page: host memory nothing else
+            // uses, which stays the host's throughout.
+            let back = unsafe {
+                core::ptr::write_volatile(a as *mut u64, v);
+                core::ptr::read_volatile(a as *const u64)
+            };
+            if back != v {
+                problem(slot, rounds, 0, (a / PAGE, 0), back, WANT_SUCCESS)?;
+            }
+        }
+        rounds += 1;
+        PROGRESS[slot].store(rounds, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Host accesses to host pages must work while another CPU splits or
+/// merges the 2 MiB block they are in. keel replaces the block entry with
+/// break-before-make, so such an access can fault to EL2 in that window;
+/// keel must then let the access retry (the page is the host's), not
+/// inject an abort. An injected abort shows as an unexpected exception
+/// (EC 0x25, FSC 0x10, FAR in block 5) on a secondary, which ends the run.
+fn host_access_during_split_merge(boot: &BootInfo) -> TestResult {
+    need_cpus()?;
+    baseline(boot)?;
+    STOP.store(0, Ordering::Release);
+    workload_of("host access during split/merge", job_split_merge, false)?;
+    for (slot, progress) in PROGRESS.iter().enumerate().take(smp::count()).skip(1) {
+        ensure!(
+            progress.load(Ordering::Relaxed) > 0,
+            "CPU {:#x} never touched its pages while the block was split and merged",
+            smp::mpidr(slot)
+        );
+    }
+    restore_block(B_SPLIT_MERGE, "host access during split/merge")
 }
