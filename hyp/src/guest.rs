@@ -78,6 +78,13 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             TrapKind::Other => return self.fault(vcpu, trap.esr),
             TrapKind::Sync => {}
         }
+        let stage2_fault =
+            matches!(esr.ec(), ec::DABT_LOWER | ec::IABT_LOWER) && matches!(esr.fsc(), 0x04..=0x0b);
+        if stage2_fault && self.guest_maps(slot, ((trap.hpfar >> 4) << 12) | (trap.far & 0xfff)) {
+            // The entry was being replaced on another CPU (break-before-make);
+            // the change is done now: retry the access.
+            return Action::Resume;
+        }
         match esr.ec() {
             ec::HVC64 => self.guest_hvc(slot, vcpu, esr.imm16()),
             ec::SMC64 => {

@@ -143,6 +143,27 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
         })
     }
 
+    /// Whether the host stage 2 maps `ipa` now. A host stage-2 fault on such
+    /// an address happened while another CPU was replacing the entry
+    /// (break-before-make); taking the lock waits for that change to finish,
+    /// and the host's access is simply retried.
+    pub fn host_maps(&self, ipa: u64) -> bool {
+        let mem = self.mem.lock();
+        matches!(mem.host.lookup(&mem.pool, ipa), Ok(leaf) if matches!(leaf.kind, keel_mm::LeafKind::Mapped { .. }))
+    }
+
+    /// Whether VM slot `slot`'s stage 2 maps `ipa` now (see [`host_maps`]).
+    pub fn guest_maps(&self, slot: usize, ipa: u64) -> bool {
+        let vms = self.vms.lock();
+        let mem = self.mem.lock();
+        match vms.slots.get(slot) {
+            Some(Slot::Live(vm)) => {
+                matches!(vm.s2.lookup(&mem.pool, ipa), Ok(leaf) if matches!(leaf.kind, keel_mm::LeafKind::Mapped { .. }))
+            }
+            _ => false,
+        }
+    }
+
     /// Starts VCPU_RUN: checks the handle and index, applies the completion
     /// value of the previous exit and marks the vCPU Running. On refusal, or
     /// when the vCPU cannot run any more, the Return to give the host.

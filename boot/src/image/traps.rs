@@ -91,6 +91,13 @@ fn handle_smc(frame: &mut TrapFrame) {
 fn refuse_access(esr: Esr) {
     let far = sysreg::far_el2();
     let ipa = ((sysreg::hpfar_el2() >> 4) << 12) | (far & 0xfff);
+    // A translation or access-flag fault on a page the host may use happens
+    // when another CPU is replacing its entry (break-before-make): once
+    // that change is done (host_maps takes the lock), retry the access.
+    let transient = matches!(esr.fsc(), 0x04..=0x0b);
+    if transient && HYP.get().is_some_and(|h| h.host_maps(ipa)) {
+        return;
+    }
     let injection = inject::external_abort(
         esr.0,
         sysreg::spsr_el2(),
