@@ -266,6 +266,13 @@ impl Machine {
         unsafe { std::ptr::write_bytes(self.page_ptr(pa), byte, PAGE as usize) };
     }
 
+    /// Writes one byte of the machine's RAM.
+    pub fn poke(&self, pa: u64, byte: u8) {
+        let page = self.page_ptr(pa & !(PAGE - 1));
+        // SAFETY: inside that page of the backing.
+        unsafe { *page.add((pa % PAGE) as usize) = byte };
+    }
+
     /// A copy of the machine's RAM page at `pa`.
     pub fn read(&self, pa: u64) -> Vec<u8> {
         // SAFETY: a page of the backing, read while nothing writes it.
