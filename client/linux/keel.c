@@ -755,7 +755,8 @@ static long keel_ioc_vm_give(struct keel_file *kf, void __user *argp, bool share
 	if (!a.size || a.size % KEEL_PAGE || a.ipa % KEEL_PAGE || a.ipa + a.size < a.ipa ||
 	    a.src_len > a.size || (a.flags & ~KEEL_MEM_FLAGS) || (a.src_len && !a.src))
 		return -EINVAL;
-	if (a.size / PAGE_SIZE > totalram_pages() / 2)
+	/* Linux's pages: never more than half of them for one call. */
+	if (!(a.flags & KEEL_MEM_CARVEOUT) && a.size / PAGE_SIZE > totalram_pages() / 2)
 		return -ENOMEM;
 	if (a.src_len && !access_ok((void __user *)a.src, a.src_len))
 		return -EFAULT;
