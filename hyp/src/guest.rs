@@ -61,6 +61,11 @@ fn is_set_way_maintenance(esr: u64) -> bool {
     op0 == 1 && op1 == 0 && crn == 7 && op2 == 2 && matches!(crm, 6 | 10 | 14)
 }
 
+/// PSCI function IDs (SMC32 0x8400_00xx, SMC64 0xC400_00xx).
+fn is_psci(id: u64) -> bool {
+    matches!(id, 0x8400_0000..=0x8400_001F | 0xC400_0000..=0xC400_001F)
+}
+
 fn set_status(vcpu: &mut Vcpu, r: Result<(), CallError>) {
     vcpu.x[0] = match r {
         Ok(()) => status::SUCCESS as u64,
@@ -137,6 +142,8 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 vcpu.x[0] = status::NOT_SUPPORTED as u64;
                 return Action::Resume;
             }
+            // PSCI through HVC, the conduit pKVM and KVM guests are given.
+            id if is_psci(id) => return self.guest_psci(slot, vcpu),
             id => {
                 vcpu.pending = Pending::Hypercall;
                 return Action::Exit([exit::HYPERCALL, id, vcpu.x[1], vcpu.x[2]]);
