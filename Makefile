@@ -78,6 +78,7 @@ lint:
 
 bench: image testkernel
 	cargo run --release -q -p keel-mm --example s2bench
+	cargo run --release -q -p keel-hyp --example model_bench
 	python3 tests/bench.py
 	tests/linux/fetch.sh >/dev/null
 	python3 tests/linux/bench.py
