@@ -80,6 +80,11 @@ SUITES = {
         "bootargs": "",
         "doc": "costs of the host calls as `bench NAME VALUE UNIT` lines (tests/bench.py boots it with -icount)",
     },
+    "fuzz": {
+        # run.py adds seed=N: a fresh one per run unless --seed N.
+        "bootargs": "",
+        "doc": "random hypercalls from the host and from guests (seeded: --seed N replays), invariants after every call",
+    },
     "selftest": {
         "bootargs": "",
         "doc": "one passing and one deliberately failing test (used by harness::catches_failing_test)",
@@ -105,10 +110,15 @@ HARNESS_TESTS = [
     "catches_kernel_panic",
     "catches_timeout",
     "catches_hyp_panic",
+    "catches_stack_overflow",
+    "missing_module_fails_cleanly",
+    "malformed_dtb_fails_cleanly",
 ]
 # harness::catches_timeout waits this long for a kernel that hangs.
 HANG_TIMEOUT = 5.0
-DEFAULT_SUITES = ["boot", "isolation", "host-abi", "demo", "harness"]
+# The fuzz suite's timeout at least (its 100,000 calls take about a minute).
+FUZZ_TIMEOUT = 300.0
+DEFAULT_SUITES = ["boot", "isolation", "host-abi", "guests", "fuzz", "demo", "harness"]
 
 PLAN_RE = re.compile(r"^plan (\S+):(.*)$")
 RESULT_RE = re.compile(r"^test (\S+)::(\S+) \.\.\. (ok|FAILED(?::\s?(.*))?)$")
@@ -190,7 +200,18 @@ def suite_machine(suite):
     return machine
 
 
+def fuzz_bootargs(opts):
+    """The fuzz suite's bootargs: its seed (a fresh one per run of run.py
+    unless --seed), then --fuzz-args."""
+    if getattr(opts, "seed", None) is None:
+        opts.seed = int.from_bytes(os.urandom(4), "little")
+    extra = getattr(opts, "fuzz_args", None) or SUITES["fuzz"]["bootargs"]
+    return f"seed={opts.seed:#x} {extra}".strip()
+
+
 def qemu_cmd(opts, suite, initrd, append=HYP_APPEND, bootargs=None):
+    if suite == "fuzz" and bootargs is None:
+        bootargs = fuzz_bootargs(opts)
     return [
         opts.qemu,
         *suite_machine(suite),
@@ -288,7 +309,14 @@ def show_tail(boot):
 
 
 def run_suite(opts, suite, initrd, report):
-    boot = run_qemu(qemu_cmd(opts, suite, initrd) + opts.extra_qemu, opts.timeout, echo_mode(opts))
+    cmd = qemu_cmd(opts, suite, initrd) + opts.extra_qemu
+    timeout = opts.timeout
+    if suite == "fuzz":
+        print(f"fuzz: seed {opts.seed:#x} (replay: python3 tests/run.py --suite fuzz --seed {opts.seed:#x})",
+              flush=True)
+        if timeout is not None:
+            timeout = max(timeout, FUZZ_TIMEOUT)
+    boot = run_qemu(cmd, timeout, echo_mode(opts))
     plan, results, finished, aborted = parse(boot.lines)
     problem = run_problem(boot, suite, plan, finished, aborted)
     names = plan.get(suite, [])
@@ -308,6 +336,9 @@ def run_suite(opts, suite, initrd, report):
         report.add(suite, False, problem)
     if problem or not all_ok:
         show_tail(boot)
+        if suite == "fuzz":
+            print(f"fuzz: replay with: python3 tests/run.py --suite fuzz --seed {opts.seed:#x}"
+                  " (add --fuzz-args fuzz_trace=1 to print every call)", flush=True)
     elif opts.verbose:
         print(f"  ({suite}: {boot.seconds:.1f} s)")
 
@@ -399,6 +430,91 @@ def harness_catches_hyp_panic(opts, initrd):
     return boot, None
 
 
+def hyp_fails_cleanly(boot, what, needles):
+    """A boot the hypervisor must refuse: QEMU exits by itself, non-zero,
+    with a line naming the reason (any of `needles`)."""
+    if boot.timed_out:
+        return f"{what}: timed out after {boot.seconds:.0f} s instead of failing"
+    if boot.rc == 0:
+        return f"{what}: QEMU exited 0"
+    if not any(n in line for line in boot.lines for n in needles):
+        return f"{what}: QEMU exited {boot.rc} with no line containing {' or '.join(map(repr, needles))}"
+    return None
+
+
+def harness_catches_stack_overflow(opts, initrd):
+    """keel.selftest=stack-overflow overflows the boot CPU's stack into its
+    guard page: the hypervisor must say so and end QEMU non-zero."""
+    cmd = qemu_cmd(opts, "selftest", initrd, append=f"{HYP_APPEND} keel.selftest=stack-overflow")
+    boot = run_qemu(cmd + opts.extra_qemu, opts.timeout, echo_mode(opts))
+    return boot, hyp_fails_cleanly(boot, "stack overflow", ["stack overflow on CPU 0"])
+
+
+def harness_missing_module_fails_cleanly(opts, initrd):
+    """No guest-loader module at all: keel has no host to start and must
+    stop with a clear message, not hang or crash."""
+    cmd = [opts.qemu, *QEMU_MACHINE, "-kernel", opts.hyp, "-append", HYP_APPEND]
+    boot = run_qemu(cmd + opts.extra_qemu, opts.timeout, echo_mode(opts))
+    return boot, hyp_fails_cleanly(boot, "no kernel module", ["no multiboot", "kernel module"])
+
+
+def malformed_dtb(opts, path):
+    """Writes a corrupted copy of the machine's DTB to `path`: QEMU dumps
+    it, the padding QEMU leaves after it is cut off (QEMU grows a -dtb file
+    to twice its size, which would exceed keel's 2 MiB limit), and in a
+    node neither QEMU nor keel's boot reads for its own needs, a one-cell
+    `#address-cells` property becomes empty, its cell an FDT_NOP token, so
+    the structure stays walkable for QEMU's libfdt."""
+    dump = path + ".dump"
+    assert QEMU_MACHINE[0] == "-M"
+    subprocess.run([opts.qemu, "-M", f"{QEMU_MACHINE[1]},dumpdtb={dump}", *QEMU_MACHINE[2:]],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=30)
+    d = bytearray(open(dump, "rb").read())
+    be = lambda off: int.from_bytes(d[off:off + 4], "big")  # noqa: E731
+    off_struct, off_strings, size_strings, size_struct = be(8), be(12), be(32), be(36)
+    end = max(off_struct + size_struct, off_strings + size_strings)
+    d = d[:end]
+    d[4:8] = end.to_bytes(4, "big")
+    strings = bytes(d[off_strings:off_strings + size_strings])
+    p, depth, target = off_struct, 0, None
+    while p < off_struct + size_struct:
+        tok = be(p)
+        if tok == 1:  # FDT_BEGIN_NODE
+            depth += 1
+            p = (d.index(0, p + 4) + 1 + 3) & ~3
+        elif tok == 2:  # FDT_END_NODE
+            depth -= 1
+            p += 4
+        elif tok == 3:  # FDT_PROP
+            length, nameoff = be(p + 4), be(p + 8)
+            name = strings[nameoff:strings.index(b"\0", nameoff)]
+            if depth > 1 and name == b"#address-cells" and length == 4:
+                target = p
+            p = (p + 12 + length + 3) & ~3
+        elif tok == 9:  # FDT_END
+            break
+        else:
+            p += 4
+    if target is None:
+        raise RuntimeError("no #address-cells property below the root in the dumped DTB")
+    d[target + 4:target + 8] = (0).to_bytes(4, "big")
+    d[target + 12:target + 16] = (4).to_bytes(4, "big")
+    with open(path, "wb") as f:
+        f.write(d)
+
+
+def harness_malformed_dtb_fails_cleanly(opts, initrd):
+    """A corrupted device tree (-dtb): keel must stop with a clear line
+    about the device tree, non-zero, never hang."""
+    with tempfile.TemporaryDirectory(prefix="keel-dtb-") as tmp:
+        bad = os.path.join(tmp, "bad.dtb")
+        malformed_dtb(opts, bad)
+        cmd = qemu_cmd(opts, "selftest", initrd) + ["-dtb", bad]
+        boot = run_qemu(cmd + opts.extra_qemu, opts.timeout, echo_mode(opts))
+    return boot, hyp_fails_cleanly(boot, "malformed DTB", ["device tree"])
+
+
 def run_harness(opts, initrd, report):
     for name in HARNESS_TESTS:
         boot, problem = globals()[f"harness_{name}"](opts, initrd)
@@ -420,6 +536,10 @@ def main():
                     help="boot the demo suite and show its UART as it runs (make run)")
     ap.add_argument("--gdb", action="store_true",
                     help="start QEMU halted with a gdb stub on :1234 (-s -S); no timeout")
+    ap.add_argument("--seed", type=lambda s: int(s, 0), default=None,
+                    help="the fuzz suite's seed (default: a fresh random one, printed)")
+    ap.add_argument("--fuzz-args", default=None, metavar="ARGS",
+                    help="more bootargs for the fuzz suite, e.g. 'calls=1000000 fuzz_trace=1'")
     ap.add_argument("--print-cmd", action="store_true", help="print the QEMU command lines and exit")
     ap.add_argument("--list", action="store_true", help="list the suites and exit")
     opts = ap.parse_args()

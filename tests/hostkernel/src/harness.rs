@@ -13,7 +13,7 @@
 //! `FINISHED`, so the runner counts the run as failed.
 
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use crate::dt::BootInfo;
 
@@ -137,9 +137,27 @@ pub fn run_suite(suite: &'static Suite, boot: &BootInfo) {
     crate::println!("FINISHED");
 }
 
+/// A function a suite registers to print its own context (the fuzz
+/// suite's seed and last calls) when the run ends early; 0 for none.
+static ON_ABORT: AtomicUsize = AtomicUsize::new(0);
+
+/// Registers `f` to run once, first, if the run is aborted (see
+/// [`abort_run`]); `None` unregisters.
+pub fn set_on_abort(f: Option<fn()>) {
+    ON_ABORT.store(f.map_or(0, |f| f as usize), Ordering::SeqCst);
+}
+
 /// Ends the run early: reports the running test (if any) as failed with
 /// `why`, prints `ABORTED`, and powers off without `FINISHED`.
 pub fn abort_run(why: &str) -> ! {
+    // Taken, so that an abort inside the hook cannot recurse.
+    let hook = ON_ABORT.swap(0, Ordering::SeqCst);
+    if hook != 0 {
+        // SAFETY: only `set_on_abort` stores a non-zero value, and it
+        // stores a `fn()` pointer.
+        let f: fn() = unsafe { core::mem::transmute::<usize, fn()>(hook) };
+        f();
+    }
     if let Some((suite, test)) = current() {
         crate::println!("test {}::{} ... FAILED: {}", suite.name, test.name, why);
     }

@@ -7,13 +7,14 @@ pub mod bench;
 pub mod boot;
 pub mod crash;
 pub mod demo;
+pub mod fuzz;
 pub mod guests;
 pub mod host_abi;
 pub mod isolation;
 pub mod selftest;
 pub mod smp;
 
-pub static ALL: [&Suite; 9] = [
+pub static ALL: [&Suite; 10] = [
     &boot::SUITE,
     &isolation::SUITE,
     &host_abi::SUITE,
@@ -21,6 +22,7 @@ pub static ALL: [&Suite; 9] = [
     &selftest::SUITE,
     &demo::SUITE,
     &bench::SUITE,
+    &fuzz::SUITE,
     &crash::SUITE,
     &smp::SUITE,
 ];
