@@ -40,6 +40,9 @@ one instruction there, however long real hardware takes.
                                  line (it prints right after turning its MMU on, a few hundred
                                  instructions after the hypervisor's ERET), median of 5 boots
                                  without -icount
+  fuzz_calls_per_second_qemu     host + guest hypercalls per second of wall time in the fuzz
+                                 suite (seed 1, 100,000 host calls, its invariant checks not
+                                 counted), without -icount: one run, varies with the machine
 
 The boot figures are parsed from the hypervisor's boot log line
 `[keel] INFO  figures: hyp_reserved_bytes=N host_stage2_table_pages=M`.
@@ -139,6 +142,29 @@ def call_costs(opts, initrd):
     return figures
 
 
+FUZZ_RE = re.compile(r"^bench fuzz_calls_per_second_qemu (\d+) calls/s")
+# The fuzz suite's run for fuzz_calls_per_second_qemu: always the same calls.
+FUZZ_SEED = 1
+
+
+def fuzz_rate(opts, initrd):
+    """Host + guest calls per second of wall time of the fuzz suite (its
+    default 100,000 host calls, seed FUZZ_SEED; invariant checks as the
+    suite does them, not counted as calls), without -icount."""
+    opts.seed = FUZZ_SEED
+    cmd = run.qemu_cmd(opts, "fuzz", initrd)
+    rc, lines = timed_boot(cmd, max(opts.timeout, run.FUZZ_TIMEOUT))
+    check_run("fuzz", rc, lines)
+    for _, line in lines:
+        m = FUZZ_RE.match(line)
+        if m:
+            if opts.verbose:
+                log(f"  {line}")
+            return int(m.group(1))
+    log("bench.py: the fuzz suite printed no `bench fuzz_calls_per_second_qemu` line")
+    sys.exit(1)
+
+
 def boot_figures(opts, initrd):
     """(hyp_reserved_bytes, host_stage2_table_pages, [ms to host output])."""
     assert run.RAM_SIZE == 2 << 30 and "-smp" in run.QEMU_MACHINE and \
@@ -189,6 +215,7 @@ def main():
         run.make_initrd(initrd)
         costs = call_costs(opts, initrd)
         reserved, tables, times = boot_figures(opts, initrd)
+        fuzz_calls = fuzz_rate(opts, initrd)
 
     null, unit = costs["hvc_null"]
     if null <= 0:
@@ -216,6 +243,7 @@ def main():
         ("hyp_reserved_bytes", reserved, "bytes"),
         ("host_stage2_table_pages", tables, "pages"),
         ("boot_to_host_ms", round(statistics.median(times), 1), "ms"),
+        ("fuzz_calls_per_second_qemu", fuzz_calls, "calls/s"),
     ]
     for metric, value, unit in out:
         print(json.dumps({"metric": metric, "value": value, "unit": unit}), flush=True)
