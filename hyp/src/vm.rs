@@ -819,8 +819,8 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         Ok(())
     }
 
-    /// HOST_RECLAIM, including pages of dead VMs (zeroed) and host pages
-    /// that had been lent to a VM now dead (returned as they are).
+    /// HOST_RECLAIM, including pages of dead VMs and host pages that had
+    /// been lent to a VM now dead; all of them zeroed.
     pub fn reclaim(&mut self, pfn: u64, nr: u64) -> Result<(), CallError> {
         let vms = &mut *self.vms;
         let mut settled = [0u64; MAX_VMS];
@@ -836,9 +836,9 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                     _ => None,
                 },
             };
-            if lent.is_none_or(|e| e.dir == Direction::ToHost) {
-                mem.mmu.zero_page(&mem.pool, pa);
-            }
+            // Every page comes back zeroed, host pages the dead guest could
+            // write into included.
+            mem.mmu.zero_page(&mem.pool, pa);
             if let Some(vm) = owner {
                 settled[vm as usize % MAX_VMS] += 1;
             }

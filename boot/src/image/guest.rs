@@ -9,7 +9,7 @@
 //! VCPU_RUN returns the exit to the host.
 
 use keel_arch::exception::kind;
-use keel_arch::guest::{self as world, El1Regs, FpRegs, HostSave};
+use keel_arch::guest::{self as world, el1, El1Regs, FpRegs, HostSave};
 use keel_arch::{barrier, sysreg, TrapFrame};
 use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::host::RunTicket;
@@ -143,6 +143,7 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     let vcpu = unsafe { &mut *ticket.vcpu };
     let host = save_host();
     load_guest(vcpu, &ticket, index, host.mdcr);
+    super::timer::arm_for_host(host.el1.r[el1::CNTV_CTL], host.el1.r[el1::CNTV_CVAL]);
     let mut run = GuestRun {
         save: HostSave::default(),
         vcpu: ticket.vcpu,
@@ -163,6 +164,7 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     vcpu.fp.v = fp.v;
     vcpu.fp.fpsr = fp.fpsr;
     vcpu.fp.fpcr = fp.fpcr;
+    super::timer::disarm();
     restore_host(&host);
     hyp.end_run(&ticket);
     // SAFETY: written by the trap handler through `run_ptr` before it left.

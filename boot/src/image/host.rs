@@ -291,11 +291,20 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     // SAFETY: only the boot CPU runs, and nothing else refers to DONATED.
     pool.attach_donated(unsafe { &mut *core::ptr::addr_of_mut!(DONATED) });
 
+    // Each CPU's GIC redistributor, for the host's tick during guest runs.
+    let mut gicr = [(0u64, 0u64); keel_boot::dt::MAX_GICR_REGIONS];
+    for (g, r) in gicr.iter_mut().zip(info.gic.redistributors.iter()) {
+        *g = (r.start, r.end);
+    }
+    let gicr = &gicr[..info.gic.redistributors.len()];
+    super::timer::discover(gicr, smp::index_of);
+
     let s1 = match mmu::build(
         &image_sections(),
         plan,
         info.cpus.len(),
         Some(info.uart.start),
+        gicr,
         &mut pool,
     ) {
         Ok(s) => s,

@@ -24,6 +24,7 @@ pub fn build(
     plan: &Layout,
     cpus: usize,
     uart: Option<u64>,
+    gicr: &[(u64, u64)],
     pages: &mut impl TablePages,
 ) -> Result<Stage1, keel_mm::stage1::S1Error> {
     let mut s1 = Stage1::new(pages)?;
@@ -54,6 +55,9 @@ pub fn build(
         Perm::ReadWrite,
         pages,
     )?;
+    for &(start, end) in gicr {
+        s1.map(start, start, end - start, Perm::Device, pages)?;
+    }
     if let Some(u) = uart {
         s1.map(u & !0xfff, u & !0xfff, 0x1000, Perm::Device, pages)?;
     }

@@ -6,6 +6,7 @@ mod guest;
 mod host;
 mod mmu;
 mod smp;
+mod timer;
 mod traps;
 
 use core::fmt::Write;

@@ -111,7 +111,6 @@ type Status = Result<(), Error>;
 const OK: Status = Ok(());
 const INVALID: Status = Err(Error::InvalidParameter);
 const DENIED: Status = Err(Error::Denied);
-const NO_MEMORY: Status = Err(Error::NoMemory);
 
 /// (owner, host state, host mapping size) as MEM_STATE x1..x3.
 type PageView = (u64, u64, u64);

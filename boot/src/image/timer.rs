@@ -1,0 +1,95 @@
+//! The host's timer tick while a guest runs.
+//!
+//! Linux at EL1 takes its tick from the virtual timer, which a guest run
+//! switches to the guest's values. So that the host still gets control
+//! back when its tick is due, keel arms the EL2 physical timer (PPI 26)
+//! with the host's deadline for the length of the run: with HCR_EL2.IMO set
+//! it ends the run with an IRQ exit, and once the host's own timer is back
+//! its interrupt is pending as usual. The PPI is enabled in this CPU's GIC
+//! redistributor only for the run (the host's GIC configuration leaves it
+//! off), and the timer is disabled again before the host resumes.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use keel_arch::barrier;
+use keel_boot::layout::MAX_CPUS;
+
+use super::this_cpu;
+
+/// The EL2 physical timer's PPI.
+const HYP_TIMER_PPI: u32 = 26;
+/// GICv3 redistributor: RD frame + SGI frame.
+const GICR_FRAME: u64 = 0x2_0000;
+const GICR_TYPER: u64 = 0x8;
+const GICR_TYPER_LAST: u64 = 1 << 4;
+const GICR_TYPER_VLPIS: u64 = 1 << 1;
+const GICR_SGI_ISENABLER0: u64 = 0x1_0000 + 0x100;
+const GICR_SGI_ICENABLER0: u64 = 0x1_0000 + 0x180;
+
+/// Each CPU's redistributor (RD base; 0 if not found).
+static GICR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Finds every CPU's redistributor in `regions`. `index_of` maps an MPIDR
+/// affinity to a CPU index. Runs on the boot CPU with the MMU off.
+pub fn discover(regions: &[(u64, u64)], index_of: impl Fn(u64) -> Option<usize>) {
+    for &(start, end) in regions {
+        let mut frame = start;
+        while frame + GICR_FRAME <= end {
+            // SAFETY: a GICv3 redistributor frame the device tree lists;
+            // GICR_TYPER is a read-only identification register.
+            let typer = unsafe { ((frame + GICR_TYPER) as *const u64).read_volatile() };
+            let aff = typer >> 32;
+            let mpidr = (aff & 0xff_ffff) | ((aff >> 24) << 32);
+            if let Some(i) = index_of(mpidr) {
+                GICR[i].store(frame, Ordering::Relaxed);
+            }
+            if typer & GICR_TYPER_LAST != 0 {
+                break;
+            }
+            frame += if typer & GICR_TYPER_VLPIS != 0 {
+                2 * GICR_FRAME
+            } else {
+                GICR_FRAME
+            };
+        }
+    }
+}
+
+fn write_enable(offset: u64) {
+    let Some(rd) = GICR
+        .get(this_cpu().cpu_index as usize)
+        .map(|g| g.load(Ordering::Relaxed))
+    else {
+        return;
+    };
+    if rd == 0 {
+        return;
+    }
+    // SAFETY: this CPU's redistributor, mapped in keel's stage 1 as Device
+    // memory; the (I|IC)SENABLER0 registers only affect the bit written.
+    unsafe { ((rd + offset) as *mut u32).write_volatile(1 << HYP_TIMER_PPI) };
+}
+
+/// Arms the EL2 timer at the host's virtual-timer deadline, if its timer
+/// is armed (CNTV_CTL: ENABLE set, IMASK clear).
+pub fn arm_for_host(cntv_ctl: u64, cntv_cval: u64) {
+    if cntv_ctl & 0b11 != 0b01 {
+        return;
+    }
+    // With CNTVOFF_EL2 = 0 the virtual and physical counts are the same.
+    // SAFETY: the EL2 physical timer belongs to keel alone.
+    unsafe {
+        core::arch::asm!("msr cnthp_cval_el2, {}", in(reg) cntv_cval, options(nostack));
+        core::arch::asm!("msr cnthp_ctl_el2, {}", in(reg) 1u64, options(nostack));
+    }
+    write_enable(GICR_SGI_ISENABLER0);
+    barrier::isb();
+}
+
+/// Disarms it (its interrupt, level-sensitive, is no longer pending).
+pub fn disarm() {
+    // SAFETY: as above.
+    unsafe { core::arch::asm!("msr cnthp_ctl_el2, {}", in(reg) 0u64, options(nostack)) };
+    write_enable(GICR_SGI_ICENABLER0);
+    barrier::isb();
+}
