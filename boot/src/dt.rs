@@ -367,6 +367,12 @@ fn find_compatible<'b, 'a>(
     None
 }
 
+/// Removes FDT_NOP tokens from a boot DTB in place, so that [`BootInfo::parse`]
+/// accepts it. Returns whether there were any.
+pub fn strip_nops(dtb: &mut [u8]) -> Result<bool, DtError> {
+    blob::strip_nops(dtb)
+}
+
 impl<'a> BootInfo<'a> {
     /// Reads the boot DTB. `dtb` may be longer than the tree's `totalsize`.
     pub fn parse(dtb: &'a [u8]) -> Result<Self, DtError> {

@@ -334,3 +334,50 @@ impl<'a> Blob<'a> {
         }
     }
 }
+
+/// Removes the FDT_NOP tokens of a checked blob in place (boot loaders such
+/// as U-Boot and QEMU leave them where they deleted something; the `fdt`
+/// crate cannot walk them). The structure block shrinks; the strings block
+/// and every other offset stay where they are. Returns whether anything
+/// was removed.
+pub(crate) fn strip_nops(dtb: &mut [u8]) -> Result<bool, DtError> {
+    let blob = Blob::check(dtb)?;
+    if !blob.has_nops {
+        return Ok(false);
+    }
+    let structs = blob.header.structs.clone();
+    let (mut read, mut write) = (structs.start, structs.start);
+    while read < structs.end {
+        // The blob is checked: every token and its payload lie inside.
+        let token = be32(dtb, read).ok_or(DtError::Malformed("truncated structure block"))?;
+        let len = match token {
+            FDT_BEGIN_NODE => {
+                let name = &dtb[read + 4..structs.end];
+                let nul = name
+                    .iter()
+                    .position(|&b| b == 0)
+                    .ok_or(DtError::Malformed("node name"))?;
+                4 + align4(nul + 1)
+            }
+            FDT_PROP => {
+                let value = be32(dtb, read + 4).ok_or(DtError::Malformed("property"))? as usize;
+                12 + align4(value)
+            }
+            FDT_END_NODE | FDT_NOP => 4,
+            FDT_END => structs.end - read,
+            _ => return Err(DtError::Malformed("unknown token")),
+        };
+        if read + len > structs.end {
+            return Err(DtError::Malformed("token past the structure block"));
+        }
+        if token != FDT_NOP {
+            dtb.copy_within(read..read + len, write);
+            write += len;
+        }
+        read += len;
+    }
+    // size_dt_struct is header word 9.
+    let size = ((write - structs.start) as u32).to_be_bytes();
+    dtb[36..40].copy_from_slice(&size);
+    Ok(true)
+}

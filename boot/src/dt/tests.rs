@@ -825,6 +825,30 @@ fn specific_malformations_are_named() {
     );
     let host = write_host(&with_nop, &host_edits(&[]));
     assert!(!Blob::check(&host).unwrap().has_nops);
+    // strip_nops makes it parse, to the same result as the original.
+    let mut stripped = with_nop.clone();
+    assert_eq!(crate::dt::strip_nops(&mut stripped), Ok(true));
+    assert!(!Blob::check(&stripped).unwrap().has_nops);
+    assert_eq!(BootInfo::parse(&stripped), BootInfo::parse(&good));
+    assert_eq!(
+        crate::dt::strip_nops(&mut stripped),
+        Ok(false),
+        "nothing left to strip"
+    );
+    // NOPs between properties and nodes, several in a row.
+    let mut many = good.clone();
+    let before_end = header.structs.end - 4;
+    many.splice(
+        before_end..before_end,
+        [FDT_NOP.to_be_bytes(), FDT_NOP.to_be_bytes()].concat(),
+    );
+    let total = many.len() as u32;
+    many[4..8].copy_from_slice(&total.to_be_bytes());
+    many[12..16].copy_from_slice(&(header.strings.start as u32 + 8).to_be_bytes());
+    many[36..40].copy_from_slice(&(header.structs.len() as u32 + 8).to_be_bytes());
+    assert!(Blob::check(&many).unwrap().has_nops);
+    assert_eq!(crate::dt::strip_nops(&mut many), Ok(true));
+    assert_eq!(BootInfo::parse(&many), BootInfo::parse(&good));
 
     let mut second_root = good.clone();
     // Turn FDT_END into a second BEGIN_NODE with an empty name (the padding

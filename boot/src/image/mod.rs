@@ -96,11 +96,12 @@ fn semihost_print(msg: core::fmt::Arguments) {
 
 /// The boot DTB as a byte slice: checks the magic and bounds the size before
 /// trusting the header's `totalsize` (the parser checks everything else).
-fn boot_dtb(pa: u64) -> Option<&'static [u8]> {
+fn boot_dtb(pa: u64) -> Result<&'static mut [u8], &'static str> {
     const FDT_MAGIC: u32 = 0xd00d_feed;
-    const MAX_DTB: u32 = 2 << 20;
+    // Far above any real tree; only a sanity bound before the parser's checks.
+    const MAX_DTB: u32 = 64 << 20;
     if pa == 0 || !pa.is_multiple_of(8) {
-        return None;
+        return Err("no 8-byte-aligned address");
     }
     // SAFETY: with the MMU off every physical address is accessible; x0
     // points at the DTB per the boot protocol; only 8 header bytes are read
@@ -112,12 +113,16 @@ fn boot_dtb(pa: u64) -> Option<&'static [u8]> {
             u32::from_be(p.add(1).read_volatile()),
         )
     };
-    if magic != FDT_MAGIC || !(40..=MAX_DTB).contains(&size) {
-        return None;
+    if magic != FDT_MAGIC {
+        return Err("no flattened device tree (bad magic)");
     }
-    // SAFETY: the header says the tree is `size` bytes; the memory stays
-    // untouched until the host's copy has been written.
-    Some(unsafe { core::slice::from_raw_parts(pa as *const u8, size as usize) })
+    if !(40..=MAX_DTB).contains(&size) {
+        return Err("a device tree header with an impossible size");
+    }
+    // SAFETY: the header says the tree is `size` bytes of RAM the loader
+    // gave us; keel edits it only to drop FDT_NOP tokens, and it stays
+    // untouched otherwise until the host's copy has been written.
+    Ok(unsafe { core::slice::from_raw_parts_mut(pa as *mut u8, size as usize) })
 }
 
 /// Bytes the host kernel will occupy: for an arm64 Image, the header's
@@ -176,9 +181,14 @@ extern "C" fn keel_main(dtb_pa: u64, load_base: u64) -> ! {
     debug_assert_eq!(sections.start, load_base);
 
     let dtb = match boot_dtb(dtb_pa) {
-        Some(d) => d,
-        None => boot_fail(format_args!("no flattened device tree at x0 = {dtb_pa:#x}")),
+        Ok(d) => d,
+        Err(why) => boot_fail(format_args!("device tree at x0 = {dtb_pa:#x}: {why}")),
     };
+    // Boot loaders leave FDT_NOP tokens where they deleted things.
+    if let Err(e) = keel_boot::dt::strip_nops(dtb) {
+        boot_fail(format_args!("device tree at {dtb_pa:#x}: {e}"));
+    }
+    let dtb: &'static [u8] = dtb;
     let info = match BootInfo::parse(dtb) {
         Ok(i) => i,
         Err(e) => boot_fail(format_args!("device tree at {dtb_pa:#x}: {e}")),
