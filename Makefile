@@ -16,7 +16,10 @@ HYP_LOAD    := 0x40200000
 SYSROOT     = $(shell rustc --print sysroot)
 OBJCOPY     = $(firstword $(wildcard $(SYSROOT)/lib/rustlib/*/bin/llvm-objcopy) llvm-objcopy)
 
-.PHONY: all deps image testkernel run run-linux debug test test-host test-c test-qemu test-linux lint bench clean
+.PHONY: all deps image testkernel run run-linux debug test test-host test-c test-fuzz-corpus test-qemu test-linux lint bench fuzz clean
+
+# How long `make fuzz` runs libFuzzer (seconds).
+FUZZ_SECONDS ?= 600
 
 all: image testkernel
 
@@ -47,7 +50,7 @@ debug: image testkernel
 	@echo "  gdb-multiarch -ex 'add-symbol-file $(HYP_ELF) -o $(HYP_LOAD)' -ex 'target remote :1234'"
 	python3 tests/run.py --demo --gdb
 
-test: deps test-host test-c test-qemu test-linux lint
+test: deps test-host test-c test-fuzz-corpus test-qemu test-linux lint
 	@echo "make test: all passed"
 
 test-host:
@@ -56,6 +59,21 @@ test-host:
 # The C header compiles (user and kernel flavours) and matches the contract.
 test-c:
 	sh tests/c/check.sh
+
+# The fuzz corpus and some random inputs through the hypercall dispatcher
+# (stable toolchain; `make fuzz` is the long libFuzzer run).
+test-fuzz-corpus:
+	cd hyp/fuzz && cargo run --release -q --bin hypercalls-replay -- corpus/hypercalls --random 300
+
+# libFuzzer over the dispatcher (nightly + cargo-fuzz, installed if
+# possible); without them, a long random run of the stable replayer.
+fuzz:
+	@if rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal; then \
+		command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz; \
+		cargo +nightly fuzz run --fuzz-dir hyp/fuzz hypercalls hyp/fuzz/corpus/hypercalls -- -max_total_time=$(FUZZ_SECONDS); \
+	else \
+		cd hyp/fuzz && cargo run --release --bin hypercalls-replay -- corpus/hypercalls --random 200000; \
+	fi
 
 # An unmodified Debian arm64 kernel as the host, on 4 CPUs (fetched as
 # packages into .cache/linux on first use).

@@ -118,7 +118,7 @@ HARNESS_TESTS = [
 HANG_TIMEOUT = 5.0
 # The fuzz suite's timeout at least (its 100,000 calls take about a minute).
 FUZZ_TIMEOUT = 300.0
-DEFAULT_SUITES = ["boot", "isolation", "host-abi", "guests", "fuzz", "demo", "harness"]
+DEFAULT_SUITES = ["boot", "isolation", "host-abi", "guests", "smp", "fuzz", "demo", "harness"]
 
 PLAN_RE = re.compile(r"^plan (\S+):(.*)$")
 RESULT_RE = re.compile(r"^test (\S+)::(\S+) \.\.\. (ok|FAILED(?::\s?(.*))?)$")
