@@ -402,6 +402,52 @@ impl Stage1 {
         None
     }
 
+    /// Calls `f(leaf_va, size, desc)` for every valid leaf (block or page)
+    /// that intersects [va, va + len), in VA order; `leaf_va` is the leaf's
+    /// own first VA (aligned to `size`), so a leaf may extend beyond the
+    /// range. Unmapped subtrees are skipped whole: the cost is the number
+    /// of leaves and table entries in the range, not its number of pages.
+    pub fn visit_leaves(
+        &self,
+        va: u64,
+        len: u64,
+        pages: &impl TablePages,
+        f: &mut dyn FnMut(u64, u64, u64),
+    ) {
+        let end = va.saturating_add(len).min(VA_LIMIT);
+        if va < end {
+            Self::visit_in(pages, self.root, 0, 0, va, end, f);
+        }
+    }
+
+    fn visit_in(
+        pages: &impl TablePages,
+        table: u64,
+        level: usize,
+        base: u64,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u64, u64),
+    ) {
+        let size = 1u64 << (39 - 9 * level);
+        let first = ((start.max(base) - base) / size) as usize;
+        for idx in first..ENTRIES {
+            let entry_base = base + idx as u64 * size;
+            if entry_base >= end {
+                break;
+            }
+            let desc = Self::entry(pages, table, idx);
+            if desc & 1 == 0 {
+                continue;
+            }
+            if level == 3 || desc & 0b10 == 0 {
+                f(entry_base, size, desc);
+            } else {
+                Self::visit_in(pages, desc & OA_MASK, level + 1, entry_base, start, end, f);
+            }
+        }
+    }
+
     /// The table, index and size of the leaf that maps `va`.
     fn leaf_slot(&self, va: u64, pages: &impl TablePages) -> Option<(u64, usize, u64)> {
         let mut table = self.root;
@@ -654,6 +700,96 @@ mod tests {
             "inside a block"
         );
         assert_eq!(s1.first_mapped(0x4000_0000, 0x5000, &p), None);
+    }
+
+    /// Every leaf `visit_leaves` reports over [va, va + len).
+    fn leaves(s1: &Stage1, p: &VecPages, va: u64, len: u64) -> Vec<(u64, u64, u64)> {
+        let mut v = vec![];
+        s1.visit_leaves(va, len, p, &mut |va, size, desc| v.push((va, size, desc)));
+        v
+    }
+
+    #[test]
+    fn visit_leaves_reports_whole_leaves_in_order() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        assert_eq!(leaves(&s1, &p, 0, VA_LIMIT), []);
+        // A page, a block, two pages after it, a read-only page far above.
+        s1.map_pages(0x4010_0000, 0x4010_0000, PAGE, Perm::ReadWrite, &mut p)
+            .unwrap();
+        s1.map(0x4020_0000, 0x4020_0000, BLOCK_2M, Perm::ReadWrite, &mut p)
+            .unwrap();
+        s1.map_pages(0x4040_0000, 0x4040_0000, 2 * PAGE, Perm::ReadWrite, &mut p)
+            .unwrap();
+        s1.map(0x80_0000_0000, 0x1000, PAGE, Perm::ReadOnly, &mut p)
+            .unwrap();
+        let all = leaves(&s1, &p, 0, VA_LIMIT);
+        let spans: Vec<_> = all.iter().map(|&(va, size, _)| (va, size)).collect();
+        assert_eq!(
+            spans,
+            [
+                (0x4010_0000, PAGE),
+                (0x4020_0000, BLOCK_2M),
+                (0x4040_0000, PAGE),
+                (0x4040_1000, PAGE),
+                (0x80_0000_0000, PAGE),
+            ]
+        );
+        for &(va, size, desc) in &all {
+            assert_eq!(s1.leaf(va, &p), Some((desc, size)), "the leaf's descriptor");
+        }
+        assert_eq!(
+            all[4].2 & OA_MASK,
+            0x1000,
+            "the descriptor carries the output"
+        );
+        // A range inside the block reports the whole block.
+        assert_eq!(
+            leaves(&s1, &p, 0x4030_0000, PAGE),
+            [(0x4020_0000, BLOCK_2M, all[1].2)]
+        );
+        // Ranges that end before, start after, or fall between leaves.
+        assert_eq!(leaves(&s1, &p, 0x4010_1000, 0x000f_f000), []);
+        assert_eq!(leaves(&s1, &p, 0x4040_2000, 0x1000_0000), []);
+        assert_eq!(
+            leaves(&s1, &p, 0x4040_1000, VA_LIMIT).len(),
+            2,
+            "from the second page to the end of the VA space"
+        );
+        assert_eq!(leaves(&s1, &p, 0x4010_0000, 0), [], "an empty range");
+        assert_eq!(
+            leaves(&s1, &p, 0x4040_1000, u64::MAX).len(),
+            2,
+            "a length past the VA space stops at its end"
+        );
+    }
+
+    #[test]
+    fn visit_leaves_agrees_with_leaf_page_by_page() {
+        let mut p = pages();
+        let mut s1 = Stage1::new(&mut p).unwrap();
+        let base = 0x4000_0000;
+        s1.map(base, base, 3 * BLOCK_2M + 5 * PAGE, Perm::ReadWrite, &mut p)
+            .unwrap();
+        s1.unmap(base + 3 * BLOCK_2M + PAGE, PAGE, &mut p).unwrap();
+        s1.split_block(base + BLOCK_2M, &mut p, &mut |_| {})
+            .unwrap();
+        s1.unmap(base + BLOCK_2M + 7 * PAGE, 2 * PAGE, &mut p)
+            .unwrap();
+        let (va, len) = (base + PAGE, 4 * BLOCK_2M);
+        let mut seen = vec![];
+        s1.visit_leaves(va, len, &p, &mut |lva, size, _| {
+            for v in (lva..lva + size).step_by(PAGE as usize) {
+                if (va..va + len).contains(&v) {
+                    seen.push(v);
+                }
+            }
+        });
+        let expect: Vec<u64> = (va..va + len)
+            .step_by(PAGE as usize)
+            .filter(|&v| s1.translate(v, &p).is_some())
+            .collect();
+        assert_eq!(seen, expect);
     }
 
     #[test]
