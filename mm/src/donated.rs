@@ -139,6 +139,45 @@ impl DonatedPages {
             .map(|e| (u64::from(e & PFN_MASK), e & IN_USE != 0))
     }
 
+    /// The donated pages as runs of consecutive frame numbers: (first
+    /// frame number, pages), in order.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut i = 0;
+        core::iter::from_fn(move || {
+            let first = *self.entries[..self.len].get(i)? & PFN_MASK;
+            let mut n = 1;
+            while self.entries[..self.len]
+                .get(i + n)
+                .is_some_and(|&e| e & PFN_MASK == first + n as u32)
+            {
+                n += 1;
+            }
+            i += n;
+            Some((u64::from(first), n as u64))
+        })
+    }
+
+    /// The first page of [pfn, pfn + nr) that is not a donated page, if
+    /// any. Costs one search and then one step per donated page it passes.
+    pub fn first_missing(&self, pfn: u64, nr: u64) -> Option<u64> {
+        let end = pfn.saturating_add(nr);
+        if pfn >= end {
+            return None;
+        }
+        let Some(first) = u32::try_from(pfn).ok().filter(|p| p & IN_USE == 0) else {
+            return Some(pfn);
+        };
+        let at = self.search(first).unwrap_or_else(|i| i);
+        let mut p = pfn;
+        for &e in &self.entries[at..self.len] {
+            if p == end || u64::from(e & PFN_MASK) != p {
+                break;
+            }
+            p += 1;
+        }
+        (p < end).then_some(p)
+    }
+
     /// Takes a free donated page, marking it in use.
     pub fn take(&mut self) -> Option<u64> {
         if self.free == 0 {
@@ -198,6 +237,37 @@ mod tests {
         assert_eq!(d.lookup(101), None);
         assert_eq!(d.lookup(103), Some(false));
         assert_eq!((d.len(), d.free()), (2, 2));
+    }
+
+    #[test]
+    fn runs_and_first_missing() {
+        let mut d = Box::new(DonatedPages::new());
+        assert_eq!(d.runs().next(), None);
+        assert_eq!(d.first_missing(5, 1), Some(5));
+        assert_eq!(d.first_missing(5, 0), None, "an empty range");
+        d.add(10, 3).unwrap();
+        d.add(13, 2).unwrap();
+        d.add(20, 1).unwrap();
+        d.add(7, 2).unwrap();
+        assert_eq!(d.take(), Some(7));
+        let runs: Vec<_> = d.runs().collect();
+        assert_eq!(runs, [(7, 2), (10, 5), (20, 1)], "in-use pages too");
+        assert_eq!(d.first_missing(7, 2), None);
+        assert_eq!(d.first_missing(7, 3), Some(9));
+        assert_eq!(d.first_missing(10, 5), None);
+        assert_eq!(d.first_missing(11, 10), Some(15));
+        assert_eq!(d.first_missing(6, 2), Some(6));
+        assert_eq!(d.first_missing(20, 2), Some(21), "past the last page");
+        assert_eq!(
+            d.first_missing(u64::from(PFN_MASK), 1),
+            Some(u64::from(PFN_MASK))
+        );
+        assert_eq!(d.first_missing(u64::MAX - 1, 1), Some(u64::MAX - 1));
+        for (first, n) in runs {
+            for p in first..first + n {
+                assert!(d.lookup(p).is_some());
+            }
+        }
     }
 
     #[test]

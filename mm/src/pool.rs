@@ -168,6 +168,20 @@ impl PagePool {
         self.donated.as_deref().into_iter().flat_map(|d| d.iter())
     }
 
+    /// The donated pages as runs of consecutive frame numbers: (first
+    /// frame number, pages), in order.
+    pub fn donated_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.donated.as_deref().into_iter().flat_map(|d| d.runs())
+    }
+
+    /// The first page of [pfn, pfn + nr) that is not a donated page.
+    pub fn first_not_donated(&self, pfn: u64, nr: u64) -> Option<u64> {
+        match self.donated.as_deref() {
+            Some(d) => d.first_missing(pfn, nr),
+            None => (nr > 0).then_some(pfn),
+        }
+    }
+
     /// Checks that `nr` pages from `pfn` can be donated.
     pub fn check_donate(&self, pfn: u64, nr: u64) -> Result<(), MmError> {
         let table = self.donated.as_ref().ok_or(MmError::NoMemory)?;
