@@ -126,6 +126,22 @@ impl Lent {
         }
     }
 
+    /// The first page of [pfn, pfn + nr) not recorded as shared in
+    /// direction `dir`, if any. Costs one search and then one step per
+    /// recorded page it passes.
+    pub fn first_missing(&self, pfn: u64, nr: u64, dir: Direction) -> Option<u64> {
+        let end = pfn.saturating_add(nr);
+        let at = self.search(pfn).unwrap_or_else(|i| i);
+        let mut p = pfn;
+        for e in &self.entries[at..self.len] {
+            if p >= end || e.pfn != p || e.dir != dir {
+                break;
+            }
+            p += 1;
+        }
+        (p < end).then_some(p)
+    }
+
     /// Every entry of `vm`.
     pub fn of_vm(&self, vm: u16) -> impl Iterator<Item = &Entry> + '_ {
         self.entries[..self.len].iter().filter(move |e| e.vm == vm)
@@ -154,6 +170,26 @@ mod tests {
         assert_eq!(l.get(20), None);
         assert_eq!(l.len(), 2);
         assert!(l.get(10).is_some() && l.get(30).is_some());
+    }
+
+    #[test]
+    fn first_missing_follows_the_direction() {
+        let mut l = Box::new(Lent::new());
+        assert_eq!(l.first_missing(5, 2, Direction::ToHost), Some(5));
+        assert_eq!(l.first_missing(5, 0, Direction::ToHost), None);
+        for p in 10..14 {
+            assert!(l.insert(p, 1, Direction::ToHost));
+        }
+        assert!(l.insert(14, 2, Direction::ToGuest));
+        assert!(l.insert(16, 2, Direction::ToGuest));
+        assert_eq!(l.first_missing(10, 4, Direction::ToHost), None);
+        assert_eq!(l.first_missing(11, 2, Direction::ToHost), None);
+        assert_eq!(l.first_missing(10, 5, Direction::ToHost), Some(14));
+        assert_eq!(l.first_missing(10, 1, Direction::ToGuest), Some(10));
+        assert_eq!(l.first_missing(14, 1, Direction::ToGuest), None);
+        assert_eq!(l.first_missing(14, 3, Direction::ToGuest), Some(15));
+        assert_eq!(l.first_missing(9, 3, Direction::ToHost), Some(9));
+        assert_eq!(l.first_missing(16, 2, Direction::ToGuest), Some(17));
     }
 
     #[test]

@@ -179,6 +179,16 @@ pub trait Guests {
     fn borrower(&self, pfn: u64) -> Option<u16>;
     /// Table pages of all VMs' stage 2s, roots included.
     fn table_pages(&self) -> u64;
+    /// The first page of [pfn, pfn + nr) that no VM shares with the host
+    /// (no [`lender`](Self::lender)), if any.
+    fn first_not_lent(&self, pfn: u64, nr: u64) -> Option<u64> {
+        (pfn..pfn.saturating_add(nr)).find(|&p| self.lender(p).is_none())
+    }
+    /// The first page of [pfn, pfn + nr) that the host shares with no VM
+    /// (no [`borrower`](Self::borrower)), if any.
+    fn first_not_borrowed(&self, pfn: u64, nr: u64) -> Option<u64> {
+        (pfn..pfn.saturating_add(nr)).find(|&p| self.borrower(p).is_none())
+    }
 }
 
 /// No VMs at all.
@@ -503,85 +513,20 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
     ///   guest (no page has two owners);
     /// - the donated-page table and the host stage 2 name the same pages;
     /// - pool pages = free pages + table pages.
+    ///
+    /// Everything is checked by runs: leaves of the host stage 2, runs of
+    /// consecutive leaves of the hypervisor's stage 1, runs of consecutive
+    /// donated pages, runs of the shared-page table. So the cost grows with
+    /// the number of leaves, table entries and table records, not with the
+    /// number of pages they cover; the violation reported, and where, is the
+    /// one a page-by-page walk in address order would find first.
     pub fn check_invariants(&self, g: &dyn Guests) -> Result<(), Violation> {
         for region in self.ram.regions() {
-            let mut bad = None;
-            let _ = self
-                .host
-                .visit_leaves(&self.pool, region.start, region.len(), &mut |leaf| {
-                    if bad.is_some() {
-                        return;
-                    }
-                    match leaf.kind {
-                        LeafKind::Mapped { pa, attrs, state } => {
-                            if pa != leaf.ipa {
-                                bad = Some(Violation {
-                                    what: "host mapping is not an identity",
-                                    addr: leaf.ipa,
-                                });
-                            } else if attrs != S2Attrs::NORMAL_RWX {
-                                bad = Some(Violation {
-                                    what: "host RAM mapped with wrong attributes",
-                                    addr: leaf.ipa,
-                                });
-                            } else if let Some(p) = (leaf.ipa..leaf.ipa + leaf.size)
-                                .step_by(PAGE as usize)
-                                .find(|p| match state {
-                                    PageState::SharedBorrowed => g.lender(p / PAGE).is_none(),
-                                    PageState::SharedOwned => g.borrower(p / PAGE).is_none(),
-                                    PageState::Owned => false,
-                                })
-                            {
-                                bad = Some(Violation {
-                                    what: "host page shared, but no guest on the other side",
-                                    addr: p,
-                                });
-                            }
-                        }
-                        LeafKind::Unmapped(a) => {
-                            if a != ANN_HYP_PRIVATE && a != ANN_HYP_DONATED && vm_of(a).is_none() {
-                                bad = Some(Violation {
-                                    what: "unmapped RAM without an owner",
-                                    addr: leaf.ipa,
-                                });
-                            }
-                        }
-                    }
-                });
-            if let Some(v) = bad {
-                return Err(v);
-            }
-            // Pages the hypervisor maps.
-            let mut pa = region.start;
-            while let Some(m) = self.hyp.first_mapped(pa, region.end - pa, &self.pool) {
-                let ok = match self.page(m, g) {
-                    Page::SharedWithHyp | Page::HypPrivate => true,
-                    Page::HypDonated { .. } => self.pool.donated_in_use(m / PAGE).is_some(),
-                    _ => false,
-                };
-                if !ok {
-                    return violation("the hypervisor maps a page it neither owns nor borrows", m);
-                }
-                pa = m + PAGE;
-                if pa >= region.end {
-                    break;
-                }
-            }
+            self.check_host_leaves(*region, g)?;
+            self.check_hyp_mapped(*region)?;
         }
-        for (pfn, _) in self.pool.donated_pages() {
-            let pa = pfn * PAGE;
-            match self.host.lookup(&self.pool, pa) {
-                Ok(leaf) if leaf.kind == LeafKind::Unmapped(ANN_HYP_DONATED) => {}
-                _ => {
-                    return violation(
-                        "donated page not recorded as donated in the host stage 2",
-                        pa,
-                    )
-                }
-            }
-            if self.hyp.translate(pa, &self.pool).is_none() {
-                return violation("donated page not mapped by the hypervisor", pa);
-            }
+        for (pfn, nr) in self.pool.donated_runs() {
+            self.check_donated_run(pfn, nr)?;
         }
         let tables = self.table_pages() + g.table_pages();
         if self.pool.total_pages() as u64 != self.pool.all_free_pages() as u64 + tables {
@@ -591,5 +536,167 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
             );
         }
         Ok(())
+    }
+
+    /// The host stage-2 leaves over `region`: identity, normal-memory
+    /// mappings; shared pages with a guest on the other side (the shared-page
+    /// table, by runs); unmapped pages with an owner.
+    fn check_host_leaves(&self, region: Range, g: &dyn Guests) -> Result<(), Violation> {
+        let mut bad = None;
+        let _ = self
+            .host
+            .visit_leaves(&self.pool, region.start, region.len(), &mut |leaf| {
+                if bad.is_some() {
+                    return;
+                }
+                match leaf.kind {
+                    LeafKind::Mapped { pa, attrs, state } => {
+                        let (first, nr) = (leaf.ipa / PAGE, leaf.size / PAGE);
+                        let unshared = match state {
+                            PageState::SharedBorrowed => g.first_not_lent(first, nr),
+                            PageState::SharedOwned => g.first_not_borrowed(first, nr),
+                            PageState::Owned => None,
+                        };
+                        if pa != leaf.ipa {
+                            bad = Some(Violation {
+                                what: "host mapping is not an identity",
+                                addr: leaf.ipa,
+                            });
+                        } else if attrs != S2Attrs::NORMAL_RWX {
+                            bad = Some(Violation {
+                                what: "host RAM mapped with wrong attributes",
+                                addr: leaf.ipa,
+                            });
+                        } else if let Some(p) = unshared {
+                            bad = Some(Violation {
+                                what: "host page shared, but no guest on the other side",
+                                addr: p * PAGE,
+                            });
+                        }
+                    }
+                    LeafKind::Unmapped(a) => {
+                        if a != ANN_HYP_PRIVATE && a != ANN_HYP_DONATED && vm_of(a).is_none() {
+                            bad = Some(Violation {
+                                what: "unmapped RAM without an owner",
+                                addr: leaf.ipa,
+                            });
+                        }
+                    }
+                }
+            });
+        bad.map_or(Ok(()), Err)
+    }
+
+    /// The pages of `region` the hypervisor maps, as runs of consecutive
+    /// stage-1 leaves (a 2 MiB block, or a stretch of 4K pages, is one run).
+    fn check_hyp_mapped(&self, region: Range) -> Result<(), Violation> {
+        let mut bad = Ok(());
+        let mut run: Option<Range> = None;
+        self.hyp.visit_leaves(
+            region.start,
+            region.len(),
+            &self.pool,
+            &mut |va, size, _| {
+                if bad.is_err() {
+                    return;
+                }
+                let leaf = Range::new(va.max(region.start), (va + size).min(region.end));
+                match run {
+                    Some(r) if r.end == leaf.start => run = Some(Range::new(r.start, leaf.end)),
+                    Some(r) => {
+                        bad = self.check_hyp_run(r);
+                        run = Some(leaf);
+                    }
+                    None => run = Some(leaf),
+                }
+            },
+        );
+        bad?;
+        run.map_or(Ok(()), |r| self.check_hyp_run(r))
+    }
+
+    /// The hypervisor maps every page of `run`: each must be its own (private,
+    /// or donated and in the donated-page table) or shared with it by the
+    /// host (host-owned and mapped in the host stage 2), as [`Self::page`]
+    /// would say, checked over each host stage-2 leaf at once.
+    fn check_hyp_run(&self, run: Range) -> Result<(), Violation> {
+        // Pages beyond the host stage 2's IPA space have no host entry: the
+        // hypervisor's (Page::HypPrivate).
+        let end = run.end.min(self.host.geometry().ipa_size());
+        if run.start >= end {
+            return Ok(());
+        }
+        let mut bad = None;
+        let _ = self
+            .host
+            .visit_leaves(&self.pool, run.start, end - run.start, &mut |leaf| {
+                if bad.is_some() {
+                    return;
+                }
+                let start = leaf.ipa.max(run.start);
+                let end = (leaf.ipa + leaf.size).min(end);
+                bad = match leaf.kind {
+                    LeafKind::Mapped {
+                        state: PageState::Owned,
+                        ..
+                    } => None,
+                    // Shared with a guest or lent to a dead one: every page
+                    // of the leaf has a guest on the other side, or
+                    // `check_host_leaves` would have failed already.
+                    LeafKind::Mapped { .. } => Some(start),
+                    LeafKind::Unmapped(ANN_HYP_DONATED) => self
+                        .pool
+                        .first_not_donated(start / PAGE, (end - start) / PAGE)
+                        .map(|p| p * PAGE),
+                    LeafKind::Unmapped(a) => vm_of(a).map(|_| start),
+                };
+            });
+        match bad {
+            Some(addr) => violation(
+                "the hypervisor maps a page it neither owns nor borrows",
+                addr,
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// The donated pages [pfn, pfn + nr): recorded as donated in the host
+    /// stage 2 and mapped by the hypervisor. The first failing page wins,
+    /// the host stage 2's failure if both fail at the same page.
+    fn check_donated_run(&self, pfn: u64, nr: u64) -> Result<(), Violation> {
+        let run = Range::new(pfn * PAGE, (pfn + nr) * PAGE);
+        // Pages beyond the host stage 2's IPA space have no host entry.
+        let limit = self.host.geometry().ipa_size();
+        let mut host_bad = (run.end > limit).then_some(run.start.max(limit));
+        if run.start < limit {
+            let len = run.end.min(limit) - run.start;
+            let mut first = None;
+            let _ = self
+                .host
+                .visit_leaves(&self.pool, run.start, len, &mut |leaf| {
+                    if first.is_none() && leaf.kind != LeafKind::Unmapped(ANN_HYP_DONATED) {
+                        first = Some(leaf.ipa.max(run.start));
+                    }
+                });
+            host_bad = first.or(host_bad);
+        }
+        let mut next = run.start;
+        let mut gap = None;
+        self.hyp
+            .visit_leaves(run.start, run.len(), &self.pool, &mut |va, size, _| {
+                if gap.is_none() && va > next {
+                    gap = Some(next);
+                }
+                next = next.max(va + size);
+            });
+        let unmapped = gap.or((next < run.end).then_some(next));
+        match (host_bad, unmapped) {
+            (Some(h), u) if u.is_none_or(|u| h <= u) => violation(
+                "donated page not recorded as donated in the host stage 2",
+                h,
+            ),
+            (_, Some(u)) => violation("donated page not mapped by the hypervisor", u),
+            _ => Ok(()),
+        }
     }
 }

@@ -243,6 +243,12 @@ impl<G: TlbMaintenance> Guests for Vms<G> {
             .filter(|e| e.dir == Direction::ToGuest)
             .map(|e| e.vm)
     }
+    fn first_not_lent(&self, pfn: u64, nr: u64) -> Option<u64> {
+        self.lent.first_missing(pfn, nr, Direction::ToHost)
+    }
+    fn first_not_borrowed(&self, pfn: u64, nr: u64) -> Option<u64> {
+        self.lent.first_missing(pfn, nr, Direction::ToGuest)
+    }
     fn table_pages(&self) -> u64 {
         self.slots
             .iter()

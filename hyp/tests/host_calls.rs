@@ -5,10 +5,12 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 use keel_abi::PageState as AbiState;
-use keel_hyp::mem::{CallError, HypMmu, Memory, NoGuests, Ram, Range, ANN_HYP_PRIVATE, PAGE};
+use keel_hyp::mem::{
+    CallError, Guests, HypMmu, Memory, NoGuests, Ram, Range, ANN_HYP_PRIVATE, PAGE, VM_HANDLE_BASE,
+};
 use keel_mm::donated::DonatedPages;
 use keel_mm::stage1::{Perm, Stage1};
-use keel_mm::{Geometry, NoTlb, PagePool, PageState, S2Attrs, Stage2};
+use keel_mm::{Annotation, Geometry, NoTlb, PagePool, PageState, S2Attrs, Stage2};
 
 const RAM_BASE: u64 = 0x4000_0000;
 const RAM_SIZE: u64 = 64 << 20;
@@ -393,32 +395,226 @@ fn no_memory_changes_nothing() {
     assert_eq!(m.mem.pool.free_pages(), 0);
 }
 
+/// Guests of VM 0 (live) that lend `to_host` pages to the host and borrow
+/// the host's `to_guest` pages, by pfn.
+struct SharingGuests {
+    to_host: Vec<u64>,
+    to_guest: Vec<u64>,
+}
+
+impl Guests for SharingGuests {
+    fn is_live(&self, vm: u16) -> bool {
+        vm == 0
+    }
+    fn lender(&self, pfn: u64) -> Option<(u16, bool)> {
+        self.to_host.contains(&pfn).then_some((0, false))
+    }
+    fn borrower(&self, pfn: u64) -> Option<u16> {
+        self.to_guest.contains(&pfn).then_some(0)
+    }
+    fn table_pages(&self) -> u64 {
+        0
+    }
+}
+
+fn pfns(pa: u64, nr: u64) -> Vec<u64> {
+    (pa / PAGE..pa / PAGE + nr).collect()
+}
+
+impl Machine {
+    /// The checker's complaint, as (what, where).
+    fn violation(&self, g: &dyn Guests) -> (&'static str, u64) {
+        let v = self.mem.check_invariants(g).unwrap_err();
+        (v.what, v.addr)
+    }
+    /// Maps [pa, pa + len) in the host stage 2 (identity, normal memory,
+    /// host-owned) behind the tracker's back.
+    fn host_map(&mut self, pa: u64, len: u64) {
+        let mem = &mut self.mem;
+        mem.host
+            .map(
+                &mut mem.pool,
+                pa,
+                len,
+                pa,
+                S2Attrs::NORMAL_RWX,
+                PageState::Owned,
+            )
+            .unwrap();
+    }
+    fn host_unmap(&mut self, pa: u64, len: u64, a: Annotation) {
+        let mem = &mut self.mem;
+        mem.host.unmap(&mut mem.pool, pa, len, a).unwrap();
+    }
+    fn host_set_state(&mut self, pa: u64, len: u64, state: PageState) {
+        let mem = &mut self.mem;
+        mem.host.set_state(&mut mem.pool, pa, len, state).unwrap();
+    }
+    /// Maps [pa, pa + len) in the hypervisor's stage 1, with a block where
+    /// aligned if `blocks`.
+    fn hyp_map(&mut self, pa: u64, len: u64, blocks: bool) {
+        let mem = &mut self.mem;
+        if blocks {
+            mem.hyp.map(pa, pa, len, Perm::ReadWrite, &mut mem.pool)
+        } else {
+            mem.hyp
+                .map_pages(pa, pa, len, Perm::ReadWrite, &mut mem.pool)
+        }
+        .unwrap();
+    }
+    fn hyp_unmap(&mut self, pa: u64, len: u64) {
+        let mem = &mut self.mem;
+        mem.hyp.unmap(pa, len, &mut mem.pool).unwrap();
+    }
+}
+
+const NOT_IDENTITY: &str = "host mapping is not an identity";
+const WRONG_ATTRS: &str = "host RAM mapped with wrong attributes";
+const NO_OTHER_SIDE: &str = "host page shared, but no guest on the other side";
+const NO_OWNER: &str = "unmapped RAM without an owner";
+const HYP_MAPS: &str = "the hypervisor maps a page it neither owns nor borrows";
+const NOT_DONATED_IN_HOST: &str = "donated page not recorded as donated in the host stage 2";
+const DONATED_UNMAPPED: &str = "donated page not mapped by the hypervisor";
+const POOL_COUNT: &str = "pool pages != free pages + table pages";
+
+/// Each check of `check_invariants` fires on a state corrupted for it, at
+/// the first bad page, inside 2 MiB leaves and runs of pages too.
 #[test]
 fn the_invariant_checker_sees_corruption() {
     let mut m = Machine::new();
     m.donate(0x4300_0000, 1).unwrap();
     // Give the page back to the host behind the tracker's back.
-    m.mem
-        .host
-        .map(
-            &mut m.mem.pool,
-            0x4300_0000,
-            PAGE,
-            0x4300_0000,
-            S2Attrs::NORMAL_RWX,
-            PageState::Owned,
-        )
-        .unwrap();
-    let v = m.mem.check_invariants(&NoGuests).unwrap_err();
-    assert_eq!(v.addr, 0x4300_0000);
+    m.host_map(0x4300_0000, PAGE);
+    assert_eq!(m.violation(&NoGuests), (NOT_DONATED_IN_HOST, 0x4300_0000));
+
+    // Host stage-2 leaves.
     let mut m = Machine::new();
-    // A host page mapped with device attributes.
     m.mem
         .host
         .set_attrs(&mut m.mem.pool, 0x4100_0000, PAGE, S2Attrs::DEVICE_RW)
         .unwrap();
+    assert_eq!(m.violation(&NoGuests), (WRONG_ATTRS, 0x4100_0000));
+    let mut m = Machine::new();
+    m.mem
+        .host
+        .map(
+            &mut m.mem.pool,
+            0x4100_0000,
+            PAGE,
+            0x4200_0000,
+            S2Attrs::NORMAL_RWX,
+            PageState::Owned,
+        )
+        .unwrap();
+    assert_eq!(m.violation(&NoGuests), (NOT_IDENTITY, 0x4100_0000));
+    let mut m = Machine::new();
+    m.host_unmap(0x4100_3000, PAGE, Annotation(3));
+    assert_eq!(m.violation(&NoGuests), (NO_OWNER, 0x4100_3000));
+
+    // A 2 MiB host block shared with a guest that has only its first pages.
+    let mut m = Machine::new();
+    let block = 0x4200_0000;
+    m.host_set_state(block, MIB2, PageState::SharedOwned);
+    assert_eq!(m.mem.host.lookup(&m.mem.pool, block).unwrap().size, MIB2);
+    let g = SharingGuests {
+        to_host: pfns(block, 512),
+        to_guest: pfns(block, 5),
+    };
+    assert_eq!(m.violation(&g), (NO_OTHER_SIDE, block + 5 * PAGE));
+    assert_eq!(m.violation(&NoGuests), (NO_OTHER_SIDE, block));
+    let g = SharingGuests {
+        to_host: vec![],
+        to_guest: pfns(block, 512),
+    };
+    m.mem.check_invariants(&g).unwrap();
+    // The same block borrowed from a guest: pages shared the other way do
+    // not count.
+    m.host_set_state(block, MIB2, PageState::SharedBorrowed);
+    assert_eq!(m.violation(&g), (NO_OTHER_SIDE, block));
+    let g = SharingGuests {
+        to_host: pfns(block, 3),
+        to_guest: pfns(block + 3 * PAGE, 509),
+    };
+    assert_eq!(m.violation(&g), (NO_OTHER_SIDE, block + 3 * PAGE));
+    let g = SharingGuests {
+        to_host: pfns(block, 512),
+        to_guest: vec![],
+    };
+    m.mem.check_invariants(&g).unwrap();
+
+    // The hypervisor maps a guest's pages: a run of 4K pages that starts
+    // two pages before them, then a 2 MiB block around them.
+    let mut m = Machine::new();
+    m.host_unmap(0x4250_0000, 4 * PAGE, Annotation(VM_HANDLE_BASE + 1));
+    m.check();
+    m.hyp_map(0x4250_0000 - 2 * PAGE, 6 * PAGE, false);
+    assert_eq!(m.violation(&NoGuests), (HYP_MAPS, 0x4250_0000));
+    m.hyp_unmap(0x4250_0000 - 2 * PAGE, 6 * PAGE);
+    m.check();
+    m.hyp_map(0x4240_0000, MIB2, true);
+    assert_eq!(m.mem.hyp.leaf(0x4240_0000, &m.mem.pool).unwrap().1, MIB2);
+    assert_eq!(m.violation(&NoGuests), (HYP_MAPS, 0x4250_0000));
+    // ... or a host page the host shares with a guest.
+    let mut m = Machine::new();
+    let g = SharingGuests {
+        to_host: vec![],
+        to_guest: pfns(0x4100_1000, 1),
+    };
+    m.host_set_state(0x4100_1000, PAGE, PageState::SharedOwned);
+    m.mem.check_invariants(&g).unwrap();
+    m.hyp_map(0x4100_0000, 4 * PAGE, false);
+    assert_eq!(m.violation(&g), (HYP_MAPS, 0x4100_1000));
+    // ... or a page recorded as donated that the donated-page table lacks,
+    // inside a donated 2 MiB block.
+    let mut m = Machine::new();
+    m.donate(block, 512).unwrap();
+    assert_eq!(m.mem.hyp.leaf(block, &m.mem.pool).unwrap().1, MIB2);
+    m.mem
+        .pool
+        .reclaim_donated((block + 0x10_0000) / PAGE, 1)
+        .unwrap();
+    assert_eq!(m.violation(&NoGuests), (HYP_MAPS, block + 0x10_0000));
+
+    // Donated pages: the host maps one in the middle of a donated block.
+    let mut m = Machine::new();
+    m.donate(block, 512).unwrap();
+    m.host_map(block + 0x10_0000, PAGE);
     assert_eq!(
-        m.mem.check_invariants(&NoGuests).unwrap_err().what,
-        "host RAM mapped with wrong attributes"
+        m.violation(&NoGuests),
+        (NOT_DONATED_IN_HOST, block + 0x10_0000)
     );
+    // The hypervisor unmaps one of a run of donated pages; the lower of
+    // two failing pages wins, the host stage 2's at the same page.
+    let mut m = Machine::new();
+    let run = 0x4300_0000;
+    m.donate(run, 8).unwrap();
+    m.hyp_unmap(run + 3 * PAGE, PAGE);
+    assert_eq!(m.violation(&NoGuests), (DONATED_UNMAPPED, run + 3 * PAGE));
+    m.host_map(run + 6 * PAGE, PAGE);
+    assert_eq!(m.violation(&NoGuests), (DONATED_UNMAPPED, run + 3 * PAGE));
+    m.host_map(run + 2 * PAGE, PAGE);
+    assert_eq!(
+        m.violation(&NoGuests),
+        (NOT_DONATED_IN_HOST, run + 2 * PAGE)
+    );
+    let mut m = Machine::new();
+    m.donate(run, 8).unwrap();
+    m.hyp_unmap(run + 7 * PAGE, PAGE);
+    m.host_map(run + 7 * PAGE, PAGE);
+    assert_eq!(
+        m.violation(&NoGuests),
+        (NOT_DONATED_IN_HOST, run + 7 * PAGE)
+    );
+    // The last page of a run, in the second of two runs.
+    let mut m = Machine::new();
+    m.donate(run, 8).unwrap();
+    m.donate(run + 16 * PAGE, 4).unwrap();
+    m.hyp_unmap(run + 19 * PAGE, PAGE);
+    assert_eq!(m.violation(&NoGuests), (DONATED_UNMAPPED, run + 19 * PAGE));
+
+    // A pool page that is neither free nor a table.
+    let mut m = Machine::new();
+    let total = m.mem.pool.total_pages() as u64;
+    m.mem.pool.alloc_zeroed().unwrap();
+    assert_eq!(m.violation(&NoGuests), (POOL_COUNT, total));
 }
