@@ -224,6 +224,18 @@ impl Pte {
         level < LEAF_LEVEL && self.is_valid() && self.reg().is_set(S2_DESC::TYPE)
     }
 
+    /// The descriptor of the next leaf of a run that continues this one at
+    /// the same level: the output address `size` further on, every other
+    /// bit the same (an invalid entry: the same annotation). None if the
+    /// address would not fit.
+    pub(crate) fn next_in_run(self, size: u64) -> Option<Pte> {
+        if !self.is_valid() {
+            return Some(self);
+        }
+        let next = (self.0 & ADDR_MASK).checked_add(size)?;
+        (next & !ADDR_MASK == 0).then_some(Pte((self.0 & !ADDR_MASK) | next))
+    }
+
     /// Output address of a leaf, or address of a next-level table.
     pub(crate) fn addr(self) -> u64 {
         self.reg().read(S2_DESC::ADDR) << 12

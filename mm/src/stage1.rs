@@ -412,7 +412,7 @@ impl Stage1 {
         va: u64,
         len: u64,
         pages: &impl TablePages,
-        f: &mut dyn FnMut(u64, u64, u64),
+        f: &mut impl FnMut(u64, u64, u64),
     ) {
         let end = va.saturating_add(len).min(VA_LIMIT);
         if va < end {
@@ -427,7 +427,7 @@ impl Stage1 {
         base: u64,
         start: u64,
         end: u64,
-        f: &mut dyn FnMut(u64, u64, u64),
+        f: &mut impl FnMut(u64, u64, u64),
     ) {
         let size = 1u64 << (39 - 9 * level);
         let first = ((start.max(base) - base) / size) as usize;

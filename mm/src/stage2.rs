@@ -885,6 +885,71 @@ impl<T: TlbMaintenance> Stage2<T> {
         Ok(())
     }
 
+    /// Calls `f` for runs of consecutive leaves intersecting
+    /// `[ipa, ipa+len)`, in IPA order: each run is the longest stretch of
+    /// whole leaves that one leaf could describe, whatever their levels
+    /// (valid: output contiguous, same attributes and state; invalid: same
+    /// annotation). `Leaf::level` is the first leaf's and `Leaf::size` the
+    /// run's length. A table of 512 pages that continue each other costs
+    /// 512 descriptor compares and one call.
+    pub fn visit_runs(
+        &self,
+        pool: &PagePool,
+        ipa: u64,
+        len: u64,
+        f: &mut dyn FnMut(&Leaf),
+    ) -> Result<(), MmError> {
+        self.check_pool(pool)?;
+        let (start, end) = self.check_range(ipa, len)?;
+        // The run so far, and its last descriptor and level.
+        let mut run: Option<(Leaf, Pte, u8)> = None;
+        visit_raw(
+            pool,
+            self.root,
+            self.geometry.start_level,
+            0,
+            self.geometry.root_entries(),
+            start,
+            end,
+            &mut |pte, level, base| {
+                if let Some((leaf, last, last_level)) = &mut run {
+                    let size = level_size(level);
+                    let contiguous = leaf.ipa + leaf.size == base;
+                    if contiguous && level == *last_level && last.next_in_run(size) == Some(pte) {
+                        leaf.size += size;
+                        *last = pte;
+                        return;
+                    }
+                    let next = leaf_info(pte, level, base);
+                    let continues = contiguous
+                        && match (leaf.kind, next.kind) {
+                            (
+                                LeafKind::Mapped { pa, attrs, state },
+                                LeafKind::Mapped {
+                                    pa: p,
+                                    attrs: a,
+                                    state: s,
+                                },
+                            ) => pa.checked_add(leaf.size) == Some(p) && attrs == a && state == s,
+                            (LeafKind::Unmapped(a), LeafKind::Unmapped(b)) => a == b,
+                            _ => false,
+                        };
+                    if continues {
+                        leaf.size += size;
+                        (*last, *last_level) = (pte, level);
+                        return;
+                    }
+                    f(leaf);
+                }
+                run = Some((leaf_info(pte, level, base), pte, level));
+            },
+        );
+        if let Some((leaf, _, _)) = run {
+            f(&leaf);
+        }
+        Ok(())
+    }
+
     /// Counts the table pages intersecting `[ipa, ipa+len)` and finds any
     /// that is not canonical (could be a single leaf).
     pub fn audit(&self, pool: &PagePool, ipa: u64, len: u64) -> Result<Audit, MmError> {
@@ -1019,6 +1084,39 @@ fn visit(
             );
         } else {
             f(&leaf_info(pte, level, entry_base));
+        }
+    }
+}
+
+/// As [`visit`], handing each leaf's raw descriptor, level and first IPA
+/// to `f` (inlined: no decoding, no indirect call per leaf).
+#[allow(clippy::too_many_arguments)]
+fn visit_raw(
+    pool: &PagePool,
+    table: u64,
+    level: u8,
+    base: u64,
+    entries: usize,
+    start: u64,
+    end: u64,
+    f: &mut impl FnMut(Pte, u8, u64),
+) {
+    for i in span(level, base, entries, start, end) {
+        let pte = read(pool, table, i);
+        let entry_base = base + ((i as u64) << level_shift(level));
+        if pte.is_table(level) {
+            visit_raw(
+                pool,
+                pte.addr(),
+                level + 1,
+                entry_base,
+                ENTRIES,
+                start,
+                end,
+                f,
+            );
+        } else {
+            f(pte, level, entry_base);
         }
     }
 }

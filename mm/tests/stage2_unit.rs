@@ -378,3 +378,98 @@ fn pool_counts_and_zeroes() {
     }
     assert!(PagePool::new(0x1000).is_err());
 }
+
+/// Every leaf of [start, start + len), page by page: (ipa, kind of the page).
+fn pages_of(
+    s2: &keel_mm::Stage2<RecordingTlb>,
+    pool: &PagePool,
+    start: u64,
+    len: u64,
+    runs: bool,
+) -> Vec<(u64, LeafKind)> {
+    let mut v = Vec::new();
+    let mut each = |l: &keel_mm::Leaf| {
+        for off in (0..l.size).step_by(K4 as usize) {
+            let kind = match l.kind {
+                LeafKind::Mapped { pa, attrs, state } => LeafKind::Mapped {
+                    pa: pa + off,
+                    attrs,
+                    state,
+                },
+                k => k,
+            };
+            v.push((l.ipa + off, kind));
+        }
+    };
+    if runs {
+        s2.visit_runs(pool, start, len, &mut each).unwrap();
+    } else {
+        s2.visit_leaves(pool, start, len, &mut each).unwrap();
+    }
+    v
+}
+
+#[test]
+fn visit_runs_joins_leaves_one_leaf_could_describe() {
+    let mut tp = TestPool::new(256);
+    let mut s2 = new_stage2(&mut tp, 40, 1);
+    let pool = &mut tp.pool;
+    let normal = S2Attrs::NORMAL_RWX;
+    // 4K before a 1G boundary, a 1G block, a 2M block, then one page: one run.
+    let (start, len) = (G1 - K4, K4 + G1 + M2 + K4);
+    s2.map(pool, start, len, RAM + start, normal, PageState::Owned)
+        .unwrap();
+    let mut runs = Vec::new();
+    s2.visit_runs(pool, 0, 4 * G1, &mut |l| {
+        runs.push((l.ipa, l.size, l.level))
+    })
+    .unwrap();
+    assert_eq!(
+        runs,
+        [
+            (0, G1 - K4, 2),
+            (G1 - K4, len, 3),
+            (start + len, 4 * G1 - start - len, 3)
+        ],
+        "unmapped, mapped at every level, unmapped"
+    );
+    // Breaks: a page of another state, another annotation, a gap in the
+    // output, other attributes.
+    let b = 2 * G1 + 4 * M2;
+    s2.map(pool, b, 3 * M2, RAM + b, normal, PageState::Owned)
+        .unwrap();
+    s2.set_state(pool, b + 5 * K4, K4, PageState::SharedOwned)
+        .unwrap();
+    s2.unmap(pool, b + M2, 2 * K4, Annotation(7)).unwrap();
+    s2.unmap(pool, b + M2 + 2 * K4, K4, Annotation(8)).unwrap();
+    s2.map(pool, b + M2 + 9 * K4, K4, RAM + b, normal, PageState::Owned)
+        .unwrap();
+    s2.set_attrs(pool, b + 2 * M2 + 3 * K4, K4, S2Attrs::DEVICE_RW)
+        .unwrap();
+    let mut runs = Vec::new();
+    s2.visit_runs(pool, b, 3 * M2, &mut |l| runs.push((l.ipa - b, l.size)))
+        .unwrap();
+    assert_eq!(
+        runs,
+        [
+            (0, 5 * K4),
+            (5 * K4, K4),
+            (6 * K4, M2 - 6 * K4),
+            (M2, 2 * K4),
+            (M2 + 2 * K4, K4),
+            (M2 + 3 * K4, 6 * K4),
+            (M2 + 9 * K4, K4),
+            (M2 + 10 * K4, M2 + 3 * K4 - 10 * K4),
+            (2 * M2 + 3 * K4, K4),
+            (2 * M2 + 4 * K4, M2 - 4 * K4),
+        ]
+    );
+    // Page by page, runs and leaves say the same, over ranges that start
+    // and end inside leaves too.
+    for (s, l) in [(0, 4 * G1), (b + K4, 2 * M2), (G1 + 3 * K4, K4)] {
+        assert_eq!(
+            pages_of(&s2, pool, s, l, true),
+            pages_of(&s2, pool, s, l, false)
+        );
+    }
+}
