@@ -26,6 +26,7 @@ const NO_CPU: u64 = u64::MAX;
 /// PSCI function IDs and return codes (Arm DEN 0022).
 pub mod psci {
     pub const VERSION: u64 = 0x8400_0000;
+    pub const CPU_SUSPEND: u64 = 0xC400_0001;
     pub const CPU_OFF: u64 = 0x8400_0002;
     pub const CPU_ON: u64 = 0xC400_0003;
     pub const AFFINITY_INFO: u64 = 0xC400_0004;
@@ -96,6 +97,32 @@ smp_secondary_entry_alt:
     mrs     x22, sctlr_el1
     mrs     x23, mpidr_el1
     mrs     x24, spsel
+    bl      smp_el1_setup
+    cmp     x4, #{max_cpus}
+    b.hs    smp_park
+    adrp    x5, {stacks}
+    add     x5, x5, :lo12:{stacks}
+    add     x6, x4, #1
+    mov     x7, #{stack_size}
+    madd    x5, x6, x7, x5
+    mov     sp, x5
+    mov     x0, x4
+    mov     x1, x19
+    mov     x2, x20
+    mov     x3, x21
+    mov     x4, x22
+    mov     x5, x23
+    mov     x6, x24
+    bl      {main}
+    /* Not in the table: nothing to report to; park. */
+smp_park:
+    wfe
+    b       smp_park
+
+/* With x23 = MPIDR_EL1: FP on, our vectors, the boot CPU's stage 1 and
+ * MMU on. Returns x4 = this CPU's slot ({max_cpus}: not in the table).
+ * Clobbers x1..x8. */
+smp_el1_setup:
     mov     x1, #(3 << 20)
     msr     cpacr_el1, x1
     adrp    x1, vectors
@@ -126,32 +153,194 @@ smp_secondary_entry_alt:
     add     x3, x1, #{mpidrs}
     mov     x4, #0
 2:  cmp     x4, #{max_cpus}
-    b.hs    4f
+    b.hs    3f
     ldr     x5, [x3, x4, lsl #3]
     cmp     x5, x2
     b.eq    3f
     add     x4, x4, #1
     b       2b
-3:  adrp    x5, {stacks}
-    add     x5, x5, :lo12:{stacks}
-    add     x6, x4, #1
-    mov     x7, #{stack_size}
-    madd    x5, x6, x7, x5
-    mov     sp, x5
-    mov     x0, x4
-    mov     x1, x19
-    mov     x2, x20
-    mov     x3, x21
-    mov     x4, x22
-    mov     x5, x23
-    mov     x6, x24
-    bl      {main}
-    /* Not in the table: nothing to report to; park. */
-4:  wfe
-    b       4b
+3:  ret
+
+/* smp_pat REG, N: REG = the recognizable value 0x6b65656c5eed00NN. */
+.macro smp_pat reg, n
+    movz    \reg, #0x6b65, lsl #48
+    movk    \reg, #0x656c, lsl #32
+    movk    \reg, #0x5eed, lsl #16
+    movk    \reg, #\n
+.endm
+
+/* smp_differs REG, N, BIT: x1 |= (REG != pattern N) << BIT. Uses x2, x3. */
+.macro smp_differs reg, n, bit
+    smp_pat x2, \n
+    cmp     \reg, x2
+    cset    x3, ne
+    orr     x1, x1, x3, lsl #\bit
+.endm
+
+/* u64 smp_suspend(fid, power_state, entry, context, save, hvc): PSCI
+ * CPU_SUSPEND (through HVC if hvc != 0) with recognizable values in x18..x30,
+ * d8..d15, SP_EL0 and two words on the stack. If the call returns, the
+ * status and which of them changed go to the save area and the result is 1.
+ * If the CPU resumes at smp_resume_entry instead, that restores what was
+ * saved here and returns 2. Either way the caller's registers are back. */
+.global smp_suspend
+smp_suspend:
+    stp     x19, x20, [x4, #{regs}]
+    stp     x21, x22, [x4, #{regs} + 16]
+    stp     x23, x24, [x4, #{regs} + 32]
+    stp     x25, x26, [x4, #{regs} + 48]
+    stp     x27, x28, [x4, #{regs} + 64]
+    stp     x29, x30, [x4, #{regs} + 80]
+    stp     d8, d9, [x4, #{fpregs}]
+    stp     d10, d11, [x4, #{fpregs} + 16]
+    stp     d12, d13, [x4, #{fpregs} + 32]
+    stp     d14, d15, [x4, #{fpregs} + 48]
+    mov     x6, sp
+    str     x6, [x4, #{sp}]
+    mrs     x6, sp_el0
+    str     x6, [x4, #{sp_el0}]
+    mrs     x6, tpidr_el1
+    str     x6, [x4, #{tpidr}]
+    str     x18, [x4, #{x18}]
+    /* The save area, where the call cannot take it: it must keep TPIDR_EL1. */
+    msr     tpidr_el1, x4
+    sub     sp, sp, #16
+    smp_pat x6, 0x50
+    smp_pat x7, 0x51
+    stp     x6, x7, [sp]
+    smp_pat x6, 0x40
+    msr     sp_el0, x6
+    smp_pat x6, 0x48
+    fmov    d8, x6
+    smp_pat x6, 0x49
+    fmov    d9, x6
+    smp_pat x6, 0x4a
+    fmov    d10, x6
+    smp_pat x6, 0x4b
+    fmov    d11, x6
+    smp_pat x6, 0x4c
+    fmov    d12, x6
+    smp_pat x6, 0x4d
+    fmov    d13, x6
+    smp_pat x6, 0x4e
+    fmov    d14, x6
+    smp_pat x6, 0x4f
+    fmov    d15, x6
+    smp_pat x18, 18
+    smp_pat x19, 19
+    smp_pat x20, 20
+    smp_pat x21, 21
+    smp_pat x22, 22
+    smp_pat x23, 23
+    smp_pat x24, 24
+    smp_pat x25, 25
+    smp_pat x26, 26
+    smp_pat x27, 27
+    smp_pat x28, 28
+    smp_pat x29, 29
+    smp_pat x30, 30
+    cbnz    x5, 1f
+    smc     #0
+    b       2f
+1:  hvc     #0
+2:  mov     x1, #0
+    smp_differs x18, 18, 18
+    smp_differs x19, 19, 19
+    smp_differs x20, 20, 20
+    smp_differs x21, 21, 21
+    smp_differs x22, 22, 22
+    smp_differs x23, 23, 23
+    smp_differs x24, 24, 24
+    smp_differs x25, 25, 25
+    smp_differs x26, 26, 26
+    smp_differs x27, 27, 27
+    smp_differs x28, 28, 28
+    smp_differs x29, 29, 29
+    smp_differs x30, 30, 30
+    mrs     x4, sp_el0
+    smp_differs x4, 0x40, {bit_sp_el0}
+    fmov    x4, d8
+    smp_differs x4, 0x48, {bit_d8}
+    fmov    x4, d9
+    smp_differs x4, 0x49, {bit_d8}+1
+    fmov    x4, d10
+    smp_differs x4, 0x4a, {bit_d8}+2
+    fmov    x4, d11
+    smp_differs x4, 0x4b, {bit_d8}+3
+    fmov    x4, d12
+    smp_differs x4, 0x4c, {bit_d8}+4
+    fmov    x4, d13
+    smp_differs x4, 0x4d, {bit_d8}+5
+    fmov    x4, d14
+    smp_differs x4, 0x4e, {bit_d8}+6
+    fmov    x4, d15
+    smp_differs x4, 0x4f, {bit_d8}+7
+    mrs     x4, tpidr_el1
+    /* SP, and the words at where it should be (read there, not at SP). */
+    ldr     x5, [x4, #{sp}]
+    sub     x5, x5, #16
+    mov     x6, sp
+    cmp     x5, x6
+    cset    x3, ne
+    orr     x1, x1, x3, lsl #{bit_sp}
+    ldp     x6, x7, [x5]
+    smp_differs x6, 0x50, {bit_stack}
+    smp_differs x7, 0x51, {bit_stack}
+    str     x0, [x4, #{status}]
+    str     x1, [x4, #{changed}]
+    mov     x0, #1
+
+/* x4 = the save area, x0 = what smp_suspend returns: back to its caller. */
+smp_suspend_restore:
+    str     x0, [x4, #{how}]
+    ldp     x19, x20, [x4, #{regs}]
+    ldp     x21, x22, [x4, #{regs} + 16]
+    ldp     x23, x24, [x4, #{regs} + 32]
+    ldp     x25, x26, [x4, #{regs} + 48]
+    ldp     x27, x28, [x4, #{regs} + 64]
+    ldp     x29, x30, [x4, #{regs} + 80]
+    ldp     d8, d9, [x4, #{fpregs}]
+    ldp     d10, d11, [x4, #{fpregs} + 16]
+    ldp     d12, d13, [x4, #{fpregs} + 32]
+    ldp     d14, d15, [x4, #{fpregs} + 48]
+    ldr     x6, [x4, #{sp}]
+    mov     sp, x6
+    ldr     x6, [x4, #{sp_el0}]
+    msr     sp_el0, x6
+    ldr     x6, [x4, #{tpidr}]
+    msr     tpidr_el1, x6
+    ldr     x18, [x4, #{x18}]
+    ret
+
+/* Where a CPU_SUSPEND of smp_suspend resumes if the CPU did power down:
+ * EL1h, MMU off, x0 = context id. Reports like the CPU_ON entry, into the
+ * save area of its slot, then returns from smp_suspend with 2. */
+.global smp_resume_entry
+smp_resume_entry:
+    msr     daifset, #0xf
+    mov     x19, x0
+    mrs     x21, CurrentEL
+    mrs     x22, sctlr_el1
+    mrs     x23, mpidr_el1
+    mrs     x24, spsel
+    bl      smp_el1_setup
+    cmp     x4, #{max_cpus}
+    b.hs    smp_park
+    adrp    x5, {saves}
+    add     x5, x5, :lo12:{saves}
+    mov     x6, #{save_size}
+    madd    x4, x4, x6, x5
+    str     x19, [x4, #{r_x0}]
+    str     x21, [x4, #{r_el}]
+    str     x22, [x4, #{r_sctlr}]
+    str     x23, [x4, #{r_mpidr}]
+    str     x24, [x4, #{r_spsel}]
+    mov     x0, #2
+    b       smp_suspend_restore
 "#,
     handoff = sym HANDOFF,
     stacks = sym STACKS,
+    saves = sym SAVES,
     main = sym secondary_main,
     mair = const core::mem::offset_of!(Handoff, mair),
     tcr = const core::mem::offset_of!(Handoff, tcr),
@@ -160,11 +349,162 @@ smp_secondary_entry_alt:
     mpidrs = const core::mem::offset_of!(Handoff, mpidrs),
     max_cpus = const MAX_CPUS,
     stack_size = const STACK_SIZE,
+    regs = const core::mem::offset_of!(SuspendSave, regs),
+    fpregs = const core::mem::offset_of!(SuspendSave, fpregs),
+    sp = const core::mem::offset_of!(SuspendSave, sp),
+    sp_el0 = const core::mem::offset_of!(SuspendSave, sp_el0),
+    tpidr = const core::mem::offset_of!(SuspendSave, tpidr),
+    x18 = const core::mem::offset_of!(SuspendSave, x18),
+    how = const core::mem::offset_of!(SuspendSave, how),
+    status = const core::mem::offset_of!(SuspendSave, status),
+    changed = const core::mem::offset_of!(SuspendSave, changed),
+    r_x0 = const core::mem::offset_of!(SuspendSave, resume_x0),
+    r_el = const core::mem::offset_of!(SuspendSave, resume_el),
+    r_sctlr = const core::mem::offset_of!(SuspendSave, resume_sctlr),
+    r_mpidr = const core::mem::offset_of!(SuspendSave, resume_mpidr),
+    r_spsel = const core::mem::offset_of!(SuspendSave, resume_spsel),
+    save_size = const core::mem::size_of::<SuspendSave>(),
+    bit_sp_el0 = const changed::SP_EL0,
+    bit_d8 = const changed::D8,
+    bit_sp = const changed::SP,
+    bit_stack = const changed::STACK,
 );
 
 extern "C" {
     fn smp_secondary_entry();
     fn smp_secondary_entry_alt();
+}
+
+/// What [`cpu_suspend`] saves before the call and reports after it, one
+/// per slot. Offsets are used by the asm above.
+#[repr(C, align(64))]
+struct SuspendSave {
+    /// x19..x30 of the caller.
+    regs: [u64; 12],
+    /// d8..d15 of the caller.
+    fpregs: [u64; 8],
+    sp: u64,
+    sp_el0: u64,
+    tpidr: u64,
+    x18: u64,
+    /// 1: the call returned; 2: the CPU resumed at `smp_resume_entry`.
+    how: u64,
+    /// x0 after the call, and which registers it changed (see [`changed`]).
+    status: u64,
+    changed: u64,
+    /// What the CPU saw at `smp_resume_entry` (x0, CurrentEL, SCTLR_EL1,
+    /// MPIDR_EL1, SPSel).
+    resume_x0: u64,
+    resume_el: u64,
+    resume_sctlr: u64,
+    resume_mpidr: u64,
+    resume_spsel: u64,
+}
+
+struct Saves(UnsafeCell<[SuspendSave; MAX_CPUS]>);
+
+// SAFETY: slot i's area is used only by the CPU in slot i, in
+// `cpu_suspend` (the resume entry finds it by the CPU's own MPIDR).
+unsafe impl Sync for Saves {}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const SAVE_INIT: SuspendSave = SuspendSave {
+    regs: [0; 12],
+    fpregs: [0; 8],
+    sp: 0,
+    sp_el0: 0,
+    tpidr: 0,
+    x18: 0,
+    how: 0,
+    status: 0,
+    changed: 0,
+    resume_x0: 0,
+    resume_el: 0,
+    resume_sctlr: 0,
+    resume_mpidr: 0,
+    resume_spsel: 0,
+};
+
+static SAVES: Saves = Saves(UnsafeCell::new([SAVE_INIT; MAX_CPUS]));
+
+/// The bits of [`Suspended::Returned`]'s `changed`: bit n for xn (18..30),
+/// and these.
+pub mod changed {
+    pub const SP_EL0: u32 = 31;
+    pub const SP: u32 = 32;
+    /// The two words the caller left on its stack.
+    pub const STACK: u32 = 33;
+    /// d8..d15: bits 40..47.
+    pub const D8: u32 = 40;
+}
+
+extern "C" {
+    fn smp_suspend(
+        fid: u64,
+        power_state: u64,
+        entry: u64,
+        context: u64,
+        save: *mut SuspendSave,
+        hvc: u64,
+    ) -> u64;
+    fn smp_resume_entry();
+}
+
+/// The entry point [`cpu_suspend`] gives CPU_SUSPEND.
+pub fn resume_entry() -> u64 {
+    smp_resume_entry as *const () as u64
+}
+
+/// How a CPU_SUSPEND ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suspended {
+    /// The call returned x0 = `status`; `changed` has a bit for each checked
+    /// register or stack word it did not preserve ([`changed`]).
+    Returned { status: i64, changed: u64 },
+    /// The CPU powered down and came back at [`resume_entry`], seeing this
+    /// there (`entry` unused).
+    Resumed(Arrival),
+}
+
+/// PSCI CPU_SUSPEND(`power_state`, [`resume_entry`], `context`) on this
+/// CPU, which must be the one in `slot`. Returns when the call does, or
+/// when the CPU resumes at the entry point: in both cases with the caller's
+/// registers and stack as they were.
+pub fn cpu_suspend(slot: usize, power_state: u64, context: u64) -> Suspended {
+    assert_eq!(my_mpidr(), mpidr(slot), "cpu_suspend on another CPU's slot");
+    let hvc = USE_HVC.load(Ordering::Relaxed) as u64;
+    // SAFETY: only this CPU uses its slot's save area (`Saves`).
+    let save = unsafe { core::ptr::addr_of_mut!((*SAVES.0.get())[slot]) };
+    // SAFETY: smp_suspend returns to us with every callee-saved register,
+    // SP_EL0 and TPIDR_EL1 as they were, on either path, and writes only
+    // `save` and its own 16 bytes below our SP.
+    let how = unsafe {
+        smp_suspend(
+            psci::CPU_SUSPEND,
+            power_state,
+            resume_entry(),
+            context,
+            save,
+            hvc,
+        )
+    };
+    // SAFETY: as above; smp_suspend has finished with it.
+    let s = unsafe { core::ptr::read_volatile(save) };
+    if how == 1 {
+        Suspended::Returned {
+            status: s.status as i64,
+            changed: s.changed,
+        }
+    } else {
+        Suspended::Resumed(Arrival {
+            context: s.resume_x0,
+            entry: 0,
+            el: (s.resume_el >> 2) & 3,
+            sctlr: s.resume_sctlr,
+            mpidr: s.resume_mpidr,
+            spsel: s.resume_spsel,
+        })
+    }
 }
 
 /// The physical address (= virtual: the map is the identity) of the entry
@@ -493,4 +833,197 @@ pub fn run_on_all(job: fn(usize), ms: u64) -> Result<(), u64> {
     } else {
         Err((1..n).filter(|&s| !idle(s)).fold(0, |m, s| m | 1 << s))
     }
+}
+
+// ---------------------------------------------------------------------
+// GICv3, enough for one CPU to wake another from WFI with an SGI.
+
+/// The SGI that wakes a suspended CPU.
+pub const WAKE_SGI: u64 = 8;
+
+const GICD_CTLR: u64 = 0x0;
+const GICD_CTLR_RWP: u32 = 1 << 31;
+/// EnableGrp1 (EnableGrp1NS in the non-secure view of a GIC with two
+/// security states), EnableGrp1A there, ARE (ARE_NS there).
+const GICD_CTLR_ENABLE: u32 = 1 | 1 << 1 | 1 << 4;
+const GICR_FRAME: u64 = 0x2_0000;
+const GICR_CTLR: u64 = 0x0;
+const GICR_CTLR_RWP: u32 = 1 << 3;
+const GICR_TYPER: u64 = 0x8;
+const GICR_TYPER_VLPIS: u64 = 1 << 1;
+const GICR_TYPER_LAST: u64 = 1 << 4;
+const GICR_WAKER: u64 = 0x14;
+const GICR_WAKER_PROCESSOR_SLEEP: u32 = 1 << 1;
+const GICR_WAKER_CHILDREN_ASLEEP: u32 = 1 << 2;
+const SGI_BASE: u64 = 0x1_0000;
+const GICR_IGROUPR0: u64 = SGI_BASE + 0x80;
+const GICR_ISENABLER0: u64 = SGI_BASE + 0x100;
+const GICR_IPRIORITYR: u64 = SGI_BASE + 0x400;
+
+/// Each slot's redistributor (RD frame), from [`gic_init`].
+static GICR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn mmio_read32(addr: u64) -> u32 {
+    // SAFETY: a GIC register the device tree lists, mapped Device by the
+    // kernel's stage 1 (below 1 GiB); reads of these have no side effects.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+fn mmio_write32(addr: u64, v: u32) {
+    // SAFETY: as above; callers write only the SGI configuration.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
+}
+
+fn wait_clear(addr: u64, bits: u32, what: &str) -> Result<(), Failure> {
+    if wait_until(100, || mmio_read32(addr) & bits == 0) {
+        Ok(())
+    } else {
+        Err(Failure::new(format_args!(
+            "GIC: {what} ({addr:#x} = {:#x}) stays set",
+            mmio_read32(addr)
+        )))
+    }
+}
+
+/// Finds the GICv3 distributor and every slot's redistributor in the
+/// device tree, enables group 1 with affinity routing and [`WAKE_SGI`]
+/// (group 1, priority 0x80) in every redistributor, and wakes them. Each
+/// CPU must then run [`gic_cpu_init`]. After [`init`].
+pub fn gic_init(boot: &BootInfo) -> Result<(), Failure> {
+    let node = boot
+        .fdt
+        .find_compatible(&["arm,gic-v3"])
+        .ok_or_else(|| Failure::new(format_args!("no arm,gic-v3 node")))?;
+    let mut reg = node
+        .reg()
+        .ok_or_else(|| Failure::new(format_args!("{} has no reg", node.name)))?;
+    let (Some(gicd), Some(gicr)) = (reg.next(), reg.next()) else {
+        return Err(Failure::new(format_args!("{}: reg too short", node.name)));
+    };
+    let gicd = gicd.starting_address as u64;
+    let (start, size) = (gicr.starting_address as u64, gicr.size.unwrap_or(0) as u64);
+    let mut frame = start;
+    while frame + GICR_FRAME <= start + size {
+        // SAFETY: a redistributor frame of the device tree; GICR_TYPER is a
+        // read-only identification register.
+        let typer = unsafe { core::ptr::read_volatile((frame + GICR_TYPER) as *const u64) };
+        let aff = typer >> 32;
+        let affinity = (aff & 0xff_ffff) | (aff >> 24) << 32;
+        if let Some(slot) = (0..count()).find(|&s| mpidr(s) == affinity) {
+            GICR[slot].store(frame, Ordering::Relaxed);
+        }
+        if typer & GICR_TYPER_LAST != 0 {
+            break;
+        }
+        frame += if typer & GICR_TYPER_VLPIS != 0 {
+            2 * GICR_FRAME
+        } else {
+            GICR_FRAME
+        };
+    }
+    let ctlr = mmio_read32(gicd + GICD_CTLR);
+    mmio_write32(gicd + GICD_CTLR, ctlr | GICD_CTLR_ENABLE);
+    wait_clear(gicd + GICD_CTLR, GICD_CTLR_RWP, "GICD_CTLR.RWP")?;
+    let bit = 1u32 << WAKE_SGI;
+    for (slot, rd) in GICR.iter().enumerate().take(count()) {
+        let rd = rd.load(Ordering::Relaxed);
+        if rd == 0 {
+            return Err(Failure::new(format_args!(
+                "no GIC redistributor for CPU {:#x}",
+                mpidr(slot)
+            )));
+        }
+        let waker = mmio_read32(rd + GICR_WAKER);
+        mmio_write32(rd + GICR_WAKER, waker & !GICR_WAKER_PROCESSOR_SLEEP);
+        wait_clear(
+            rd + GICR_WAKER,
+            GICR_WAKER_CHILDREN_ASLEEP,
+            "GICR_WAKER.ChildrenAsleep",
+        )?;
+        let group = mmio_read32(rd + GICR_IGROUPR0);
+        mmio_write32(rd + GICR_IGROUPR0, group | bit);
+        // SAFETY: the byte of WAKE_SGI in GICR_IPRIORITYR (byte-accessible).
+        unsafe { core::ptr::write_volatile((rd + GICR_IPRIORITYR + WAKE_SGI) as *mut u8, 0x80) };
+        mmio_write32(rd + GICR_ISENABLER0, bit);
+        wait_clear(rd + GICR_CTLR, GICR_CTLR_RWP, "GICR_CTLR.RWP")?;
+    }
+    Ok(())
+}
+
+/// This CPU's GIC CPU interface: system registers on, every priority let
+/// through, group 1 on. IRQs stay masked in PSTATE: a pending SGI only
+/// ends a WFI, and [`ack_sgis`] takes it.
+pub fn gic_cpu_init() {
+    // SAFETY: GIC CPU interface registers of this CPU; no memory accessed.
+    unsafe {
+        core::arch::asm!(
+            "mrs {t}, s3_0_c12_c12_5", // ICC_SRE_EL1
+            "orr {t}, {t}, #1",
+            "msr s3_0_c12_c12_5, {t}",
+            "isb",
+            "mov {t}, #0xff",
+            "msr s3_0_c4_c6_0, {t}", // ICC_PMR_EL1
+            "mov {t}, #1",
+            "msr s3_0_c12_c12_7, {t}", // ICC_IGRPEN1_EL1
+            "isb",
+            t = out(reg) _,
+            options(nomem, nostack),
+        );
+    }
+}
+
+/// Sends [`WAKE_SGI`] to the CPU in `slot`.
+pub fn send_wake_sgi(slot: usize) {
+    let m = mpidr(slot);
+    let (aff0, aff1, aff2, aff3) = (
+        m & 0xff,
+        (m >> 8) & 0xff,
+        (m >> 16) & 0xff,
+        (m >> 32) & 0xff,
+    );
+    // ICC_SGI1R_EL1: Aff3, RS (Aff0 / 16), Aff2, INTID, Aff1, target list.
+    let v = aff3 << 48
+        | (aff0 >> 4) << 44
+        | aff2 << 32
+        | WAKE_SGI << 24
+        | aff1 << 16
+        | 1 << (aff0 & 0xf);
+    // SAFETY: generates an SGI; no memory accessed.
+    unsafe {
+        core::arch::asm!("dsb sy", "msr s3_0_c12_c11_5, {}", "isb", in(reg) v, options(nostack));
+    }
+}
+
+/// Acknowledges and ends every interrupt pending for this CPU's interface:
+/// (how many were [`WAKE_SGI`], how many something else).
+pub fn ack_sgis() -> (u32, u32) {
+    let (mut wake, mut other) = (0, 0);
+    for _ in 0..64 {
+        let iar: u64;
+        // SAFETY: ICC_IAR1_EL1 acknowledges this CPU's highest-priority
+        // pending group-1 interrupt; no memory accessed.
+        unsafe {
+            core::arch::asm!("mrs {}, s3_0_c12_c12_0", out(reg) iar, options(nomem, nostack))
+        };
+        let intid = iar & 0xff_ffff;
+        if intid >= 1020 {
+            break;
+        }
+        // SAFETY: ICC_EOIR1_EL1: ends (drops priority and deactivates) the
+        // interrupt just acknowledged.
+        unsafe {
+            core::arch::asm!("msr s3_0_c12_c12_1, {}", "isb", in(reg) iar, options(nomem, nostack))
+        };
+        if intid == WAKE_SGI {
+            wake += 1;
+        } else {
+            other += 1;
+        }
+    }
+    (wake, other)
+}
+
+/// Virtual-counter ticks as microseconds.
+pub fn ticks_to_us(ticks: u64) -> u64 {
+    ticks * 1000 / ticks_per_ms()
 }

@@ -8,6 +8,14 @@
 //! firmware answers; AFFINITY_INFO follows CPU_OFF and CPU_ON; VERSION and
 //! FEATURES are QEMU's own.
 //!
+//! CPU_SUSPEND on every CPU, the boot CPU too, woken by an SGI from another
+//! CPU if the call has not returned after [`WAKE_DELAY_MS`]: standby must
+//! return SUCCESS with x18..x30, d8..d15, SP, SP_EL0 and the caller's stack
+//! intact; powerdown must either return as firmware does (QEMU idles the
+//! CPU in WFI and returns SUCCESS) or resume at the entry point given, at
+//! EL1h, MMU off, x0 = the context id; a PowerLevel other than the core's
+//! is refused as firmware refuses it. No CPU enters at the CPU_ON entry.
+//!
 //! Concurrency: all CPUs issue HOST_SHARE_HYP/UNSHARE_HYP, DONATE_HYP/
 //! RECLAIM and MEM_STATE together, on pages of their own (every call must
 //! succeed) and on the same few pages (every status must be SUCCESS or
@@ -61,6 +69,18 @@ pub static SUITE: Suite = Suite {
         Test {
             name: "cpu_off_then_on",
             run: cpu_off_then_on,
+        },
+        Test {
+            name: "cpu_suspend_standby",
+            run: cpu_suspend_standby,
+        },
+        Test {
+            name: "cpu_suspend_powerdown",
+            run: cpu_suspend_powerdown,
+        },
+        Test {
+            name: "cpu_suspend_bad_power_state",
+            run: cpu_suspend_bad_power_state,
         },
         Test {
             name: "concurrent_disjoint_share_unshare",
@@ -377,6 +397,332 @@ fn cpu_off_then_on(_: &BootInfo) -> TestResult {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------
+// CPU_SUSPEND.
+
+/// power_state in PSCI's original format (QEMU's PSCI answers
+/// FEATURES(CPU_SUSPEND) with bit 1 clear): StateType (bit 16) 0 for
+/// standby, 1 for powerdown; StateID 0; PowerLevel (bits 24..25) 0, the
+/// core.
+const STANDBY: u64 = 0;
+const POWERDOWN: u64 = 1 << 16;
+/// PowerLevel 1 (the cluster): QEMU's PSCI refuses any level but the core.
+const CLUSTER_STANDBY: u64 = 1 << 24;
+
+/// What QEMU's PSCI answers without keel (measured as for VERSION): it
+/// never powers a CPU down, it idles it in WFI and returns SUCCESS, for
+/// standby and powerdown alike; a PowerLevel other than 0 is refused at
+/// once.
+const POWERDOWN_RETURNS: i64 = psci::SUCCESS;
+const CLUSTER_ANSWER: i64 = psci::INVALID_PARAMETERS;
+
+/// How long the waker lets the suspended CPU idle before it sends the SGI
+/// (virtual ms), unless the call has returned by then.
+const WAKE_DELAY_MS: u64 = 20;
+
+/// One CPU_SUSPEND: its arguments, set by the boot CPU; where the suspended
+/// CPU is (0: not yet called, 1: calling, 2: back), when it called and came
+/// back, and the SGI's time (0: none sent).
+static SUSPEND_POWER_STATE: AtomicU64 = AtomicU64::new(0);
+static SUSPEND_CONTEXT: AtomicU64 = AtomicU64::new(0);
+static SUSPEND_TARGET: AtomicUsize = AtomicUsize::new(0);
+static SUSPEND_PHASE: AtomicU64 = AtomicU64::new(0);
+static SUSPEND_T0: AtomicU64 = AtomicU64::new(0);
+static SUSPEND_T1: AtomicU64 = AtomicU64::new(0);
+static SUSPEND_SGI_AT: AtomicU64 = AtomicU64::new(0);
+/// The outcome ([`encode_suspended`]) and the interrupts acknowledged after
+/// it: (wake SGIs, others).
+static SUSPEND_OUTCOME: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+static SUSPEND_ACKED: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+
+fn encode_suspended(s: smp::Suspended) -> [u64; 6] {
+    match s {
+        smp::Suspended::Returned { status, changed } => [1, status as u64, changed, 0, 0, 0],
+        smp::Suspended::Resumed(a) => [2, a.context, a.el, a.sctlr, a.mpidr, a.spsel],
+    }
+}
+
+fn decode_suspended(v: [u64; 6]) -> smp::Suspended {
+    if v[0] == 1 {
+        smp::Suspended::Returned {
+            status: v[1] as i64,
+            changed: v[2],
+        }
+    } else {
+        smp::Suspended::Resumed(smp::Arrival {
+            context: v[1],
+            entry: 0,
+            el: v[2],
+            sctlr: v[3],
+            mpidr: v[4],
+            spsel: v[5],
+        })
+    }
+}
+
+/// The suspended CPU's part: CPU_SUSPEND with the posted arguments, then
+/// the pending interrupts taken, the outcome published.
+fn suspend_here(slot: usize) {
+    smp::ack_sgis();
+    let power_state = SUSPEND_POWER_STATE.load(Ordering::Relaxed);
+    let context = SUSPEND_CONTEXT.load(Ordering::Relaxed);
+    SUSPEND_T0.store(smp::now(), Ordering::Relaxed);
+    SUSPEND_PHASE.store(1, Ordering::Release);
+    let outcome = smp::cpu_suspend(slot, power_state, context);
+    SUSPEND_T1.store(smp::now(), Ordering::Relaxed);
+    if matches!(outcome, smp::Suspended::Resumed(_)) {
+        // A CPU that really powered down lost its GIC interface's state.
+        smp::gic_cpu_init();
+    }
+    let (wake, other) = smp::ack_sgis();
+    SUSPEND_ACKED[0].store(wake.into(), Ordering::Relaxed);
+    SUSPEND_ACKED[1].store(other.into(), Ordering::Relaxed);
+    for (o, v) in SUSPEND_OUTCOME.iter().zip(encode_suspended(outcome)) {
+        o.store(v, Ordering::Relaxed);
+    }
+    SUSPEND_PHASE.store(2, Ordering::Release);
+}
+
+fn job_suspend(slot: usize) {
+    suspend_here(slot);
+}
+
+/// The waker's part: once the target has called CPU_SUSPEND and not come
+/// back within [`WAKE_DELAY_MS`], an SGI to it; then wait for it.
+fn wake_target() {
+    let target = SUSPEND_TARGET.load(Ordering::Relaxed);
+    let phase = || SUSPEND_PHASE.load(Ordering::Acquire);
+    if !smp::wait_until(ARRIVAL_MS, || phase() >= 1) {
+        return;
+    }
+    if !smp::wait_until(WAKE_DELAY_MS, || phase() == 2) {
+        SUSPEND_SGI_AT.store(smp::now(), Ordering::Relaxed);
+        smp::send_wake_sgi(target);
+    }
+    smp::wait_until(ARRIVAL_MS, || phase() == 2);
+}
+
+fn job_wake(_: usize) {
+    wake_target();
+}
+
+/// The GIC set up for the wake SGI, on every CPU (again for each test: a
+/// CPU_ON resets a CPU's interface).
+fn suspend_setup(boot: &BootInfo) -> TestResult {
+    need_cpus()?;
+    smp::gic_init(boot)?;
+    smp::gic_cpu_init();
+    for slot in 1..smp::count() {
+        smp::post(slot, |_| smp::gic_cpu_init());
+    }
+    ensure!(
+        smp::wait_until(ARRIVAL_MS, || (1..smp::count()).all(smp::idle)),
+        "a CPU did not set up its GIC interface"
+    );
+    // CPU_SUSPEND must take the original power_state format.
+    let features = smp::psci_call(psci::FEATURES, psci::CPU_SUSPEND, 0, 0);
+    ensure!(
+        features >= 0 && features & 2 == 0,
+        "FEATURES(CPU_SUSPEND) = {:#x}: not the original power_state format",
+        features
+    );
+    Ok(())
+}
+
+/// The registers a [`smp::Suspended::Returned`] says were changed.
+struct Changed(u64);
+
+impl core::fmt::Display for Changed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use smp::changed::{D8, SP, SP_EL0, STACK};
+        for bit in 0..64 {
+            if self.0 & 1 << bit == 0 {
+                continue;
+            }
+            match bit {
+                SP_EL0 => write!(f, " SP_EL0")?,
+                SP => write!(f, " SP")?,
+                STACK => write!(f, " stack-words")?,
+                b if (D8..D8 + 8).contains(&b) => write!(f, " d{}", b - D8 + 8)?,
+                b => write!(f, " x{}", b)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a CPU_SUSPEND ended, for the measurement line.
+struct How(smp::Suspended);
+
+impl core::fmt::Display for How {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            smp::Suspended::Returned { status, .. } => write!(f, "returned {}", status),
+            smp::Suspended::Resumed(_) => write!(f, "resumed at the entry point"),
+        }
+    }
+}
+
+/// When the wake SGI went out (counter value; 0: none), after `t0`.
+struct SgiAt(u64, u64);
+
+impl core::fmt::Display for SgiAt {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            0 => write!(f, "no SGI sent"),
+            t => write!(
+                f,
+                "SGI sent at {} us",
+                smp::ticks_to_us(t.wrapping_sub(self.1))
+            ),
+        }
+    }
+}
+
+/// CPU_SUSPEND(`power_state`) on the CPU in `slot`, woken by an SGI from
+/// another CPU if it does not return by itself: its outcome, once the CPU
+/// is back. The CPU must then still run jobs and be ON.
+fn suspend_once(slot: usize, power_state: u64) -> Result<(smp::Suspended, u64), Failure> {
+    let mpidr = smp::mpidr(slot);
+    let context = next_context(slot);
+    SUSPEND_POWER_STATE.store(power_state, Ordering::Relaxed);
+    SUSPEND_CONTEXT.store(context, Ordering::Relaxed);
+    SUSPEND_TARGET.store(slot, Ordering::Relaxed);
+    SUSPEND_SGI_AT.store(0, Ordering::Relaxed);
+    SUSPEND_PHASE.store(0, Ordering::Release);
+    // The boot CPU is woken by slot 1, the others by the boot CPU.
+    let helper = if slot == 0 { 1 } else { slot };
+    if slot == 0 {
+        smp::post(1, job_wake);
+        suspend_here(0);
+    } else {
+        smp::post(slot, job_suspend);
+        wake_target();
+    }
+    let phase = SUSPEND_PHASE.load(Ordering::Acquire);
+    ensure!(
+        phase == 2,
+        "CPU {:#x}: CPU_SUSPEND({:#x}) {} (AFFINITY_INFO {})",
+        mpidr,
+        power_state,
+        if phase == 0 {
+            "never called"
+        } else {
+            "never came back, SGI or not"
+        },
+        smp::affinity_info(mpidr)
+    );
+    ensure!(
+        smp::wait_until(ARRIVAL_MS, || smp::idle(helper)),
+        "CPU {:#x} did not finish its part after CPU_SUSPEND",
+        smp::mpidr(helper)
+    );
+    // The suspended CPU works: it runs a job, and it is ON.
+    if slot != 0 {
+        smp::post(slot, job_nothing);
+        ensure!(
+            smp::wait_until(ARRIVAL_MS, || smp::idle(slot)),
+            "CPU {:#x} runs no job after CPU_SUSPEND",
+            mpidr
+        );
+    }
+    let aff = smp::affinity_info(mpidr);
+    ensure!(
+        aff == psci::AFF_ON,
+        "AFFINITY_INFO({:#x}) = {} after CPU_SUSPEND, expected ON (0)",
+        mpidr,
+        aff
+    );
+    let outcome = decode_suspended(core::array::from_fn(|i| {
+        SUSPEND_OUTCOME[i].load(Ordering::Relaxed)
+    }));
+    let (t0, t1) = (
+        SUSPEND_T0.load(Ordering::Relaxed),
+        SUSPEND_T1.load(Ordering::Relaxed),
+    );
+    let sgi = SUSPEND_SGI_AT.load(Ordering::Relaxed);
+    crate::println!(
+        "smp: CPU_SUSPEND({:#x}) on CPU {:#x} {} after {} us ({}); acked {} wake SGI(s), {} other(s)",
+        power_state,
+        mpidr,
+        How(outcome),
+        smp::ticks_to_us(t1.wrapping_sub(t0)),
+        SgiAt(sgi, t0),
+        SUSPEND_ACKED[0].load(Ordering::Relaxed),
+        SUSPEND_ACKED[1].load(Ordering::Relaxed)
+    );
+    Ok((outcome, context))
+}
+
+/// A CPU_SUSPEND that returned must return `want` with every checked
+/// register and stack word intact.
+fn check_returned(slot: usize, power_state: u64, outcome: smp::Suspended, want: i64) -> TestResult {
+    let mpidr = smp::mpidr(slot);
+    match outcome {
+        smp::Suspended::Returned { status, changed } => {
+            ensure!(
+                status == want,
+                "CPU_SUSPEND({:#x}) on CPU {:#x} = {}, expected {} (firmware's)",
+                power_state,
+                mpidr,
+                status,
+                want
+            );
+            ensure!(
+                changed == 0,
+                "CPU_SUSPEND({:#x}) on CPU {:#x} changed:{}",
+                power_state,
+                mpidr,
+                Changed(changed)
+            );
+            Ok(())
+        }
+        smp::Suspended::Resumed(_) => fail!(
+            "CPU {:#x}: CPU_SUSPEND({:#x}) came back at the entry point; it must return",
+            mpidr,
+            power_state
+        ),
+    }
+}
+
+/// Every CPU (the boot CPU last), then no CPU entered at the CPU_ON entry.
+fn suspend_every_cpu(
+    power_state: u64,
+    check: impl Fn(usize, smp::Suspended, u64) -> TestResult,
+) -> TestResult {
+    let before = all_arrivals();
+    for slot in (1..smp::count()).chain([0]) {
+        let (outcome, context) = suspend_once(slot, power_state)?;
+        check(slot, outcome, context)?;
+    }
+    no_new_arrivals(&before, "CPU_SUSPEND")
+}
+
+fn cpu_suspend_standby(boot: &BootInfo) -> TestResult {
+    suspend_setup(boot)?;
+    suspend_every_cpu(STANDBY, |slot, outcome, _| {
+        check_returned(slot, STANDBY, outcome, psci::SUCCESS)
+    })
+}
+
+fn cpu_suspend_powerdown(boot: &BootInfo) -> TestResult {
+    suspend_setup(boot)?;
+    suspend_every_cpu(POWERDOWN, |slot, outcome, context| match outcome {
+        smp::Suspended::Returned { .. } => {
+            check_returned(slot, POWERDOWN, outcome, POWERDOWN_RETURNS)
+        }
+        // A real powerdown: back at the entry given, as CPU_ON arrives.
+        smp::Suspended::Resumed(a) => check_arrival(slot, &a, context, false),
+    })
+}
+
+fn cpu_suspend_bad_power_state(boot: &BootInfo) -> TestResult {
+    suspend_setup(boot)?;
+    suspend_every_cpu(CLUSTER_STANDBY, |slot, outcome, _| {
+        check_returned(slot, CLUSTER_STANDBY, outcome, CLUSTER_ANSWER)
+    })
 }
 
 // ---------------------------------------------------------------------
