@@ -9,6 +9,12 @@
 //! The entry code runs with the MMU off, where data accesses are Device
 //! memory and bypass the caches: what it reads before turning the MMU on
 //! (the handoff block) is cleaned to the point of coherency by the boot CPU.
+//!
+//! [`cpu_suspend`] makes a PSCI CPU_SUSPEND and checks that the registers
+//! and stack survive it; if the CPU powers down instead of returning, it
+//! comes back at `smp_resume_entry` and out of [`cpu_suspend`] all the same.
+//! [`gic_init`], [`gic_cpu_init`] and [`send_wake_sgi`] set up just enough
+//! of the GICv3 for one CPU to wake another from the WFI of a suspend.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
