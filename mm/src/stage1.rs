@@ -414,37 +414,24 @@ impl Stage1 {
         pages: &impl TablePages,
         f: &mut impl FnMut(u64, u64, u64),
     ) {
-        let end = va.saturating_add(len).min(VA_LIMIT);
-        if va < end {
-            Self::visit_in(pages, self.root, 0, 0, va, end, f);
+        for (leaf_va, size, desc) in self.leaves(va, len, pages) {
+            f(leaf_va, size, desc);
         }
     }
 
-    fn visit_in(
-        pages: &impl TablePages,
-        table: u64,
-        level: usize,
-        base: u64,
-        start: u64,
-        end: u64,
-        f: &mut impl FnMut(u64, u64, u64),
-    ) {
-        let size = 1u64 << (39 - 9 * level);
-        let first = ((start.max(base) - base) / size) as usize;
-        for idx in first..ENTRIES {
-            let entry_base = base + idx as u64 * size;
-            if entry_base >= end {
-                break;
-            }
-            let desc = Self::entry(pages, table, idx);
-            if desc & 1 == 0 {
-                continue;
-            }
-            if level == 3 || desc & 0b10 == 0 {
-                f(entry_base, size, desc);
-            } else {
-                Self::visit_in(pages, desc & OA_MASK, level + 1, entry_base, start, end, f);
-            }
+    /// The leaves [`visit_leaves`](Self::visit_leaves) reports, as an
+    /// iterator of (leaf_va, size, desc): for walking alongside other
+    /// tables.
+    pub fn leaves<'a, P: TablePages>(&self, va: u64, len: u64, pages: &'a P) -> Leaves<'a, P> {
+        let end = va.saturating_add(len).min(VA_LIMIT);
+        let mut path = [(0, ENTRIES, 0); 4];
+        path[0] = (self.root, index(va, 0), 0);
+        Leaves {
+            pages,
+            path,
+            level: 0,
+            start: va,
+            end: if va < end { end } else { 0 },
         }
     }
 
@@ -501,6 +488,49 @@ impl Stage1 {
         let writable = (desc >> 6) & 0b11 == 0b01;
         let executable = desc & (1 << 54) == 0;
         Some((writable, executable))
+    }
+}
+
+/// The valid leaves of a range of a [`Stage1`], in VA order: see
+/// [`Stage1::leaves`].
+pub struct Leaves<'a, P: TablePages> {
+    pages: &'a P,
+    /// Per level from the root down to the current one: the table, the
+    /// index of the next entry to look at, and the table's first VA.
+    path: [(u64, usize, u64); 4],
+    level: usize,
+    start: u64,
+    end: u64,
+}
+
+impl<P: TablePages> Iterator for Leaves<'_, P> {
+    type Item = (u64, u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64, u64)> {
+        loop {
+            let (table, idx, base) = self.path[self.level];
+            let size = 1u64 << (39 - 9 * self.level);
+            let entry_base = base + idx as u64 * size;
+            if idx >= ENTRIES || entry_base >= self.end {
+                if self.level == 0 {
+                    self.end = 0;
+                    return None;
+                }
+                self.level -= 1;
+                continue;
+            }
+            self.path[self.level].1 += 1;
+            let desc = Stage1::entry(self.pages, table, idx);
+            if desc & 1 == 0 {
+                continue;
+            }
+            if self.level == 3 || desc & 0b10 == 0 {
+                return Some((entry_base, size, desc));
+            }
+            self.level += 1;
+            let first = index(self.start.max(entry_base), self.level);
+            self.path[self.level] = (desc & OA_MASK, first, entry_base);
+        }
     }
 }
 
