@@ -812,7 +812,8 @@ impl<T: TlbMaintenance> Stage2<T> {
     }
 
     fn free_subtree(&mut self, pool: &mut PagePool, table: u64, level: u8) {
-        for j in 0..ENTRIES {
+        // A level-3 table holds pages only: nothing below it to free.
+        for j in (0..ENTRIES).take_while(|_| level < LEAF_LEVEL) {
             let pte = read(pool, table, j);
             if pte.is_table(level) {
                 self.free_subtree(pool, pte.addr(), level + 1);
