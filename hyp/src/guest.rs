@@ -174,7 +174,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         match fid {
             psci::SYSTEM_OFF | psci::SYSTEM_RESET => {
                 let how = u64::from(fid == psci::SYSTEM_RESET);
-                if let Slot::Live(vm) = &mut self.vms.lock().slots[slot] {
+                if let Slot::Used(vm) = &mut self.vms.lock().slots[slot] {
                     vm.off = Some(how);
                 }
                 Action::Exit([exit::SYSTEM_OFF, how, 0, 0])

@@ -127,7 +127,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
         use core::sync::atomic::Ordering::Relaxed;
         let (mut splits, mut merges) = (mem.host.stats().splits, mem.host.stats().merges);
         for s in &vms.slots {
-            if let Slot::Live(vm) = s {
+            if let Slot::Used(vm) = s {
                 splits += vm.s2.stats().splits;
                 merges += vm.s2.stats().merges;
             }
@@ -157,7 +157,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
         let vms = self.vms.lock();
         let mem = self.mem.lock();
         match vms.slots.get(slot) {
-            Some(Slot::Live(vm)) => {
+            Some(Slot::Used(vm)) if vm.alive => {
                 matches!(vm.s2.lookup(&mem.pool, ipa), Ok(leaf) if matches!(leaf.kind, keel_mm::LeafKind::Mapped { .. }))
             }
             _ => false,

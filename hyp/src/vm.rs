@@ -138,18 +138,18 @@ pub struct Vm<G: TlbMaintenance> {
     /// Pages recorded as this VM's or lent to it: what must come back
     /// before the slot can be reused.
     pub pages: u64,
+    /// False once destroyed: the VM never runs again, and its slot (with its
+    /// stage-2 tables) is freed when the last of its pages is reclaimed.
+    pub alive: bool,
 }
 
 /// A slot lives in a static table and is never moved, so the size of
-/// `Live` costs nothing.
+/// `Vm` costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Slot<G: TlbMaintenance> {
     Free,
-    Live(Vm<G>),
-    /// Destroyed; `pages` of it still wait for HOST_RECLAIM.
-    Dead {
-        pages: u64,
-    },
+    /// A VM, alive or destroyed with pages still to reclaim.
+    Used(Vm<G>),
 }
 
 /// All VMs, and the pages shared across the host/guest boundary.
@@ -197,39 +197,44 @@ impl<G: TlbMaintenance> Vms<G> {
 
     pub fn live(&self, handle: u64) -> Result<&Vm<G>, CallError> {
         match &self.slots[Self::index(handle)?] {
-            Slot::Live(vm) => Ok(vm),
+            Slot::Used(vm) if vm.alive => Ok(vm),
             _ => Err(CallError::Invalid),
         }
     }
 
     pub fn live_mut(&mut self, handle: u64) -> Result<&mut Vm<G>, CallError> {
         match &mut self.slots[Self::index(handle)?] {
-            Slot::Live(vm) => Ok(vm),
+            Slot::Used(vm) if vm.alive => Ok(vm),
             _ => Err(CallError::Invalid),
         }
     }
 
-    /// One page fewer owed by slot `vm`; a dead slot with nothing owed is free.
-    fn settle(&mut self, vm: u16, pages: u64) {
+    /// The live VM in slot `slot`.
+    pub fn live_slot(&mut self, slot: usize) -> Option<&mut Vm<G>> {
+        match self.slots.get_mut(slot) {
+            Some(Slot::Used(vm)) if vm.alive => Some(vm),
+            _ => None,
+        }
+    }
+
+    /// Pages no longer owed by slot `vm`; a destroyed VM that owes nothing
+    /// more gives its tables back and its slot is free.
+    fn settle(&mut self, vm: u16, pages: u64, pool: &mut keel_mm::PagePool) {
         let Some(slot) = self.slots.get_mut(vm as usize) else {
             return;
         };
-        match slot {
-            Slot::Live(v) => v.pages = v.pages.saturating_sub(pages),
-            Slot::Dead { pages: p } => {
-                *p = p.saturating_sub(pages);
-                if *p == 0 {
-                    self.slots[vm as usize] = Slot::Free;
-                }
+        if let Slot::Used(v) = slot {
+            v.pages = v.pages.saturating_sub(pages);
+            if !v.alive && v.pages == 0 && v.s2.destroy(pool).is_ok() {
+                *slot = Slot::Free;
             }
-            Slot::Free => {}
         }
     }
 }
 
 impl<G: TlbMaintenance> Guests for Vms<G> {
     fn is_live(&self, vm: u16) -> bool {
-        matches!(self.slots.get(vm as usize), Some(Slot::Live(_)))
+        matches!(self.slots.get(vm as usize), Some(Slot::Used(v)) if v.alive)
     }
     fn lender(&self, pfn: u64) -> Option<(u16, bool)> {
         self.lent
@@ -253,7 +258,7 @@ impl<G: TlbMaintenance> Guests for Vms<G> {
         self.slots
             .iter()
             .map(|s| match s {
-                Slot::Live(vm) => {
+                Slot::Used(vm) => {
                     let st = vm.s2.stats();
                     (st.root_pages + st.table_pages) as u64
                 }
@@ -343,32 +348,31 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         let mut s2 = Stage2::new(geometry, vmid, &mut self.mem.pool, G::new()).map_err(mm)?;
         let vttbr = s2.vttbr();
         s2.tlb_mut().bind(vttbr);
-        self.vms.slots[slot] = Slot::Live(Vm {
+        self.vms.slots[slot] = Slot::Used(Vm {
             s2,
             vcpus: [Vcpu::new(); MAX_VCPUS],
             nr_vcpus: nr_vcpus as usize,
             off: None,
             pages: 0,
+            alive: true,
         });
         Ok(handle_of(slot))
     }
 
-    /// VM_DESTROY: the VM stops for good; its tables go back to the pool
-    /// now, its pages when the host reclaims them. Costs the same whatever
-    /// the VM's size: no page is touched.
+    /// VM_DESTROY: the VM stops for good. Its TLB entries go now; its pages
+    /// and then its tables when the host reclaims them. So the call costs
+    /// the same whatever the VM's size: no page or table is touched.
     pub fn destroy(&mut self, handle: u64) -> Result<(), CallError> {
         let slot = Vms::<G>::index(handle)?;
         let vm = self.vms.live_mut(handle)?;
         if vm.vcpus.iter().any(|v| v.state == VcpuState::Running) {
             return Err(CallError::Busy);
         }
-        vm.s2.destroy(&mut self.mem.pool).map_err(mm)?;
-        let pages = vm.pages;
-        self.vms.slots[slot] = if pages == 0 {
-            Slot::Free
-        } else {
-            Slot::Dead { pages }
-        };
+        let vmid = vm.s2.vmid();
+        vm.s2.tlb_mut().invalidate_vmid(vmid);
+        vm.s2.tlb_mut().complete(vmid);
+        vm.alive = false;
+        self.vms.settle(slot as u16, 0, &mut self.mem.pool);
         Ok(())
     }
 
@@ -480,7 +484,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                 .unmap(&mut mem.pool, host.start, host.len(), annotation(slot)),
         }
         .map_err(mm)?;
-        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+        let Slot::Used(vm) = &mut self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
         vm.s2
@@ -543,7 +547,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         // walking the guest's mappings while they still say where they are;
         // then the guest loses them.
         let mem = &mut *self.mem;
-        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+        let Slot::Used(vm) = &mut self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
         let lent = &mut self.vms.lent;
@@ -593,7 +597,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
     pub fn guest_share(&mut self, slot: usize, ipa: u64, nr: u64) -> Result<(), CallError> {
         let nr = nr.max(1);
         let guest = ipa_range(ipa, nr)?;
-        let Slot::Live(vm) = &self.vms.slots[slot] else {
+        let Slot::Used(vm) = &self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
         let vmi = slot as u16;
@@ -628,7 +632,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             return Err(CallError::NoMemory);
         }
         let mem = &mut *self.mem;
-        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+        let Slot::Used(vm) = &mut self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
         let lent = &mut self.vms.lent;
@@ -666,7 +670,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
     pub fn guest_unshare(&mut self, slot: usize, ipa: u64, nr: u64) -> Result<(), CallError> {
         let nr = nr.max(1);
         let guest = ipa_range(ipa, nr)?;
-        let Slot::Live(vm) = &self.vms.slots[slot] else {
+        let Slot::Used(vm) = &self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
         let vmi = slot as u16;
@@ -695,7 +699,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             return Err(CallError::NoMemory);
         }
         let mem = &mut *self.mem;
-        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+        let Slot::Used(vm) = &mut self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
         let lent = &mut self.vms.lent;
@@ -725,7 +729,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
     pub fn guest_relinquish(&mut self, slot: usize, ipa: u64, nr: u64) -> Result<(), CallError> {
         let nr = nr.max(1);
         let guest = ipa_range(ipa, nr)?;
-        let Slot::Live(vm) = &self.vms.slots[slot] else {
+        let Slot::Used(vm) = &self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
         let vmi = slot as u16;
@@ -760,7 +764,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             return Err(CallError::NoMemory);
         }
         let mem = &mut *self.mem;
-        let Slot::Live(vm) = &mut self.vms.slots[slot] else {
+        let Slot::Used(vm) = &mut self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
         let lent = &mut self.vms.lent;
@@ -857,7 +861,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             }
             for (vm, &n) in settled.iter().enumerate() {
                 if n > 0 {
-                    vms.settle(vm as u16, n);
+                    vms.settle(vm as u16, n, &mut self.mem.pool);
                 }
             }
         }

@@ -241,7 +241,7 @@ impl Machine {
         let vms = self.hyp.vms.lock();
         let i = Vms::<NoTlb>::index(handle).unwrap();
         match &vms.slots[i] {
-            keel_hyp::vm::Slot::Live(vm) => {
+            keel_hyp::vm::Slot::Used(vm) if vm.alive => {
                 let s = vm.s2.stats();
                 (s.root_pages, s.table_pages)
             }

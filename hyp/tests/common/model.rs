@@ -1114,7 +1114,11 @@ impl Driver<'_> {
             let mapped = {
                 let vms = self.m.hyp.vms.lock();
                 let mem = self.m.hyp.mem.lock();
-                let Slot::Live(v) = &vms.slots[vm] else {
+                let Some(Slot::Used(v)) = vms
+                    .slots
+                    .get(vm)
+                    .filter(|s| matches!(s, Slot::Used(v) if v.alive))
+                else {
                     return Err(format!("{h:#x} is not live in the hypervisor"));
                 };
                 let mut bytes = 0;
