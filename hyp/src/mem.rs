@@ -18,10 +18,10 @@
 //!   says), or the owning VM's handle.
 
 use keel_mm::owner::{self, Owner, Page, Refusal, Request, View};
-use keel_mm::stage1::{Perm, S1Error, Stage1};
+use keel_mm::stage1::{Perm, S1Error, Stage1, VA_LIMIT};
 use keel_mm::stage2::Change;
 use keel_mm::{
-    Annotation, LeafKind, MmError, PagePool, PageState, S2Attrs, Stage2, TlbMaintenance,
+    Annotation, Leaf, LeafKind, MmError, PagePool, PageState, S2Attrs, Stage2, TlbMaintenance,
 };
 
 pub const PAGE: u64 = 4096;
@@ -514,19 +514,35 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
     /// - the donated-page table and the host stage 2 name the same pages;
     /// - pool pages = free pages + table pages.
     ///
-    /// Everything is checked by runs: leaves of the host stage 2, runs of
-    /// consecutive leaves of the hypervisor's stage 1, runs of consecutive
-    /// donated pages, runs of the shared-page table. So the cost grows with
-    /// the number of leaves, table entries and table records, not with the
-    /// number of pages they cover; the violation reported, and where, is the
-    /// one a page-by-page walk in address order would find first.
+    /// One walk of the host stage 2 per RAM region, by runs of leaves one
+    /// leaf could describe, with the hypervisor's stage-1 leaves and the
+    /// donated pages (by runs of consecutive pfns) walked alongside; shared
+    /// runs are checked against the shared-page table by runs. So the cost
+    /// grows with the number of leaves, table entries and table records,
+    /// not with the number of pages they cover. The violation reported, and
+    /// where, is the one a page-by-page walk would report: per region the
+    /// host stage 2's first, then the first page the hypervisor maps wrongly;
+    /// then the first bad donated page.
     pub fn check_invariants(&self, g: &dyn Guests) -> Result<(), Violation> {
+        let mut donated_host = None;
         for region in self.ram.regions() {
-            self.check_host_leaves(*region, g)?;
-            self.check_hyp_mapped(*region)?;
+            let walk = self.check_region(*region, g);
+            walk.host?;
+            walk.hyp?;
+            donated_host = donated_host.or(walk.donated_host);
         }
-        for (pfn, nr) in self.pool.donated_runs() {
-            self.check_donated_run(pfn, nr)?;
+        let elsewhere = self.donated_host_elsewhere();
+        let host_bad = match (donated_host, elsewhere) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match (host_bad, self.donated_unmapped()) {
+            (Some(h), u) if u.is_none_or(|u| h <= u) => violation(
+                "donated page not recorded as donated in the host stage 2",
+                h,
+            )?,
+            (_, Some(u)) => violation("donated page not mapped by the hypervisor", u)?,
+            _ => {}
         }
         let tables = self.table_pages() + g.table_pages();
         if self.pool.total_pages() as u64 != self.pool.all_free_pages() as u64 + tables {
@@ -538,165 +554,214 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
         Ok(())
     }
 
-    /// The host stage-2 leaves over `region`: identity, normal-memory
-    /// mappings; shared pages with a guest on the other side (the shared-page
-    /// table, by runs); unmapped pages with an owner.
-    fn check_host_leaves(&self, region: Range, g: &dyn Guests) -> Result<(), Violation> {
-        let mut bad = None;
-        let _ = self
-            .host
-            .visit_leaves(&self.pool, region.start, region.len(), &mut |leaf| {
-                if bad.is_some() {
-                    return;
-                }
-                match leaf.kind {
-                    LeafKind::Mapped { pa, attrs, state } => {
-                        let (first, nr) = (leaf.ipa / PAGE, leaf.size / PAGE);
-                        let unshared = match state {
-                            PageState::SharedBorrowed => g.first_not_lent(first, nr),
-                            PageState::SharedOwned => g.first_not_borrowed(first, nr),
-                            PageState::Owned => None,
-                        };
-                        if pa != leaf.ipa {
-                            bad = Some(Violation {
-                                what: "host mapping is not an identity",
-                                addr: leaf.ipa,
-                            });
-                        } else if attrs != S2Attrs::NORMAL_RWX {
-                            bad = Some(Violation {
-                                what: "host RAM mapped with wrong attributes",
-                                addr: leaf.ipa,
-                            });
-                        } else if let Some(p) = unshared {
-                            bad = Some(Violation {
-                                what: "host page shared, but no guest on the other side",
-                                addr: p * PAGE,
-                            });
-                        }
-                    }
-                    LeafKind::Unmapped(a) => {
-                        if a != ANN_HYP_PRIVATE && a != ANN_HYP_DONATED && vm_of(a).is_none() {
-                            bad = Some(Violation {
-                                what: "unmapped RAM without an owner",
-                                addr: leaf.ipa,
-                            });
-                        }
-                    }
-                }
-            });
-        bad.map_or(Ok(()), Err)
-    }
-
-    /// The pages of `region` the hypervisor maps, as runs of consecutive
-    /// stage-1 leaves (a 2 MiB block, or a stretch of 4K pages, is one run).
-    fn check_hyp_mapped(&self, region: Range) -> Result<(), Violation> {
-        let mut bad = Ok(());
-        let mut run: Option<Range> = None;
-        self.hyp.visit_leaves(
+    /// The part of `region` the host stage 2 can describe.
+    fn host_span(&self, region: Range) -> Range {
+        Range::new(
             region.start,
-            region.len(),
-            &self.pool,
-            &mut |va, size, _| {
-                if bad.is_err() {
-                    return;
-                }
-                let leaf = Range::new(va.max(region.start), (va + size).min(region.end));
-                match run {
-                    Some(r) if r.end == leaf.start => run = Some(Range::new(r.start, leaf.end)),
-                    Some(r) => {
-                        bad = self.check_hyp_run(r);
-                        run = Some(leaf);
-                    }
-                    None => run = Some(leaf),
-                }
-            },
-        );
-        bad?;
-        run.map_or(Ok(()), |r| self.check_hyp_run(r))
+            region.end.min(self.host.geometry().ipa_size()),
+        )
     }
 
-    /// The hypervisor maps every page of `run`: each must be its own (private,
-    /// or donated and in the donated-page table) or shared with it by the
-    /// host (host-owned and mapped in the host stage 2), as [`Self::page`]
-    /// would say, checked over each host stage-2 leaf at once.
-    fn check_hyp_run(&self, run: Range) -> Result<(), Violation> {
+    /// Walks the host stage 2 over `region` with the hypervisor's leaves and
+    /// the donated pages alongside.
+    fn check_region(&self, region: Range, g: &dyn Guests) -> RegionWalk {
+        let mut walk = RegionWalk {
+            host: Ok(()),
+            hyp: Ok(()),
+            donated_host: None,
+        };
         // Pages beyond the host stage 2's IPA space have no host entry: the
-        // hypervisor's (Page::HypPrivate).
-        let end = run.end.min(self.host.geometry().ipa_size());
-        if run.start >= end {
-            return Ok(());
+        // hypervisor's (Page::HypPrivate); a region that reaches there is
+        // not walked for the host check (the host stage 2 cannot map it).
+        let span = self.host_span(region);
+        if span.is_empty() {
+            return walk;
         }
-        let mut bad = None;
+        let whole = span == region;
+        let mut hyp = self
+            .hyp
+            .leaves(span.start, span.len(), &self.pool)
+            .map(|(va, size, _)| Range::new(va.max(span.start), (va + size).min(span.end)))
+            .peekable();
+        let mut donated = self
+            .pool
+            .donated_runs()
+            .map(|(pfn, nr)| Range::new(pfn * PAGE, (pfn + nr) * PAGE))
+            .peekable();
+        let mut host_bad = None;
+        let mut hyp_bad = None;
         let _ = self
             .host
-            .visit_leaves(&self.pool, run.start, end - run.start, &mut |leaf| {
-                if bad.is_some() {
-                    return;
+            .visit_runs(&self.pool, span.start, span.len(), &mut |run| {
+                if whole && host_bad.is_none() {
+                    host_bad = host_run_violation(run, g);
                 }
-                let start = leaf.ipa.max(run.start);
-                let end = (leaf.ipa + leaf.size).min(end);
-                bad = match leaf.kind {
-                    LeafKind::Mapped {
-                        state: PageState::Owned,
-                        ..
-                    } => None,
-                    // Shared with a guest or lent to a dead one: every page
-                    // of the leaf has a guest on the other side, or
-                    // `check_host_leaves` would have failed already.
-                    LeafKind::Mapped { .. } => Some(start),
-                    LeafKind::Unmapped(ANN_HYP_DONATED) => self
-                        .pool
-                        .first_not_donated(start / PAGE, (end - start) / PAGE)
-                        .map(|p| p * PAGE),
-                    LeafKind::Unmapped(a) => vm_of(a).map(|_| start),
-                };
+                let here = Range::new(run.ipa.max(span.start), (run.ipa + run.size).min(span.end));
+                while hyp_bad.is_none() {
+                    let Some(&h) = hyp.peek() else { break };
+                    if h.start >= here.end {
+                        break;
+                    }
+                    let both = Range::new(h.start.max(here.start), h.end.min(here.end));
+                    if !both.is_empty() {
+                        hyp_bad = self.hyp_mapped_violation(run.kind, both);
+                    }
+                    if h.end > here.end {
+                        break;
+                    }
+                    hyp.next();
+                }
+                while walk.donated_host.is_none() {
+                    let Some(&d) = donated.peek() else { break };
+                    if d.start >= here.end {
+                        break;
+                    }
+                    let both = Range::new(d.start.max(here.start), d.end.min(here.end));
+                    if !both.is_empty() && run.kind != LeafKind::Unmapped(ANN_HYP_DONATED) {
+                        walk.donated_host = Some(both.start);
+                    }
+                    if d.end > here.end {
+                        break;
+                    }
+                    donated.next();
+                }
             });
-        match bad {
-            Some(addr) => violation(
+        if let Some(v) = host_bad {
+            walk.host = Err(v);
+        }
+        if let Some(addr) = hyp_bad {
+            walk.hyp = violation(
                 "the hypervisor maps a page it neither owns nor borrows",
                 addr,
-            ),
-            None => Ok(()),
+            );
+        }
+        walk
+    }
+
+    /// The first page of `pages`, all mapped by the hypervisor and all in
+    /// one host stage-2 run of kind `kind`, that is neither its own
+    /// (private, or donated and in the donated-page table) nor shared with
+    /// it by the host (host-owned and mapped), as [`Self::page`] would say.
+    fn hyp_mapped_violation(&self, kind: LeafKind, pages: Range) -> Option<u64> {
+        match kind {
+            LeafKind::Mapped {
+                state: PageState::Owned,
+                ..
+            } => None,
+            // Shared with a guest or lent to a dead one: every page of the
+            // run has a guest on the other side, or the host check of the
+            // region (reported first) failed.
+            LeafKind::Mapped { .. } => Some(pages.start),
+            LeafKind::Unmapped(ANN_HYP_DONATED) => self
+                .pool
+                .first_not_donated(pages.start / PAGE, pages.len() / PAGE)
+                .map(|p| p * PAGE),
+            LeafKind::Unmapped(a) => vm_of(a).map(|_| pages.start),
         }
     }
 
-    /// The donated pages [pfn, pfn + nr): recorded as donated in the host
-    /// stage 2 and mapped by the hypervisor. The first failing page wins,
-    /// the host stage 2's failure if both fail at the same page.
-    fn check_donated_run(&self, pfn: u64, nr: u64) -> Result<(), Violation> {
-        let run = Range::new(pfn * PAGE, (pfn + nr) * PAGE);
-        // Pages beyond the host stage 2's IPA space have no host entry.
+    /// The first donated page outside the parts of RAM `check_region` walks
+    /// that the host stage 2 does not record as donated (none, unless the
+    /// donated-page table is corrupt).
+    fn donated_host_elsewhere(&self) -> Option<u64> {
         let limit = self.host.geometry().ipa_size();
-        let mut host_bad = (run.end > limit).then_some(run.start.max(limit));
-        if run.start < limit {
-            let len = run.end.min(limit) - run.start;
-            let mut first = None;
-            let _ = self
-                .host
-                .visit_leaves(&self.pool, run.start, len, &mut |leaf| {
-                    if first.is_none() && leaf.kind != LeafKind::Unmapped(ANN_HYP_DONATED) {
-                        first = Some(leaf.ipa.max(run.start));
-                    }
-                });
-            host_bad = first.or(host_bad);
-        }
-        let mut next = run.start;
-        let mut gap = None;
-        self.hyp
-            .visit_leaves(run.start, run.len(), &self.pool, &mut |va, size, _| {
-                if gap.is_none() && va > next {
-                    gap = Some(next);
+        for (pfn, nr) in self.pool.donated_runs() {
+            let run = Range::new(pfn * PAGE, (pfn + nr) * PAGE);
+            let mut p = run.start;
+            while p < run.end {
+                let spans = self.ram.regions().iter().map(|r| self.host_span(*r));
+                if let Some(s) = spans.clone().find(|s| s.start <= p && p < s.end) {
+                    p = s.end;
+                    continue;
                 }
-                next = next.max(va + size);
-            });
-        let unmapped = gap.or((next < run.end).then_some(next));
-        match (host_bad, unmapped) {
-            (Some(h), u) if u.is_none_or(|u| h <= u) => violation(
-                "donated page not recorded as donated in the host stage 2",
-                h,
-            ),
-            (_, Some(u)) => violation("donated page not mapped by the hypervisor", u),
-            _ => Ok(()),
+                let next = spans.filter(|s| s.start > p).map(|s| s.start).min();
+                let piece = Range::new(p, next.unwrap_or(run.end).min(run.end));
+                if piece.start >= limit {
+                    return Some(piece.start);
+                }
+                let mut bad = None;
+                let len = piece.end.min(limit) - piece.start;
+                let _ = self
+                    .host
+                    .visit_runs(&self.pool, piece.start, len, &mut |leaf| {
+                        if bad.is_none() && leaf.kind != LeafKind::Unmapped(ANN_HYP_DONATED) {
+                            bad = Some(leaf.ipa.max(piece.start));
+                        }
+                    });
+                if let Some(b) = bad.or((piece.end > limit).then_some(limit)) {
+                    return Some(b);
+                }
+                p = piece.end;
+            }
+        }
+        None
+    }
+
+    /// The first donated page the hypervisor does not map: the donated runs
+    /// and the hypervisor's leaves, walked together.
+    fn donated_unmapped(&self) -> Option<u64> {
+        let mut runs = self.pool.donated_runs().peekable();
+        let first = runs.peek()?.0 * PAGE;
+        let mut leaves = self.hyp.leaves(first, VA_LIMIT - first, &self.pool);
+        let mut leaf = leaves.next();
+        for (pfn, nr) in runs {
+            let (mut p, end) = (pfn * PAGE, (pfn + nr) * PAGE);
+            while p < end {
+                while let Some((va, size, _)) = leaf {
+                    if va + size > p {
+                        break;
+                    }
+                    leaf = leaves.next();
+                }
+                match leaf {
+                    Some((va, size, _)) if va <= p => p = va + size,
+                    _ => return Some(p),
+                }
+            }
+        }
+        None
+    }
+}
+
+/// What [`Memory::check_region`] found.
+struct RegionWalk {
+    /// The host stage 2's first violation.
+    host: Result<(), Violation>,
+    /// The first page the hypervisor maps but should not.
+    hyp: Result<(), Violation>,
+    /// The first donated page the host stage 2 does not record as donated.
+    donated_host: Option<u64>,
+}
+
+/// A host stage-2 run's violation: an identity, normal-memory mapping;
+/// shared pages with a guest on the other side (the shared-page table, by
+/// runs); unmapped pages with an owner.
+fn host_run_violation(run: &Leaf, g: &dyn Guests) -> Option<Violation> {
+    let at = |what, addr| Some(Violation { what, addr });
+    match run.kind {
+        LeafKind::Mapped { pa, attrs, state } => {
+            let (first, nr) = (run.ipa / PAGE, run.size / PAGE);
+            if pa != run.ipa {
+                return at("host mapping is not an identity", run.ipa);
+            }
+            if attrs != S2Attrs::NORMAL_RWX {
+                return at("host RAM mapped with wrong attributes", run.ipa);
+            }
+            let unshared = match state {
+                PageState::SharedBorrowed => g.first_not_lent(first, nr),
+                PageState::SharedOwned => g.first_not_borrowed(first, nr),
+                PageState::Owned => None,
+            };
+            at(
+                "host page shared, but no guest on the other side",
+                unshared? * PAGE,
+            )
+        }
+        LeafKind::Unmapped(a) => {
+            if a != ANN_HYP_PRIVATE && a != ANN_HYP_DONATED && vm_of(a).is_none() {
+                return at("unmapped RAM without an owner", run.ipa);
+            }
+            None
         }
     }
 }
