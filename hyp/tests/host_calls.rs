@@ -6,11 +6,13 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 use keel_abi::PageState as AbiState;
 use keel_hyp::mem::{
-    CallError, Guests, HypMmu, Memory, NoGuests, Ram, Range, ANN_HYP_PRIVATE, PAGE, VM_HANDLE_BASE,
+    CallError, Guests, HypMmu, Memory, NoGuests, Ram, Range, Violation, ANN_HYP_DONATED,
+    ANN_HYP_PRIVATE, PAGE, VM_HANDLE_BASE,
 };
 use keel_mm::donated::DonatedPages;
+use keel_mm::owner::Page;
 use keel_mm::stage1::{Perm, Stage1};
-use keel_mm::{Annotation, Geometry, NoTlb, PagePool, PageState, S2Attrs, Stage2};
+use keel_mm::{Annotation, Geometry, LeafKind, NoTlb, PagePool, PageState, S2Attrs, Stage2};
 
 const RAM_BASE: u64 = 0x4000_0000;
 const RAM_SIZE: u64 = 64 << 20;
@@ -617,4 +619,228 @@ fn the_invariant_checker_sees_corruption() {
     let total = m.mem.pool.total_pages() as u64;
     m.mem.pool.alloc_zeroed().unwrap();
     assert_eq!(m.violation(&NoGuests), (POOL_COUNT, total));
+}
+
+/// The invariant checker as it was written first, page by page: what
+/// `check_invariants` must agree with, violation and address, on any state.
+fn reference_check(mem: &Memory<NoTlb, FakeMmu>, g: &dyn Guests) -> Result<(), Violation> {
+    let err = |what, addr| Err(Violation { what, addr });
+    for region in mem.ram.regions() {
+        let mut bad = None;
+        let _ = mem
+            .host
+            .visit_leaves(&mem.pool, region.start, region.len(), &mut |leaf| {
+                if bad.is_some() {
+                    return;
+                }
+                match leaf.kind {
+                    LeafKind::Mapped { pa, attrs, state } => {
+                        if pa != leaf.ipa {
+                            bad = Some((NOT_IDENTITY, leaf.ipa));
+                        } else if attrs != S2Attrs::NORMAL_RWX {
+                            bad = Some((WRONG_ATTRS, leaf.ipa));
+                        } else if let Some(p) = (leaf.ipa..leaf.ipa + leaf.size)
+                            .step_by(PAGE as usize)
+                            .find(|p| match state {
+                                PageState::SharedBorrowed => g.lender(p / PAGE).is_none(),
+                                PageState::SharedOwned => g.borrower(p / PAGE).is_none(),
+                                PageState::Owned => false,
+                            })
+                        {
+                            bad = Some((NO_OTHER_SIDE, p));
+                        }
+                    }
+                    LeafKind::Unmapped(a) => {
+                        let vm = a.0.checked_sub(VM_HANDLE_BASE).map(u16::try_from);
+                        if a != ANN_HYP_PRIVATE
+                            && a != ANN_HYP_DONATED
+                            && !matches!(vm, Some(Ok(_)))
+                        {
+                            bad = Some((NO_OWNER, leaf.ipa));
+                        }
+                    }
+                }
+            });
+        if let Some((what, addr)) = bad {
+            return err(what, addr);
+        }
+        let mut pa = region.start;
+        while let Some(m) = mem.hyp.first_mapped(pa, region.end - pa, &mem.pool) {
+            let ok = match mem.page(m, g) {
+                Page::SharedWithHyp | Page::HypPrivate => true,
+                Page::HypDonated { .. } => mem.pool.donated_in_use(m / PAGE).is_some(),
+                _ => false,
+            };
+            if !ok {
+                return err(HYP_MAPS, m);
+            }
+            pa = m + PAGE;
+            if pa >= region.end {
+                break;
+            }
+        }
+    }
+    for (pfn, _) in mem.pool.donated_pages() {
+        let pa = pfn * PAGE;
+        match mem.host.lookup(&mem.pool, pa) {
+            Ok(leaf) if leaf.kind == LeafKind::Unmapped(ANN_HYP_DONATED) => {}
+            _ => return err(NOT_DONATED_IN_HOST, pa),
+        }
+        if mem.hyp.translate(pa, &mem.pool).is_none() {
+            return err(DONATED_UNMAPPED, pa);
+        }
+    }
+    let tables = mem.table_pages() + g.table_pages();
+    if mem.pool.total_pages() as u64 != mem.pool.all_free_pages() as u64 + tables {
+        return err(POOL_COUNT, mem.pool.total_pages() as u64);
+    }
+    Ok(())
+}
+
+/// xorshift64*: reproducible random numbers for the test below.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// A page-aligned range of 1 to 1100 pages in 0x4100_0000..0x4400_0000,
+    /// often 2 MiB aligned (so blocks are made and cut).
+    fn range(&mut self) -> (u64, u64) {
+        let mut pa = 0x4100_0000 + self.below(0x300_0000 / PAGE) * PAGE;
+        if self.below(3) == 0 {
+            pa &= !(MIB2 - 1);
+        }
+        let nr = match self.below(3) {
+            0 => 1 + self.below(4),
+            1 => 512,
+            _ => 1 + self.below(1100),
+        };
+        (pa, nr.min((0x4400_0000 - pa) / PAGE))
+    }
+}
+
+/// Random legal calls, then random corruption of the tables, the pool's
+/// tables and the guests' shared-page records: the run-based checker and
+/// the page-by-page one report the same violation at the same address.
+#[test]
+fn the_invariant_checker_agrees_with_a_page_by_page_walk() {
+    let mut disagreements = vec![];
+    let mut seen = std::collections::BTreeMap::new();
+    for seed in 1..=300u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut m = Machine::new();
+        let mut donated = vec![];
+        for _ in 0..rng.below(12) {
+            let (pa, nr) = rng.range();
+            let _ = match rng.below(4) {
+                0 => m.share(pa, nr),
+                1 => m.unshare(pa, nr),
+                2 => m.donate(pa, nr).inspect(|_| donated.push((pa, nr))),
+                _ => m.reclaim(pa, nr),
+            };
+        }
+        let mut g = SharingGuests {
+            to_host: vec![],
+            to_guest: vec![],
+        };
+        for _ in 0..1 + rng.below(3) {
+            // Half the time inside something donated, where the hypervisor
+            // maps pages and the donated-page table is checked.
+            let (pa, nr) = match rng.below(2) {
+                0 if !donated.is_empty() => {
+                    let (pa, nr) = donated[rng.below(donated.len() as u64) as usize];
+                    let skip = rng.below(nr);
+                    (pa + skip * PAGE, 1 + rng.below(nr - skip))
+                }
+                _ => rng.range(),
+            };
+            let mem = &mut m.mem;
+            let pool = &mut mem.pool;
+            let _ = match rng.below(12) {
+                0 => mem.host.map(
+                    pool,
+                    pa,
+                    nr * PAGE,
+                    pa + PAGE,
+                    S2Attrs::NORMAL_RWX,
+                    PageState::Owned,
+                ),
+                1 => mem.host.set_attrs(pool, pa, nr * PAGE, S2Attrs::DEVICE_RW),
+                2 | 3 => {
+                    let state =
+                        [PageState::SharedOwned, PageState::SharedBorrowed][rng.below(2) as usize];
+                    let (lo, n) = (pa / PAGE + rng.below(nr), rng.below(nr + 1));
+                    let side = if rng.below(2) == 0 {
+                        &mut g.to_guest
+                    } else {
+                        &mut g.to_host
+                    };
+                    side.extend(lo..lo + n);
+                    mem.host.set_state(pool, pa, nr * PAGE, state)
+                }
+                4 => {
+                    let a = [
+                        0,
+                        1,
+                        2,
+                        3,
+                        7,
+                        VM_HANDLE_BASE,
+                        VM_HANDLE_BASE + 5,
+                        VM_HANDLE_BASE + 0x1_0000,
+                    ];
+                    mem.host
+                        .unmap(pool, pa, nr * PAGE, Annotation(a[rng.below(8) as usize]))
+                }
+                5 => mem.host.map(
+                    pool,
+                    pa,
+                    nr * PAGE,
+                    pa,
+                    S2Attrs::NORMAL_RWX,
+                    PageState::Owned,
+                ),
+                6 => mem
+                    .hyp
+                    .map(pa, pa, nr * PAGE, Perm::ReadWrite, pool)
+                    .map_err(|_| keel_mm::MmError::NoMemory),
+                7 => mem
+                    .hyp
+                    .map_pages(pa, pa, nr * PAGE, Perm::ReadWrite, pool)
+                    .map_err(|_| keel_mm::MmError::NoMemory),
+                8 => {
+                    // One page out of the hypervisor's stage 1, splitting a block.
+                    let _ = mem.hyp.split_block(pa, pool, &mut |_| {});
+                    mem.hyp
+                        .unmap(pa, PAGE, pool)
+                        .map(drop)
+                        .map_err(|_| keel_mm::MmError::NoMemory)
+                }
+                9 => pool.reclaim_donated(pa / PAGE, 1 + rng.below(3)),
+                10 => pool.alloc_zeroed().map(drop),
+                _ => {
+                    // The host stage 2 records pages as donated.
+                    mem.host.unmap(pool, pa, nr * PAGE, ANN_HYP_DONATED)
+                }
+            };
+        }
+        let fast = m.mem.check_invariants(&g);
+        let slow = reference_check(&m.mem, &g);
+        if let Err(v) = slow {
+            *seen.entry(v.what).or_insert(0) += 1;
+        }
+        if fast != slow {
+            disagreements.push((seed, fast, slow));
+        }
+    }
+    assert!(disagreements.is_empty(), "{disagreements:#x?}");
+    // Every check fired on some state.
+    assert_eq!(seen.len(), 8, "{seen:#?}");
 }
