@@ -119,6 +119,8 @@ HANG_TIMEOUT = 5.0
 # The fuzz suite's timeout at least (its 100,000 calls and 43,750 invariant
 # checks take about 2 minutes).
 FUZZ_TIMEOUT = 300.0
+# The smp suite: 4 emulated CPUs on 2 host cores take ~80 s when the machine is busy.
+SMP_TIMEOUT = 300.0
 DEFAULT_SUITES = ["boot", "isolation", "host-abi", "guests", "smp", "fuzz", "demo", "harness"]
 
 PLAN_RE = re.compile(r"^plan (\S+):(.*)$")
@@ -317,6 +319,8 @@ def run_suite(opts, suite, initrd, report):
               flush=True)
         if timeout is not None:
             timeout = max(timeout, FUZZ_TIMEOUT)
+    if suite == "smp" and timeout is not None:
+        timeout = max(timeout, SMP_TIMEOUT)
     boot = run_qemu(cmd, timeout, echo_mode(opts))
     plan, results, finished, aborted = parse(boot.lines)
     problem = run_problem(boot, suite, plan, finished, aborted)
