@@ -311,7 +311,52 @@ def show_tail(boot):
     print("----", flush=True)
 
 
+# The default fuzz run: shards of FUZZ_SHARD_CALLS calls, one per host core,
+# in parallel, each checking the invariants after every call (the seeds
+# are the run's seed + shard number).
+FUZZ_SHARDS = 2
+FUZZ_SHARD_CALLS = 50_000
+
+
+def run_fuzz_shards(opts, initrd, report):
+    seeds = [opts.seed + i for i in range(FUZZ_SHARDS)]
+    boots = [None] * FUZZ_SHARDS
+    timeout = None if opts.timeout is None else max(opts.timeout, FUZZ_TIMEOUT)
+
+    def shard(i):
+        args = f"seed={seeds[i]:#x} calls={FUZZ_SHARD_CALLS} check_first={FUZZ_SHARD_CALLS}"
+        cmd = qemu_cmd(opts, "fuzz", initrd, bootargs=args) + opts.extra_qemu
+        boots[i] = run_qemu(cmd, timeout, None)
+
+    print(f"fuzz: {FUZZ_SHARDS} shards of {FUZZ_SHARD_CALLS} calls, invariants after every call, "
+          f"seeds {', '.join(f'{x:#x}' for x in seeds)}", flush=True)
+    threads = [threading.Thread(target=shard, args=(i,)) for i in range(FUZZ_SHARDS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, boot in enumerate(boots):
+        plan, results, finished, aborted = parse(boot.lines)
+        problem = run_problem(boot, "fuzz", plan, finished, aborted)
+        name = f"fuzz.{i}"
+        all_ok = True
+        for n in plan.get("fuzz", []):
+            ok, reason = results.get(f"fuzz::{n}", (False, "never printed a result"))
+            report.add(f"{name}::{n}", ok, reason)
+            all_ok &= ok
+        if problem:
+            report.add(name, False, problem)
+        if problem or not all_ok:
+            show_tail(boot)
+            print(f"fuzz: replay shard {i} with: python3 tests/run.py --suite fuzz --seed {seeds[i]:#x} "
+                  f"--fuzz-args 'calls={FUZZ_SHARD_CALLS} check_first={FUZZ_SHARD_CALLS}'", flush=True)
+
+
 def run_suite(opts, suite, initrd, report):
+    if suite == "fuzz" and not getattr(opts, "fuzz_args", None) and getattr(opts, "shards", True):
+        if getattr(opts, "seed", None) is None:
+            opts.seed = int.from_bytes(os.urandom(4), "little")
+        return run_fuzz_shards(opts, initrd, report)
     cmd = qemu_cmd(opts, suite, initrd) + opts.extra_qemu
     timeout = opts.timeout
     if suite == "fuzz":
