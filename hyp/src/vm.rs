@@ -309,15 +309,29 @@ fn mapped_runs<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu>(
 ) -> Result<(), CallError> {
     let mut ipa = range.start;
     while ipa < range.end {
-        let leaf = vm.s2.lookup(&mem.pool, ipa).map_err(mm)?;
-        let LeafKind::Mapped { pa, state, .. } = leaf.kind else {
-            return Err(CallError::Denied);
-        };
-        let end = (leaf.ipa + leaf.size).min(range.end);
-        f(ipa, pa + (ipa - leaf.ipa), end - ipa, state)?;
-        ipa = end;
+        let (pa, len, state) = run_at(&vm.s2, &mem.pool, ipa, range.end)?;
+        f(ipa, pa, len, state)?;
+        ipa += len;
     }
     Ok(())
+}
+
+/// The run of the guest's mapping from `ipa` (up to `end` and the end of
+/// its leaf): (output address of `ipa`, length, state); DENIED where the
+/// guest has no page. The commit loops walk with it while they change the
+/// tables, which `mapped_runs` (a closure over shared borrows) cannot.
+fn run_at<G: TlbMaintenance>(
+    s2: &Stage2<G>,
+    pool: &keel_mm::PagePool,
+    ipa: u64,
+    end: u64,
+) -> Result<(u64, u64, PageState), CallError> {
+    let leaf = s2.lookup(pool, ipa).map_err(mm)?;
+    let LeafKind::Mapped { pa, state, .. } = leaf.kind else {
+        return Err(CallError::Denied);
+    };
+    let run_end = (leaf.ipa + leaf.size).min(end);
+    Ok((pa + (ipa - leaf.ipa), run_end - ipa, state))
 }
 
 /// Every VM operation, on the VM table and the memory together (the
@@ -553,19 +567,14 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         let lent = &mut self.vms.lent;
         let mut ipa_at = guest.start;
         while ipa_at < guest.end {
-            let leaf = vm.s2.lookup(&mem.pool, ipa_at).map_err(mm)?;
-            let LeafKind::Mapped { pa, .. } = leaf.kind else {
-                return Err(CallError::Denied);
-            };
-            let end = (leaf.ipa + leaf.size).min(guest.end);
-            let (pa, len) = (pa + (ipa_at - leaf.ipa), end - ipa_at);
+            let (pa, len, _) = run_at(&vm.s2, &mem.pool, ipa_at, guest.end)?;
             mem.host
                 .set_state(&mut mem.pool, pa, len, PageState::Owned)
                 .map_err(mm)?;
             for p in (pa..pa + len).step_by(PAGE as usize) {
                 lent.remove(p / PAGE);
             }
-            ipa_at = end;
+            ipa_at += len;
         }
         vm.s2
             .unmap(&mut mem.pool, ipa, guest.len(), Annotation(0))
@@ -638,12 +647,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         let lent = &mut self.vms.lent;
         let mut ipa_at = guest.start;
         while ipa_at < guest.end {
-            let leaf = vm.s2.lookup(&mem.pool, ipa_at).map_err(mm)?;
-            let LeafKind::Mapped { pa, .. } = leaf.kind else {
-                return Err(CallError::Denied);
-            };
-            let end = (leaf.ipa + leaf.size).min(guest.end);
-            let (pa, len) = (pa + (ipa_at - leaf.ipa), end - ipa_at);
+            let (pa, len, _) = run_at(&vm.s2, &mem.pool, ipa_at, guest.end)?;
             mem.host
                 .map(
                     &mut mem.pool,
@@ -657,7 +661,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             for p in (pa..pa + len).step_by(PAGE as usize) {
                 lent.insert(p / PAGE, vmi, Direction::ToHost);
             }
-            ipa_at = end;
+            ipa_at += len;
         }
         vm.s2
             .set_state(&mut mem.pool, ipa, guest.len(), PageState::SharedOwned)
@@ -705,19 +709,14 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         let lent = &mut self.vms.lent;
         let mut ipa_at = guest.start;
         while ipa_at < guest.end {
-            let leaf = vm.s2.lookup(&mem.pool, ipa_at).map_err(mm)?;
-            let LeafKind::Mapped { pa, .. } = leaf.kind else {
-                return Err(CallError::Denied);
-            };
-            let end = (leaf.ipa + leaf.size).min(guest.end);
-            let pa = pa + (ipa_at - leaf.ipa);
+            let (pa, len, _) = run_at(&vm.s2, &mem.pool, ipa_at, guest.end)?;
             mem.host
-                .unmap(&mut mem.pool, pa, end - ipa_at, annotation(slot))
+                .unmap(&mut mem.pool, pa, len, annotation(slot))
                 .map_err(mm)?;
-            for p in (pa..pa + (end - ipa_at)).step_by(PAGE as usize) {
+            for p in (pa..pa + len).step_by(PAGE as usize) {
                 lent.remove(p / PAGE);
             }
-            ipa_at = end;
+            ipa_at += len;
         }
         vm.s2
             .set_state(&mut mem.pool, ipa, guest.len(), PageState::Owned)
@@ -770,13 +769,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         let lent = &mut self.vms.lent;
         let mut ipa_at = guest.start;
         while ipa_at < guest.end {
-            let leaf = vm.s2.lookup(&mem.pool, ipa_at).map_err(mm)?;
-            let LeafKind::Mapped { pa, .. } = leaf.kind else {
-                return Err(CallError::Denied);
-            };
-            let end = (leaf.ipa + leaf.size).min(guest.end);
-            let pa = pa + (ipa_at - leaf.ipa);
-            let len = end - ipa_at;
+            let (pa, len, _) = run_at(&vm.s2, &mem.pool, ipa_at, guest.end)?;
             // The guest loses the pages first, then they are cleared, then
             // the host gets them.
             vm.s2
@@ -796,7 +789,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                     PageState::Owned,
                 )
                 .map_err(mm)?;
-            ipa_at = end;
+            ipa_at += len;
         }
         vm.pages = vm.pages.saturating_sub(nr);
         Ok(())
