@@ -445,25 +445,14 @@ impl<T: TlbMaintenance> Stage2<T> {
         attrs: S2Attrs,
         state: PageState,
     ) -> Result<(), MmError> {
-        let (start, end) = self.check_range(ipa, len)?;
-        if pa & (crate::PAGE_SIZE as u64 - 1) != 0 {
-            return Err(MmError::Misaligned);
-        }
-        let pa_end = pa.checked_add(len).ok_or(MmError::Overflow)?;
-        if pa_end > 1 << 48 {
-            return Err(MmError::OutOfRange);
-        }
-        self.apply(
-            pool,
-            start,
-            end,
-            Change::Map {
-                ipa,
-                pa,
-                attrs,
-                state,
-            },
-        )
+        let change = Change::Map {
+            ipa,
+            pa,
+            attrs,
+            state,
+        };
+        let (start, end) = self.check_change(ipa, len, change)?;
+        self.apply(pool, start, end, change)
     }
 
     /// Unmaps `[ipa, ipa + len)`, recording `annotation` in the invalid
@@ -515,7 +504,14 @@ impl<T: TlbMaintenance> Stage2<T> {
         change: Change,
     ) -> Result<usize, MmError> {
         self.check_pool(pool)?;
-        let (start, end) = self.check_range(ipa, len)?;
+        let (start, end) = self.check_change(ipa, len, change)?;
+        self.plan_from_root(pool, change, start, end)
+    }
+
+    /// `check_range`, and for a mapping, that the output range is aligned
+    /// and inside the 48-bit output space.
+    fn check_change(&self, ipa: u64, len: u64, change: Change) -> Result<(u64, u64), MmError> {
+        let range = self.check_range(ipa, len)?;
         if let Change::Map { pa, .. } = change {
             if pa & (crate::PAGE_SIZE as u64 - 1) != 0 {
                 return Err(MmError::Misaligned);
@@ -524,6 +520,17 @@ impl<T: TlbMaintenance> Stage2<T> {
                 return Err(MmError::OutOfRange);
             }
         }
+        Ok(range)
+    }
+
+    /// The table pages `change` over `[start, end)` needs, from the root.
+    fn plan_from_root(
+        &self,
+        pool: &PagePool,
+        change: Change,
+        start: u64,
+        end: u64,
+    ) -> Result<usize, MmError> {
         self.plan(
             pool,
             change,
@@ -545,16 +552,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         change: Change,
     ) -> Result<(), MmError> {
         self.check_pool(pool)?;
-        let pages = self.plan(
-            pool,
-            change,
-            start,
-            end,
-            self.geometry.start_level,
-            0,
-            Source::Real(self.root),
-            self.geometry.root_entries(),
-        )?;
+        let pages = self.plan_from_root(pool, change, start, end)?;
         let mut reserve = Reserve::take(pool, pages)?;
         let mut walk = Commit {
             pool,
