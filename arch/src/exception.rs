@@ -108,8 +108,10 @@ keel_lower_common:
     mov     x0, sp
     b       keel_restore_frame_and_eret
 
-    // x0 = a TrapFrame; SP already where it should be after the ERET
-    // (for keel_lower_common: the frame is on the stack and is popped).
+    // x0 = a TrapFrame; SP is 256 bytes below where it must be after the
+    // ERET (keel_lower_common: those 256 bytes are the frame itself, popped
+    // here; keel_enter_lower and keel_guest_enter make room for it).
+    .global keel_restore_frame_and_eret
 keel_restore_frame_and_eret:
     ldp     x2, x3, [x0, #16]
     ldp     x4, x5, [x0, #32]

@@ -162,23 +162,10 @@ keel_guest_enter:
     stp x29, x30, [x1, #80]
     mov x2, sp
     str x2, [x1, #96]
-    ldp x2, x3, [x0, #16]
-    ldp x4, x5, [x0, #32]
-    ldp x6, x7, [x0, #48]
-    ldp x8, x9, [x0, #64]
-    ldp x10, x11, [x0, #80]
-    ldp x12, x13, [x0, #96]
-    ldp x14, x15, [x0, #112]
-    ldp x16, x17, [x0, #128]
-    ldp x18, x19, [x0, #144]
-    ldp x20, x21, [x0, #160]
-    ldp x22, x23, [x0, #176]
-    ldp x24, x25, [x0, #192]
-    ldp x26, x27, [x0, #208]
-    ldp x28, x29, [x0, #224]
-    ldr x30, [x0, #240]
-    ldp x0, x1, [x0, #0]
-    eret
+    // The shared restore path pops 256 bytes before its ERET: make room so
+    // that SP_EL2 is back at the saved value while the guest runs.
+    sub sp, sp, #256
+    b keel_restore_frame_and_eret
 
     // x0 = &HostSave, x1 = value for keel_guest_enter to return.
     .global keel_guest_leave
