@@ -236,6 +236,20 @@ impl Pte {
         (next & !ADDR_MASK == 0).then_some(Pte((self.0 & !ADDR_MASK) | next))
     }
 
+    /// The run-break count kept in a table descriptor (see
+    /// [`BREAKS_UNKNOWN`]): how many pairs of neighbouring entries of the
+    /// table it points to do not continue one run.
+    pub(crate) fn breaks(self) -> u8 {
+        ((self.0 & BREAKS_MASK) >> BREAKS_SHIFT) as u8
+    }
+
+    /// This table descriptor with run-break count `n`. The count lives in
+    /// bits [58:51], which the walker ignores in a table descriptor, so
+    /// changing it needs no TLB maintenance.
+    pub(crate) fn with_breaks(self, n: u8) -> Self {
+        Self((self.0 & !BREAKS_MASK) | (u64::from(n) << BREAKS_SHIFT))
+    }
+
     /// Output address of a leaf, or address of a next-level table.
     pub(crate) fn addr(self) -> u64 {
         self.reg().read(S2_DESC::ADDR) << 12
@@ -320,3 +334,9 @@ impl Pte {
 
 const SW_MASK: u64 = S2_DESC::SW_STATE.mask << S2_DESC::SW_STATE.shift;
 const ADDR_MASK: u64 = S2_DESC::ADDR.mask << S2_DESC::ADDR.shift;
+const BREAKS_SHIFT: u32 = 51;
+const BREAKS_MASK: u64 = 0xff << BREAKS_SHIFT;
+
+/// A table descriptor's run-break count when it is not known exactly (it
+/// reached this value, or was never counted): recount before relying on it.
+pub(crate) const BREAKS_UNKNOWN: u8 = u8::MAX;

@@ -17,7 +17,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use tock_registers::{register_bitfields, LocalRegisterCopy};
 
 use crate::desc::{
-    level_shift, level_size, Annotation, PageState, Pte, S2Attrs, ENTRIES, LEAF_LEVEL,
+    level_shift, level_size, Annotation, PageState, Pte, S2Attrs, BREAKS_UNKNOWN, ENTRIES,
+    LEAF_LEVEL,
 };
 use crate::pool::PagePool;
 pub use crate::tlb::{TlbMaintenance, Vmid};
@@ -183,6 +184,9 @@ pub struct Audit {
     /// The first table (its IPA and level) that could have been one leaf:
     /// `None` when the tables are in canonical form.
     pub non_canonical: Option<(u64, u8)>,
+    /// The first table whose run-break count (kept in its parent's
+    /// descriptor, so merges need not scan it) disagrees with its entries.
+    pub miscounted: Option<(u64, u8)>,
 }
 
 /// One change applied to every page of a range.
@@ -568,6 +572,8 @@ impl<T: TlbMaintenance> Stage2<T> {
             self.root,
             self.geometry.root_entries(),
             true,
+            // The root is never merged: its count is not kept.
+            0,
         );
         self.tlb.publish_writes();
         // The plan is exact, but never keep a page it over-counted.
@@ -646,7 +652,10 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// Applies the change to the entries of table `table` (at `level`,
     /// based at `base`) that intersect the range. `live` says whether the
     /// table is reachable by the walker (a table being filled after a split
-    /// is not, so it needs no break-before-make).
+    /// is not, so it needs no break-before-make). `breaks` is the table's
+    /// run-break count (what its parent's descriptor holds); returns it
+    /// updated for every entry this walk changed.
+    #[allow(clippy::too_many_arguments)]
     fn commit(
         &mut self,
         walk: &mut Commit<'_>,
@@ -655,124 +664,123 @@ impl<T: TlbMaintenance> Stage2<T> {
         table: u64,
         entries: usize,
         live: bool,
-    ) {
+        mut breaks: u8,
+    ) -> u8 {
         let size = level_size(level);
         for i in span(level, base, entries, walk.start, walk.end) {
             let pte = read(walk.pool, table, i);
             let entry_base = base + i as u64 * size;
             let whole = walk.start <= entry_base && entry_base + size <= walk.end;
+            let at = Slot {
+                table,
+                index: i,
+                entries,
+                level,
+                base: entry_base,
+            };
             if pte.is_table(level) {
                 if whole {
                     if let Some(new) = walk.change.replaces_subtree(level, entry_base) {
-                        self.replace_subtree(walk.pool, table, i, pte, new, level, entry_base);
+                        breaks = self.replace_subtree(walk.pool, at, pte, new, breaks);
                         continue;
                     }
                 }
-                self.commit(walk, level + 1, entry_base, pte.addr(), ENTRIES, live);
-                self.try_merge(walk.pool, table, i, level, entry_base);
+                let child = self.commit(
+                    walk,
+                    level + 1,
+                    entry_base,
+                    pte.addr(),
+                    ENTRIES,
+                    live,
+                    pte.breaks(),
+                );
+                breaks = self.try_merge(walk.pool, at, pte.with_breaks(child), breaks);
                 continue;
             }
             if whole {
                 if let Some(new) = walk.change.whole_entry(level, entry_base, pte) {
                     if new != pte {
-                        self.write_leaf(walk.pool, table, i, pte, new, level, entry_base, live);
+                        breaks = recount(walk.pool, at, pte, new, breaks);
+                        self.write_leaf(walk.pool, at, pte, new, live);
                     }
                     continue;
                 }
             } else if walk.change.leaves_unchanged(level, entry_base, pte) {
                 continue;
             }
-            self.split(walk, table, i, pte, level, entry_base, live);
+            breaks = self.split(walk, at, pte, live, breaks);
         }
+        breaks
     }
 
-    /// Replaces leaf `pte` (entry `i` of `table`) by a table holding the
-    /// equivalent entries with the change already applied, then installs
-    /// it with break-before-make.
-    #[allow(clippy::too_many_arguments)]
-    fn split(
-        &mut self,
-        walk: &mut Commit<'_>,
-        table: u64,
-        i: usize,
-        pte: Pte,
-        level: u8,
-        base: u64,
-        live: bool,
-    ) {
+    /// Replaces leaf `pte` (entry `at`) by a table holding the equivalent
+    /// entries with the change already applied, then installs it with
+    /// break-before-make. Returns the run-break count of `at`'s table.
+    fn split(&mut self, walk: &mut Commit<'_>, at: Slot, pte: Pte, live: bool, breaks: u8) -> u8 {
         let new_table = match walk.reserve.pop(walk.pool) {
             Some(pa) => pa,
             // The plan counts exactly the splits the commit makes.
             None => panic!("stage-2 commit needs a table page the plan did not reserve"),
         };
-        for j in 0..ENTRIES {
-            write(walk.pool, new_table, j, pte.child(level, j));
-        }
-        self.commit(walk, level + 1, base, new_table, ENTRIES, false);
+        fill(walk.pool, new_table, pte, at.level);
+        // The entries of one leaf's subdivision all continue each other.
+        let child = self.commit(walk, at.level + 1, at.base, new_table, ENTRIES, false, 0);
+        let link = Pte::table(new_table).with_breaks(child);
         if live && pte.is_valid() {
-            write(walk.pool, table, i, Pte::invalid(Annotation(0)));
+            write(walk.pool, at.table, at.index, Pte::invalid(Annotation(0)));
             self.tlb.publish_writes();
-            self.tlb.invalidate_ipa(self.vmid, base, Some(level));
+            self.tlb.invalidate_ipa(self.vmid, at.base, Some(at.level));
             self.tlb.complete(self.vmid);
+        } else if live {
+            // No TLB holds an invalid entry, but the walker must not see
+            // the link before the table's contents.
+            self.tlb.publish_writes();
         }
-        // A plain invalid entry can be replaced directly: no TLB holds it.
-        write(walk.pool, table, i, Pte::table(new_table));
+        write(walk.pool, at.table, at.index, link);
         self.stats.table_pages += 1;
         if pte.is_valid() {
             self.stats.splits += 1;
         }
+        recount(walk.pool, at, pte, link, breaks)
     }
 
-    /// Replaces leaf `old` by leaf `new` in entry `i` of `table`.
-    #[allow(clippy::too_many_arguments)]
-    fn write_leaf(
-        &mut self,
-        pool: &PagePool,
-        table: u64,
-        i: usize,
-        old: Pte,
-        new: Pte,
-        level: u8,
-        base: u64,
-        live: bool,
-    ) {
+    /// Replaces leaf `old` by leaf `new` in entry `at`.
+    fn write_leaf(&mut self, pool: &PagePool, at: Slot, old: Pte, new: Pte, live: bool) {
         if !live || !old.is_valid() || old.sw_only_change(new) {
             // Nothing cached depends on what changes.
-            write(pool, table, i, new);
+            write(pool, at.table, at.index, new);
             return;
         }
         if !new.is_valid() || old.bbm_free_change(new) {
             // Unmapping is its own break; permission changes need none.
-            write(pool, table, i, new);
+            write(pool, at.table, at.index, new);
             self.tlb.publish_writes();
-            self.tlb.invalidate_ipa(self.vmid, base, Some(level));
+            self.tlb.invalidate_ipa(self.vmid, at.base, Some(at.level));
             self.tlb.complete(self.vmid);
             return;
         }
-        write(pool, table, i, Pte::invalid(Annotation(0)));
+        write(pool, at.table, at.index, Pte::invalid(Annotation(0)));
         self.tlb.publish_writes();
-        self.tlb.invalidate_ipa(self.vmid, base, Some(level));
+        self.tlb.invalidate_ipa(self.vmid, at.base, Some(at.level));
         self.tlb.complete(self.vmid);
-        write(pool, table, i, new);
+        write(pool, at.table, at.index, new);
     }
 
-    /// Replaces table entry `old` (entry `i` of `table`, a live table) by
-    /// leaf `new` with break-before-make, and frees the subtree.
-    #[allow(clippy::too_many_arguments)]
+    /// Replaces table entry `old` (entry `at`, in a live table) by leaf
+    /// `new` with break-before-make, and frees the subtree. Returns the
+    /// run-break count of `at`'s table.
     fn replace_subtree(
         &mut self,
         pool: &mut PagePool,
-        table: u64,
-        i: usize,
+        at: Slot,
         old: Pte,
         new: Pte,
-        level: u8,
-        base: u64,
-    ) {
+        breaks: u8,
+    ) -> u8 {
         write(
             pool,
-            table,
-            i,
+            at.table,
+            at.index,
             if new.is_valid() {
                 Pte::invalid(Annotation(0))
             } else {
@@ -780,18 +788,35 @@ impl<T: TlbMaintenance> Stage2<T> {
             },
         );
         self.tlb.publish_writes();
-        let mut ops = 0;
-        count_invalidations(pool, old.addr(), level + 1, &mut ops);
+        let first = read(pool, old.addr(), 0);
+        // A table with no breaks holds one run of leaves and nothing else:
+        // what it caches is known without reading it.
+        let flat = old.breaks() == 0 && !first.is_table(at.level + 1);
+        let ops = if flat {
+            1 + if first.is_valid() { ENTRIES } else { 0 }
+        } else {
+            let mut ops = 0;
+            count_invalidations(pool, old.addr(), at.level + 1, &mut ops);
+            ops
+        };
         if ops > MAX_IPA_INVALIDATIONS {
             self.tlb.invalidate_vmid(self.vmid);
+        } else if flat {
+            // Only the table itself, in the walk caches.
+            self.tlb.invalidate_ipa(self.vmid, at.base, None);
         } else {
-            self.invalidate_subtree(pool, old.addr(), level + 1, base);
+            self.invalidate_subtree(pool, old.addr(), at.level + 1, at.base);
         }
         self.tlb.complete(self.vmid);
         if new.is_valid() {
-            write(pool, table, i, new);
+            write(pool, at.table, at.index, new);
         }
-        self.free_subtree(pool, old.addr(), level + 1);
+        if flat {
+            self.free_table(pool, old.addr());
+        } else {
+            self.free_subtree(pool, old.addr(), at.level + 1);
+        }
+        recount(pool, at, old, new, breaks)
     }
 
     /// One IPA invalidation per valid leaf (with its level), and one
@@ -817,21 +842,40 @@ impl<T: TlbMaintenance> Stage2<T> {
                 self.free_subtree(pool, pte.addr(), level + 1);
             }
         }
+        self.free_table(pool, table);
+    }
+
+    /// Gives one table page, with nothing below it, back to the pool.
+    fn free_table(&mut self, pool: &mut PagePool, table: u64) {
         // SAFETY: the page was allocated from this pool for this tree, it
         // is unlinked and its TLB entries are gone.
         unsafe { pool.free(table) };
         self.stats.table_pages -= 1;
     }
 
-    /// If the table under entry `i` of `table` is now one uniform leaf,
-    /// replaces it by that leaf.
-    fn try_merge(&mut self, pool: &mut PagePool, table: u64, i: usize, level: u8, base: u64) {
-        let pte = read(pool, table, i);
-        if let Some(leaf) = merged_leaf(pool, pte.addr(), level) {
-            self.replace_subtree(pool, table, i, pte, leaf, level, base);
-            if leaf.is_valid() {
-                self.stats.merges += 1;
+    /// Entry `at` holds table descriptor `pte`, whose run-break count the
+    /// walk below it just updated. If the table is now one uniform leaf,
+    /// replaces it by that leaf; otherwise stores the count. Returns the
+    /// run-break count of `at`'s table.
+    fn try_merge(&mut self, pool: &mut PagePool, at: Slot, pte: Pte, breaks: u8) -> u8 {
+        let mut pte = pte;
+        if pte.breaks() == BREAKS_UNKNOWN {
+            pte = pte.with_breaks(count_breaks(pool, pte.addr(), at.level + 1));
+        }
+        // Only the software count changes: no TLB maintenance.
+        write(pool, at.table, at.index, pte);
+        if pte.breaks() != 0 {
+            return breaks;
+        }
+        match merged_leaf(read(pool, pte.addr(), 0), at.level) {
+            Some(leaf) => {
+                let breaks = self.replace_subtree(pool, at, pte, leaf, breaks);
+                if leaf.is_valid() {
+                    self.stats.merges += 1;
+                }
+                breaks
             }
+            None => breaks,
         }
     }
 
@@ -957,6 +1001,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         let mut audit = Audit {
             table_pages: 0,
             non_canonical: None,
+            miscounted: None,
         };
         audit_table(
             pool,
@@ -992,6 +1037,18 @@ impl<T: TlbMaintenance> Stage2<T> {
     }
 }
 
+/// One entry of a table, with what the engine needs to change it.
+#[derive(Clone, Copy)]
+struct Slot {
+    table: u64,
+    index: usize,
+    /// Entries of the table (512, or more for a concatenated root).
+    entries: usize,
+    level: u8,
+    /// The first IPA the entry covers.
+    base: u64,
+}
+
 /// State of one commit walk.
 struct Commit<'a> {
     pool: &'a mut PagePool,
@@ -1016,27 +1073,84 @@ fn count_invalidations(pool: &PagePool, table: u64, level: u8, ops: &mut usize) 
     }
 }
 
-/// The leaf at `parent_level` equivalent to the whole table `table`, if
-/// its entries are uniform: all invalid with one annotation, or all valid
-/// with identical attributes and state mapping one contiguous output range
-/// aligned for a block at `parent_level`.
-fn merged_leaf(pool: &PagePool, table: u64, parent_level: u8) -> Option<Pte> {
-    let level = parent_level + 1;
-    let first = read(pool, table, 0);
-    if first.is_table(level) {
+/// The leaf at `parent_level` equivalent to a table whose entries form one
+/// run starting with `first` (its run-break count is 0), if one leaf can
+/// hold it: any invalid run, or a valid run whose output is aligned for a
+/// block at `parent_level` (never at level 0).
+fn merged_leaf(first: Pte, parent_level: u8) -> Option<Pte> {
+    if first.is_table(parent_level + 1) {
         return None;
     }
-    let candidate = if first.is_valid() {
-        if parent_level == 0 || first.addr() & (level_size(parent_level) - 1) != 0 {
-            return None;
+    if !first.is_valid() {
+        return Some(first);
+    }
+    if parent_level == 0 || first.addr() & (level_size(parent_level) - 1) != 0 {
+        return None;
+    }
+    Some(first.with_meta(parent_level, first.attrs(), first.state()))
+}
+
+/// Whether entry `next` continues the run of entry `prev`, both at `level`.
+fn continues(prev: Pte, next: Pte, level: u8) -> bool {
+    !prev.is_table(level)
+        && !next.is_table(level)
+        && prev.next_in_run(level_size(level)) == Some(next)
+}
+
+/// The run-break count of table `table` at `level`: how many of its
+/// neighbouring entries do not continue each other, up to
+/// [`BREAKS_UNKNOWN`] (which then means "at least that many").
+fn count_breaks(pool: &PagePool, table: u64, level: u8) -> u8 {
+    let mut n = 0u8;
+    let mut prev = read(pool, table, 0);
+    for j in 1..ENTRIES {
+        let pte = read(pool, table, j);
+        if !continues(prev, pte, level) {
+            n += 1;
+            if n == BREAKS_UNKNOWN {
+                break;
+            }
         }
-        first.with_meta(parent_level, first.attrs(), first.state())
+        prev = pte;
+    }
+    n
+}
+
+/// The breaks entry `at` takes part in, were it `pte`.
+fn breaks_around(pool: &PagePool, at: Slot, pte: Pte) -> u8 {
+    let before = at.index > 0 && !continues(read(pool, at.table, at.index - 1), pte, at.level);
+    let after =
+        at.index + 1 < at.entries && !continues(pte, read(pool, at.table, at.index + 1), at.level);
+    u8::from(before) + u8::from(after)
+}
+
+/// `breaks`, the run-break count of `at`'s table, once entry `at` changes
+/// from `old` to `new` (its neighbours as they are now).
+fn recount(pool: &PagePool, at: Slot, old: Pte, new: Pte, breaks: u8) -> u8 {
+    if breaks == BREAKS_UNKNOWN {
+        return breaks;
+    }
+    let n = u16::from(breaks) + u16::from(breaks_around(pool, at, new))
+        - u16::from(breaks_around(pool, at, old));
+    n.min(u16::from(BREAKS_UNKNOWN)) as u8
+}
+
+/// Fills the new table `table` with the subdivision of leaf `leaf` at
+/// `level`: the table is not linked yet, so plain stores do.
+fn fill(pool: &PagePool, table: u64, leaf: Pte, level: u8) {
+    let first = leaf.child(level, 0).0;
+    let step = if leaf.is_valid() {
+        level_size(level + 1)
     } else {
-        first
+        0
     };
-    (1..ENTRIES)
-        .all(|j| read(pool, table, j) == candidate.child(parent_level, j))
-        .then_some(candidate)
+    let entries = pool.va(table) as *mut u64;
+    for j in 0..ENTRIES {
+        // SAFETY: `table` is a pool page of ours (see `entry`), not yet
+        // reachable by any walker; a valid leaf's output range lies below
+        // 2^48, so adding to the address field never carries out of it.
+        unsafe { entries.add(j).write(first + j as u64 * step) };
+    }
 }
 
 fn leaf_info(pte: Pte, level: u8, ipa: u64) -> Leaf {
@@ -1136,8 +1250,20 @@ fn audit_table(
         let entry_base = base + ((i as u64) << level_shift(level));
         if pte.is_table(level) {
             audit.table_pages += 1;
-            if audit.non_canonical.is_none() && merged_leaf(pool, pte.addr(), level).is_some() {
+            let breaks = count_breaks(pool, pte.addr(), level + 1);
+            if audit.non_canonical.is_none()
+                && breaks == 0
+                && merged_leaf(read(pool, pte.addr(), 0), level).is_some()
+            {
                 audit.non_canonical = Some((entry_base, level + 1));
+            }
+            // The stored count is exact, or "unknown" (only recounted
+            // when the engine next needs it).
+            if audit.miscounted.is_none()
+                && pte.breaks() != breaks
+                && pte.breaks() != BREAKS_UNKNOWN
+            {
+                audit.miscounted = Some((entry_base, level + 1));
             }
             audit_table(
                 pool,

@@ -284,11 +284,19 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
         if let Some(t) = audit.non_canonical {
             return Err(format!("op {n} {op:?}: table at {t:?} could be a block"));
         }
+        if let Some(t) = audit.miscounted {
+            return Err(format!(
+                "op {n} {op:?}: table at {t:?} has a wrong run-break count"
+            ));
+        }
     }
     // The whole space, and every table.
     check_window(&s2, &tp.pool, &model, 0, size)?;
     let audit = s2.audit(&tp.pool, 0, size).unwrap();
-    if audit.non_canonical.is_some() || audit.table_pages != s2.stats().table_pages {
+    if audit.non_canonical.is_some()
+        || audit.miscounted.is_some()
+        || audit.table_pages != s2.stats().table_pages
+    {
         return Err(format!("final audit {audit:?} vs {:?}", s2.stats()));
     }
     s2.destroy(&mut tp.pool).unwrap();

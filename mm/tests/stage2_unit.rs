@@ -153,6 +153,70 @@ fn one_page_change_in_a_1g_block_splits_two_tables_and_reverts() {
     check_accounting(&s2, &tp.pool).unwrap();
 }
 
+/// Asserts the audit of the whole space: canonical, and every table's
+/// run-break count (what merges rely on instead of scanning) right.
+fn audit_clean(s2: &keel_mm::Stage2<RecordingTlb>, pool: &PagePool, what: &str) {
+    let audit = s2.audit(pool, 0, 1 << 40).unwrap();
+    assert_eq!(
+        (audit.table_pages, audit.non_canonical, audit.miscounted),
+        (s2.stats().table_pages, None, None),
+        "{what}"
+    );
+}
+
+#[test]
+fn fragmented_tables_count_breaks_past_the_exact_range_and_still_merge() {
+    let mut tp = TestPool::new(64);
+    let mut s2 = new_stage2(&mut tp, 40, 3);
+    s2.map(
+        &mut tp.pool,
+        0,
+        M2,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    // The level-2 table that holds the 2M block.
+    let base = s2.stats().table_pages;
+    // Every other page shared: 511 breaks, past what the count holds.
+    for k in (0..512).step_by(2) {
+        s2.set_state(&mut tp.pool, k * K4, K4, PageState::SharedOwned)
+            .unwrap();
+        audit_clean(&s2, &tp.pool, &format!("share {k}"));
+    }
+    assert_eq!(s2.stats().table_pages, base + 1);
+    // The rest too, in an order that is neither up nor down: the table
+    // becomes uniformly shared and merges into a shared 2M block.
+    for k in (1..512).step_by(2).map(|k| (k * 37) % 512 | 1) {
+        s2.set_state(&mut tp.pool, k * K4, K4, PageState::SharedOwned)
+            .unwrap();
+        audit_clean(&s2, &tp.pool, &format!("share {k}"));
+    }
+    assert_eq!(s2.stats().table_pages, base);
+    assert_eq!(
+        mapped(&s2, &tp.pool, 0x1000),
+        (RAM + 0x1000, 2, PageState::SharedOwned)
+    );
+    // Back, one page at a time from the top: the first splits, the last
+    // merges again.
+    for k in (0..512).rev() {
+        s2.set_state(&mut tp.pool, k * K4, K4, PageState::Owned)
+            .unwrap();
+        audit_clean(&s2, &tp.pool, &format!("unshare {k}"));
+        assert_eq!(
+            s2.stats().table_pages,
+            base + usize::from(k != 0),
+            "unshare {k}"
+        );
+    }
+    assert_eq!(
+        mapped(&s2, &tp.pool, 0x1000),
+        (RAM + 0x1000, 2, PageState::Owned)
+    );
+    check_accounting(&s2, &tp.pool).unwrap();
+}
+
 #[test]
 fn unmap_records_annotation_and_merges_upwards() {
     let mut tp = TestPool::new(64);
@@ -310,11 +374,7 @@ fn attrs_change_every_level() {
             .any(|e| matches!(e, TlbEvent::Ipa { .. } | TlbEvent::Vmid(_))));
     }
     check_accounting(&s2, &tp.pool).unwrap();
-    let audit = s2.audit(&tp.pool, 0, 1 << 40).unwrap();
-    assert_eq!(
-        (audit.table_pages, audit.non_canonical),
-        (s2.stats().table_pages, None)
-    );
+    audit_clean(&s2, &tp.pool, "after the attribute changes");
 }
 
 #[test]
