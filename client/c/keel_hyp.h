@@ -62,10 +62,14 @@
 #define KEEL_FN_MEM_RELINQUISH		0xC6000009
 
 /*
- * keel extension, not in ABI 1.0 (for tests): the hypervisor's invariant
- * checker; KEEL_STATUS_DENIED with x1 = address of the first inconsistency.
+ * keel extensions, not in ABI 1.0, host only (for tests):
+ * KEEL_CHECK_INVARIANTS runs the hypervisor's invariant checker;
+ * KEEL_STATUS_DENIED with x1 = address of the first inconsistency.
+ * KEEL_TABLE_PAGES: x1 = 0 (the host's stage 2) or a VM handle; x1 on
+ * return = that stage 2's table pages, root included.
  */
 #define KEEL_FN_KEEL_CHECK_INVARIANTS	0xC60001F0
+#define KEEL_FN_KEEL_TABLE_PAGES	0xC60001F1
 
 /* The function number of an ID (its low 16 bits), as FEATURES bits count it. */
 #define KEEL_FN_NUM(id)			((id) & 0xFFFF)
@@ -441,6 +445,22 @@ static inline long keel_check_invariants(keel_u64 *addr)
 	keel_hvc(KEEL_FN_KEEL_CHECK_INVARIANTS, 0, 0, 0, 0, &r);
 	if ((long)r.a0 == KEEL_STATUS_DENIED)
 		*addr = r.a1;
+	return (long)r.a0;
+}
+
+/*
+ * KEEL_TABLE_PAGES (keel extension, for tests): *pages = the table pages,
+ * root included, of the host's stage 2 (which = 0) or of VM `which`'s
+ * (alive, or destroyed with pages still to reclaim);
+ * KEEL_STATUS_INVALID_PARAMETER for a handle without a VM.
+ */
+static inline long keel_table_pages(keel_u64 which, keel_u64 *pages)
+{
+	struct keel_hvc_res r;
+
+	keel_hvc(KEEL_FN_KEEL_TABLE_PAGES, which, 0, 0, 0, &r);
+	if ((long)r.a0 == KEEL_STATUS_SUCCESS)
+		*pages = r.a1;
 	return (long)r.a0;
 }
 

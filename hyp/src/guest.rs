@@ -138,7 +138,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             func::MEM_SHARE => VmOps::guest_share,
             func::MEM_UNSHARE => VmOps::guest_unshare,
             func::MEM_RELINQUISH => VmOps::guest_relinquish,
-            id if func::HOST_CALLS.contains(&id) || id == func::KEEL_CHECK_INVARIANTS => {
+            id if func::HOST_CALLS.contains(&id) || func::KEEL_CALLS.contains(&id) => {
                 vcpu.x[0] = status::NOT_SUPPORTED as u64;
                 return Action::Resume;
             }

@@ -2,7 +2,7 @@
 //! then memory: always taken in that order) and the dispatch of the host's
 //! hypercalls onto it.
 
-use keel_abi::{func, stat, status};
+use keel_abi::{func, owner, stat, status};
 use keel_mm::TlbMaintenance;
 use spin::Mutex;
 
@@ -97,6 +97,10 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
                     }
                 }
             },
+            func::KEEL_TABLE_PAGES => match Self::table_pages(&mem, g, a1) {
+                Ok(n) => Return::success(&[n]),
+                Err(e) => Return::status(e.status()),
+            },
             _ => {
                 let mut ops = VmOps {
                     vms: &mut vms,
@@ -141,6 +145,24 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
             stat::HYPERCALLS => stats.hypercalls.load(Relaxed),
             _ => return None,
         })
+    }
+
+    /// KEEL_TABLE_PAGES: the table pages, root included, of the stage 2 of
+    /// owner `which`, as MEM_STATE names owners: the host (0) or a VM (its
+    /// handle). A destroyed VM keeps its
+    /// slot, and its tables, until its last page is reclaimed: those are
+    /// reported too. A handle without a VM: INVALID_PARAMETER, as the VM
+    /// calls answer it.
+    fn table_pages(mem: &Memory<T, M>, vms: &Vms<G>, which: u64) -> Result<u64, CallError> {
+        let s = if which == owner::HOST {
+            mem.host.stats()
+        } else {
+            match &vms.slots[Vms::<G>::index(which)?] {
+                Slot::Used(vm) => vm.s2.stats(),
+                Slot::Free => return Err(CallError::Invalid),
+            }
+        };
+        Ok((s.root_pages + s.table_pages) as u64)
     }
 
     /// Whether the host stage 2 maps `ipa` now. A host stage-2 fault on such

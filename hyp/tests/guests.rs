@@ -280,6 +280,102 @@ fn donate_1g_share_one_page_unshare_restores_the_block() {
 }
 
 #[test]
+fn keel_table_pages_counts_each_stage2_of_a_1g_share() {
+    let _big = BIG.lock().unwrap_or_else(|e| e.into_inner());
+    let m = big();
+    let host = m.table_pages(0).expect("the host's stage 2");
+    let s = m.hyp.mem.lock().host.stats();
+    assert_eq!(host, (s.root_pages + s.table_pages) as u64);
+    assert!(host >= 2, "a 40-bit root is two concatenated pages");
+    let h = m.create(1);
+    assert_eq!(m.table_pages(h), Ok(1), "a new VM: its root alone");
+    let (pa, ipa) = (0x8000_0000u64, GIB);
+    assert_eq!(m.donate(h, pa, ipa, GIB / PAGE), OK);
+    assert_eq!(m.table_pages(h), Ok(1), "the 1G block sits in the root");
+    assert_eq!(
+        m.table_pages(0),
+        Ok(host),
+        "the host's block became one entry"
+    );
+    m.assert_table_pages_add_up("after VM_DONATE");
+    let total = m.stat(stat::TABLE_PAGES);
+
+    // MEM_SHARE of one page: the guest's block splits into an L2 and an L3
+    // table, and the host maps the page it now borrows through two tables.
+    let page = ipa + 0x1234_5000;
+    assert_eq!(m.guest_checked(slot(h), func::MEM_SHARE, page, 1), OK);
+    assert_eq!(m.table_pages(h), Ok(1 + 2));
+    assert_eq!(m.table_pages(0), Ok(host + 2));
+    assert_eq!(m.stat(stat::TABLE_PAGES), total + 4);
+    m.assert_table_pages_add_up("after MEM_SHARE");
+    assert_eq!(m.guest_checked(slot(h), func::MEM_UNSHARE, page, 1), OK);
+    assert_eq!(m.table_pages(h), Ok(1), "the 1G block is rebuilt");
+    assert_eq!(m.table_pages(0), Ok(host));
+    assert_eq!(m.stat(stat::TABLE_PAGES), total);
+
+    // Host only: a guest gets what it gets for the other host calls.
+    let (a, x) = m.guest_hvc(slot(h), func::KEEL_TABLE_PAGES, &[0]);
+    assert_eq!((a, x[0] as i64), (Action::Resume, NOT_SUPPORTED));
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(m.reclaim(pa, GIB / PAGE), OK);
+    assert_eq!(m.table_pages(h), Err(INVALID), "the slot is free");
+    assert_eq!(m.table_pages(0), Ok(host));
+}
+
+#[test]
+fn keel_table_pages_of_bad_handles_and_destroyed_vms() {
+    let m = Machine::small();
+    let (h, other) = (m.create(1), m.create(1));
+    let (a, b) = (FREE_2M, 0x4180_3000);
+    assert_eq!(m.donate(h, a, 0, 512), OK);
+    assert_eq!(m.donate(h, b, 0x100_0000, 20), OK);
+    let (root, below) = m.vm_tables(h);
+    let tables = (root + below) as u64;
+    assert_eq!(m.table_pages(h), Ok(tables));
+    assert_eq!(m.table_pages(other), Ok(1));
+    m.assert_table_pages_add_up("two VMs");
+
+    // A handle without a VM: INVALID_PARAMETER, and nothing changes, not
+    // even HYP_STATS 5 (the call is refused).
+    let handles = [h, other];
+    let before = m.snapshot(&handles, 2 * MIB2);
+    let hcalls = m.stat(stat::HYPERCALLS);
+    for bad in [
+        0xfff,
+        0x1002,
+        0x1000 + MAX_VMS as u64,
+        u64::MAX,
+        0x1_0000_1000,
+        1 << 63,
+    ] {
+        assert_eq!(
+            m.checked(func::KEEL_TABLE_PAGES, &[bad]),
+            INVALID,
+            "{bad:#x}"
+        );
+    }
+    // The invariant checks after them succeeded: 6 of them, and HYP_STATS.
+    assert_eq!(m.stat(stat::HYPERCALLS), hcalls + 6 + 1);
+    m.unchanged(&before, &handles, 2 * MIB2, "KEEL_TABLE_PAGES refused");
+
+    // Destroyed, its pages not yet reclaimed: the tables are still there.
+    let total = m.stat(stat::TABLE_PAGES);
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(m.table_pages(h), Ok(tables), "a destroyed VM's tables");
+    assert_eq!(m.stat(stat::TABLE_PAGES), total);
+    m.assert_table_pages_add_up("destroyed");
+    assert_eq!(m.reclaim(a, 512), OK);
+    assert!(m.table_pages(h).is_ok(), "20 pages still owed");
+    m.assert_table_pages_add_up("partly reclaimed");
+    assert_eq!(m.reclaim(b, 20), OK);
+    assert_eq!(m.table_pages(h), Err(INVALID), "the slot is free");
+    m.assert_table_pages_add_up("reclaimed");
+    // An empty VM is freed by VM_DESTROY at once.
+    assert_eq!(m.checked(func::VM_DESTROY, &[other]), OK);
+    assert_eq!(m.table_pages(other), Err(INVALID));
+}
+
+#[test]
 fn donate_2m_and_unaligned_ranges_use_the_largest_blocks() {
     let m = Machine::small();
     let h = m.create(1);
@@ -740,12 +836,10 @@ fn hypercall_exits_and_guest_calls() {
         guest(v, func::FEATURES, ESR_HVC).1,
         keel_abi::FEATURES_BITMAP
     );
-    for id in [
-        func::VM_CREATE,
-        func::MEM_STATE,
-        func::HOST_RECLAIM,
-        func::KEEL_CHECK_INVARIANTS,
-    ] {
+    for id in [func::VM_CREATE, func::MEM_STATE, func::HOST_RECLAIM]
+        .into_iter()
+        .chain(func::KEEL_CALLS)
+    {
         assert_eq!(
             guest(v, id, ESR_HVC),
             (Action::Resume, NOT_SUPPORTED as u64),

@@ -188,7 +188,7 @@ fn fragmented_tables_count_breaks_past_the_exact_range_and_still_merge() {
     assert_eq!(s2.stats().table_pages, base + 1);
     // The rest too, in an order that is neither up nor down: the table
     // becomes uniformly shared and merges into a shared 2M block.
-    for k in (1..512).step_by(2).map(|k| (k * 37) % 512 | 1) {
+    for k in (1..512).step_by(2).map(|k| ((k * 37) % 512) | 1) {
         s2.set_state(&mut tp.pool, k * K4, K4, PageState::SharedOwned)
             .unwrap();
         audit_clean(&s2, &tp.pool, &format!("share {k}"));

@@ -184,6 +184,10 @@ long keel_abi_check_calls(keel_u64 pfn, keel_u64 ipa, keel_u64 handle)
 	s += keel_host_unpin(pfn, 1);
 	s += keel_vm_destroy(handle);
 	s += keel_call_status(KEEL_FN_HYP_STATS, 0, 0, 0, 0);
+	/* keel extensions. */
+	s += keel_check_invariants(&value);
+	s += keel_table_pages(0, &value);
+	s += (long)value;
 
 	s += (long)keel_guest_hyp_meminfo();
 	s += keel_guest_mem_share(ipa, 0);

@@ -116,6 +116,14 @@ pub fn keel_check_invariants() -> Result<(), (Error, u64)> {
     r.ok().map(drop).map_err(|e| (e, r.0[1]))
 }
 
+/// KEEL_TABLE_PAGES (keel extension, not in ABI 1.0; for tests and
+/// benchmarks): the table pages, root included, of the host's stage 2
+/// (`which` = 0) or of VM `which`'s (alive, or destroyed with pages still
+/// to reclaim). `Err(InvalidParameter)` for a handle without a VM.
+pub fn keel_table_pages(which: u64) -> Result<u64, Error> {
+    Ok(call(func::KEEL_TABLE_PAGES, which, 0, 0, 0)?.0[1])
+}
+
 pub fn vm_create(nr_vcpus: u64) -> Result<u64, Error> {
     Ok(call(func::VM_CREATE, nr_vcpus, 0, 0, 0)?.0[1])
 }

@@ -37,6 +37,16 @@ pub mod func {
     /// checker. x0 = SUCCESS, or DENIED with x1 = address of the first
     /// inconsistency. For tests; costs a walk of every table.
     pub const KEEL_CHECK_INVARIANTS: u64 = 0xC600_01F0;
+    /// keel extension (not in ABI 1.0): x1 = 0 for the host's stage 2, or a
+    /// VM handle (a destroyed VM's too, until its last page is reclaimed).
+    /// x0 = SUCCESS with x1 = that stage 2's table pages, its root pages
+    /// included; INVALID_PARAMETER for a handle without a VM. For tests and
+    /// benchmarks: HYP_STATS 0 sums every table of the hypervisor.
+    pub const KEEL_TABLE_PAGES: u64 = 0xC600_01F1;
+
+    /// The keel extensions: host only, like [`HOST_CALLS`] (a guest gets
+    /// NOT_SUPPORTED).
+    pub const KEEL_CALLS: [u64; 2] = [KEEL_CHECK_INVARIANTS, KEEL_TABLE_PAGES];
 
     /// Every host-side function the contract defines, for tests that sweep them.
     pub const HOST_CALLS: [u64; 20] = [

@@ -212,7 +212,7 @@ fn check_status(imm: u64, id: u64, r: &Return) {
             func::HYP_MEMINFO | func::MEM_SHARE | func::MEM_UNSHARE | func::MEM_RELINQUISH => {
                 x0 as i64 == status::NOT_SUPPORTED
             }
-            id if func::HOST_CALLS.contains(&id) || id == func::KEEL_CHECK_INVARIANTS => is_status,
+            id if func::HOST_CALLS.contains(&id) || func::KEEL_CALLS.contains(&id) => is_status,
             _ => x0 as i64 == status::NOT_SUPPORTED,
         }
     };
@@ -310,7 +310,7 @@ impl Input<'_> {
 }
 
 /// IDs the decoder names by index.
-const IDS: [u64; 25] = [
+const IDS: [u64; 26] = [
     func::FEATURES,
     func::CALL_UID,
     func::REVISION,
@@ -336,10 +336,12 @@ const IDS: [u64; 25] = [
     func::HOST_PIN,
     func::HOST_UNPIN,
     func::KEEL_CHECK_INVARIANTS,
+    // Last, so that the corpus's earlier indices keep their meaning.
+    func::KEEL_TABLE_PAGES,
 ];
 
 /// Guest-side IDs (x0 of a trapped HVC or SMC).
-const GUEST_IDS: [u64; 12] = [
+const GUEST_IDS: [u64; 13] = [
     func::MEM_SHARE,
     func::MEM_UNSHARE,
     func::MEM_RELINQUISH,
@@ -352,6 +354,7 @@ const GUEST_IDS: [u64; 12] = [
     0x8400_0008, // PSCI SYSTEM_OFF
     0x8400_0009, // PSCI SYSTEM_RESET
     0xC600_0FFF,
+    func::KEEL_TABLE_PAGES,
 ];
 
 /// A fabricated syndrome for a guest trap.
@@ -530,6 +533,14 @@ impl Machine {
                     }
                     func::VM_UNSHARE => [inp.handle(), inp.ipa(), inp.nr(), 0, 0],
                     func::VM_MEM_STATE => [inp.handle(), inp.ipa(), 0, 0, 0],
+                    func::KEEL_TABLE_PAGES => {
+                        let which = if inp.byte().is_multiple_of(4) {
+                            0
+                        } else {
+                            inp.handle()
+                        };
+                        [which, 0, 0, 0, 0]
+                    }
                     _ => [inp.u64(), inp.u64(), 0, 0, 0],
                 };
                 self.host(0, id, args);

@@ -254,6 +254,32 @@ impl Machine {
         self.hyp.mem.lock().table_pages()
     }
 
+    /// KEEL_TABLE_PAGES of owner `which` (0: the host's stage 2, else a VM
+    /// handle): its table pages, root included, or the status.
+    pub fn table_pages(&self, which: u64) -> Result<u64, i64> {
+        let r = self.call(func::KEEL_TABLE_PAGES, &[which]);
+        match r.regs[0] as i64 {
+            status::SUCCESS => Ok(r.regs[1]),
+            s => Err(s),
+        }
+    }
+
+    /// HYP_STATS 0 is the sum of every stage 2 KEEL_TABLE_PAGES reports
+    /// (the host's and every VM slot's) and the hypervisor's stage 1.
+    pub fn assert_table_pages_add_up(&self, when: &str) {
+        let total = self.stat(keel_abi::stat::TABLE_PAGES);
+        let host = self.table_pages(0).expect("KEEL_TABLE_PAGES 0");
+        let vms: u64 = (0..keel_hyp::vm::MAX_VMS as u64)
+            .filter_map(|i| self.table_pages(keel_abi::VM_HANDLE_BASE + i).ok())
+            .sum();
+        let hyp = self.hyp.mem.lock().hyp.table_pages() as u64;
+        assert_eq!(
+            total,
+            host + vms + hyp,
+            "{when}: HYP_STATS 0 = {total}, host stage 2 {host} + VMs {vms} + stage 1 {hyp}"
+        );
+    }
+
     fn page_ptr(&self, pa: u64) -> *mut u8 {
         assert!(pa >= RAM_BASE && pa + PAGE <= self.cfg.ram_end());
         // SAFETY: inside the backing (checked above).

@@ -176,6 +176,13 @@ impl Model {
         self.live(i).then_some(i)
     }
 
+    /// The VM slot of `h`, live or dead (not free).
+    fn used_slot(&self, h: u64) -> Option<usize> {
+        let i = h.checked_sub(keel_abi::VM_HANDLE_BASE)?;
+        let i = usize::try_from(i).ok().filter(|&i| i < MAX_VMS)?;
+        (self.slots[i] != VmSlot::Free).then_some(i)
+    }
+
     /// ABI: nr > 0, no overflow, inside RAM.
     fn pfns(&self, pfn: u64, nr: u64) -> Option<std::ops::Range<u64>> {
         let end = pfn.checked_add(nr)?;
@@ -353,6 +360,15 @@ impl Model {
                 (Some(_), Some(_)) => want(OK),
                 _ => want(INVALID),
             },
+            // keel extension: the host's stage 2 (0) or a VM's, a dead VM's
+            // too while its slot is not free.
+            func::KEEL_TABLE_PAGES => {
+                if a1 == 0 || self.used_slot(a1).is_some() {
+                    want(OK)
+                } else {
+                    want(INVALID)
+                }
+            }
             func::HOST_PIN | func::HOST_UNPIN => {
                 let Some(r) = self.pfns(a1, a2) else {
                     return want(INVALID);
@@ -757,6 +773,7 @@ impl Driver<'_> {
                 func::HYP_MEMINFO,
                 func::VM_CREATE,
                 func::KEEL_CHECK_INVARIANTS,
+                func::KEEL_TABLE_PAGES,
                 0xC600_0042,
             ]);
             let ipa = self.ipa(Some(vm));
@@ -784,6 +801,7 @@ impl Driver<'_> {
             func::VM_MEM_STATE,
             func::HOST_PIN,
             func::HOST_UNPIN,
+            func::KEEL_TABLE_PAGES,
         ]);
         let mut a = [0u64; 4];
         match id {
@@ -820,6 +838,9 @@ impl Driver<'_> {
                 a[1] = if self.rng.chance(16) { 1 } else { 0 };
             }
             func::VM_DESTROY => a[0] = self.handle(),
+            func::KEEL_TABLE_PAGES => {
+                a[0] = if self.rng.chance(4) { 0 } else { self.handle() };
+            }
             func::VCPU_INIT => {
                 a = [
                     self.handle(),
@@ -953,7 +974,7 @@ impl Driver<'_> {
                             return Err(format!("HYP_MEMINFO: {action:?} {x:x?}"));
                         }
                     }
-                    func::VM_CREATE | func::KEEL_CHECK_INVARIANTS => {
+                    id if id == func::VM_CREATE || func::KEEL_CALLS.contains(&id) => {
                         if (action, x[0] as i64) != (Action::Resume, NOT_SUPPORTED) {
                             return Err(format!("a host call from a guest: {action:?} {x:x?}"));
                         }
@@ -970,9 +991,13 @@ impl Driver<'_> {
         // Queries change nothing: the checker runs after every other call,
         // refused ones included.
         let query = match op {
-            Op::Host { id, .. } => {
-                [func::MEM_STATE, func::VM_MEM_STATE, func::HYP_STATS].contains(&id)
-            }
+            Op::Host { id, .. } => [
+                func::MEM_STATE,
+                func::VM_MEM_STATE,
+                func::HYP_STATS,
+                func::KEEL_TABLE_PAGES,
+            ]
+            .contains(&id),
             Op::Guest { id, .. } => {
                 ![func::MEM_SHARE, func::MEM_UNSHARE, func::MEM_RELINQUISH].contains(&id)
             }
@@ -1018,6 +1043,11 @@ impl Driver<'_> {
                 self.check_guest_page(vm, a[1], (r[0], r[1], r[2]))
             }
             func::HYP_STATS => self.check_stat(a[0], r[0]),
+            // A stage 2 has at least its root.
+            func::KEEL_TABLE_PAGES if r[0] == 0 => Err(format!(
+                "KEEL_TABLE_PAGES {:#x}: no pages, not even a root",
+                a[0]
+            )),
             _ => Ok(()),
         }
     }
@@ -1097,6 +1127,31 @@ impl Driver<'_> {
             ));
         }
         self.check_stat(stat::HOST_ABORTS, self.m.stat(stat::HOST_ABORTS))?;
+        // Every stage 2 the model knows of, the dead VMs' included, and
+        // the hypervisor's stage 1 make up HYP_STATS 0.
+        let mut stage2s = 0;
+        for which in std::iter::once(0).chain((0..MAX_VMS).map(handle)) {
+            let r = self.m.call(func::KEEL_TABLE_PAGES, &[which]);
+            let got = r.regs[0] as i64;
+            let expected =
+                self.model
+                    .check_host(func::KEEL_TABLE_PAGES, [which, 0, 0, 0], &|_| false, true);
+            if expected & want(got) == 0 {
+                return Err(format!(
+                    "KEEL_TABLE_PAGES {which:#x}: status {got}, the model says {}",
+                    wants(expected)
+                ));
+            }
+            if got == OK {
+                stage2s += r.regs[1];
+            }
+        }
+        let stage1 = self.m.hyp.mem.lock().hyp.table_pages() as u64;
+        if stage2s + stage1 != tables {
+            return Err(format!(
+                "HYP_STATS 0 is {tables}, KEEL_TABLE_PAGES sum to {stage2s} and the stage 1 has {stage1}"
+            ));
+        }
         for vm in 0..MAX_VMS {
             let h = handle(vm);
             if !self.model.live(vm) {

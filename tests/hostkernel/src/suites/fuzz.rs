@@ -1,7 +1,7 @@
 //! `fuzz`: random hypercalls, seeded and reproducible.
 //!
 //! The host sends random calls of every ABI function (each ID of
-//! `keel_abi::func`, the guest calls, KEEL_CHECK_INVARIANTS, random IDs and
+//! `keel_abi::func`, the guest calls, the keel extensions, random IDs and
 //! non-zero HVC immediates) with random and edge-biased arguments: 0, 1,
 //! all ones, the ends of RAM, the hypervisor's hole, MMIO, this kernel's own
 //! pages, handles just past the last VM, bad vCPU indices, IPAs at the ends
@@ -107,8 +107,8 @@ const MAX_VMS: usize = 8;
 const MAX_VCPUS: usize = 4;
 const HANDLE_BASE: u64 = keel_abi::VM_HANDLE_BASE;
 
-/// Every function ID the ABI names, and the keel extension.
-const IDS: [u64; 25] = [
+/// Every function ID the ABI names, and the keel extensions.
+const IDS: [u64; 26] = [
     func::FEATURES,
     func::CALL_UID,
     func::REVISION,
@@ -134,6 +134,7 @@ const IDS: [u64; 25] = [
     func::HOST_PIN,
     func::HOST_UNPIN,
     func::KEEL_CHECK_INVARIANTS,
+    func::KEEL_TABLE_PAGES,
 ];
 
 fn call_name(id: u64) -> &'static str {
@@ -163,6 +164,7 @@ fn call_name(id: u64) -> &'static str {
         func::HOST_PIN => "HOST_PIN",
         func::HOST_UNPIN => "HOST_UNPIN",
         func::KEEL_CHECK_INVARIANTS => "KEEL_CHECK_INVARIANTS",
+        func::KEEL_TABLE_PAGES => "KEEL_TABLE_PAGES",
         _ => "?",
     }
 }
@@ -988,6 +990,22 @@ impl Fuzzer {
             func::VM_MEM_STATE => {
                 let (h, ipa) = (self.handle(), self.ipa());
                 self.call(id, [h, ipa, 0, 0, 0])?;
+            }
+            func::KEEL_TABLE_PAGES => {
+                // The host's stage 2 (0) always answers, and so does a
+                // live VM's; a dead VM's does until its last page is back.
+                let which = if self.rng.one_in(4) { 0 } else { self.handle() };
+                let r = self.call(id, [which, 0, 0, 0, 0])?;
+                let live = which
+                    .checked_sub(HANDLE_BASE)
+                    .filter(|&s| s < MAX_VMS as u64)
+                    .is_some_and(|s| self.vms[s as usize].live);
+                if (which == 0 || live) && (r.0[0] != 0 || r.0[1] == 0) {
+                    return Err(self.fail(format_args!(
+                        "KEEL_TABLE_PAGES of {:#x}: status {}, {} pages",
+                        which, r.0[0] as i64, r.0[1]
+                    )));
+                }
             }
             _ => {
                 // Discovery, guest calls, the invariant check, unknown IDs.

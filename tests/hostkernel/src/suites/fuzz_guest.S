@@ -15,8 +15,9 @@
  *     REPORTs (ipa, status | op << 16 | calls << 24 | nr << 32);
  *   a PSCI call through SMC (VERSION, FEATURES, CPU_ON, junk; rarely
  *     SYSTEM_OFF or SYSTEM_RESET);
- *   an HVC #0 with an ID from a table: host calls and KEEL_CHECK_INVARIANTS
- *     must return NOT_SUPPORTED (else ERROR), unknown IDs exit to the host;
+ *   an HVC #0 with an ID from a table: host calls and the keel extensions
+ *     (KEEL_CHECK_INVARIANTS, KEEL_TABLE_PAGES) must return NOT_SUPPORTED
+ *     (else ERROR), unknown IDs exit to the host;
  *   an HVC with a non-zero immediate: must return NOT_SUPPORTED;
  *   a load from the window at IPA 0x40_0000_0000 (FUZZ_WINDOW) that the
  *     host never gives any guest: it must be an MMIO exit, which the host
@@ -161,10 +162,10 @@ hvc_table:
     lsr     x3, x11, #20
     hvc     #0
     add     x25, x25, #1
-    /* entries 5..11 are host calls: NOT_SUPPORTED, nothing else */
+    /* entries 5..12 are host calls: NOT_SUPPORTED, nothing else */
     cmp     x12, #5
     b.lo    loop
-    cmp     x12, #11
+    cmp     x12, #12
     b.hi    loop
     cmn     x0, #1
     b.eq    loop
@@ -238,7 +239,7 @@ ids:
     .quad   0xc6000113                      /* 9 VCPU_RUN */
     .quad   0xc6000114                      /* 10 VM_DONATE */
     .quad   0xc60001f0                      /* 11 KEEL_CHECK_INVARIANTS */
-    .quad   0xc6000fff                      /* 12 unknown: exits */
+    .quad   0xc60001f1                      /* 12 KEEL_TABLE_PAGES */
     .quad   0x00000000                      /* 13 unknown: exits */
     .quad   0xc6000005                      /* 14 unknown guest number: exits */
     .quad   0                               /* 15 junk (from the generator) */
