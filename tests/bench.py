@@ -24,10 +24,12 @@ one instruction there, however long real hardware takes.
                                  (HYP_STATS 0 after VM_DONATE less after VM_CREATE, whose root
                                  is its one page; the host stage 2 only loses a 1G block)
   guest_convert_4k_table_pages   guest stage-2 tables added by the guest's MEM_SHARE of one
-                                 4K page inside its 1G block (measured as what VM_DESTROY frees,
-                                 less the root); guest_convert_4k_table_pages_all is all of
-                                 HYP_STATS 0's growth, the host stage 2's tables for the page
-                                 it now borrows included
+                                 4K page inside its 1G block (the keel extension
+                                 KEEL_TABLE_PAGES on the VM after MEM_SHARE less before: an L2
+                                 and an L3 table, so 2); guest_convert_4k_table_pages_all is all
+                                 of HYP_STATS 0's growth, the host stage 2's tables for the page
+                                 it now borrows included (KEEL_TABLE_PAGES 0, shown in the
+                                 suite's line)
   guest_revert_table_pages_delta HYP_STATS 0 after MEM_UNSHARE less before MEM_SHARE (0: both
                                  stage 2s are back to one block)
   guest_share_unshare_4k_ratio   MEM_SHARE + MEM_UNSHARE of that page, timed by the guest on

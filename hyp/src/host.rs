@@ -149,10 +149,9 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
 
     /// KEEL_TABLE_PAGES: the table pages, root included, of the stage 2 of
     /// owner `which`, as MEM_STATE names owners: the host (0) or a VM (its
-    /// handle). A destroyed VM keeps its
-    /// slot, and its tables, until its last page is reclaimed: those are
-    /// reported too. A handle without a VM: INVALID_PARAMETER, as the VM
-    /// calls answer it.
+    /// handle). A destroyed VM keeps its slot, and its tables, until its
+    /// last page is reclaimed: those are reported too. A handle without a
+    /// VM: INVALID_PARAMETER, as the VM calls answer it.
     fn table_pages(mem: &Memory<T, M>, vms: &Vms<G>, which: u64) -> Result<u64, CallError> {
         let s = if which == owner::HOST {
             mem.host.stats()
