@@ -573,7 +573,7 @@ impl<T: TlbMaintenance> Stage2<T> {
             self.geometry.root_entries(),
             true,
             // The root is never merged: its count is not kept.
-            0,
+            BREAKS_UNKNOWN,
         );
         self.tlb.publish_writes();
         // The plan is exact, but never keep a page it over-counted.
