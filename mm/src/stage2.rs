@@ -1136,20 +1136,27 @@ fn recount(pool: &PagePool, at: Slot, old: Pte, new: Pte, breaks: u8) -> u8 {
 }
 
 /// Fills the new table `table` with the subdivision of leaf `leaf` at
-/// `level`: the table is not linked yet, so plain stores do.
+/// `level`: the table is not linked yet, so plain stores do. Eight entries
+/// a step (four pair stores), as this is most of what a split costs.
 fn fill(pool: &PagePool, table: u64, leaf: Pte, level: u8) {
     let first = leaf.child(level, 0).0;
-    let step = if leaf.is_valid() {
-        level_size(level + 1)
-    } else {
-        0
-    };
-    let entries = pool.va(table) as *mut u64;
-    for j in 0..ENTRIES {
-        // SAFETY: `table` is a pool page of ours (see `entry`), not yet
-        // reachable by any walker; a valid leaf's output range lies below
-        // 2^48, so adding to the address field never carries out of it.
-        unsafe { entries.add(j).write(first + j as u64 * step) };
+    let entries = pool.va(table) as *mut [u64; 8];
+    if !leaf.is_valid() {
+        for j in 0..ENTRIES / 8 {
+            // SAFETY: `table` is a pool page of ours (see `entry`), 4 KiB
+            // aligned and not yet reachable by any walker.
+            unsafe { entries.add(j).write([first; 8]) };
+        }
+        return;
+    }
+    let step = level_size(level + 1);
+    let mut next = first;
+    for j in 0..ENTRIES / 8 {
+        let row = core::array::from_fn(|k| next + k as u64 * step);
+        // SAFETY: as above; a valid leaf's output range lies below 2^48,
+        // so adding to the address field never carries out of it.
+        unsafe { entries.add(j).write(row) };
+        next += 8 * step;
     }
 }
 

@@ -114,13 +114,21 @@ fn current() -> Option<(&'static Suite, &'static Test)> {
 
 /// Runs every test of `suite`, reports each, then `FINISHED`.
 pub fn run_suite(suite: &'static Suite, boot: &BootInfo) {
+    // `only=NAME` in the bootargs runs that one test (for profiling).
+    let only = boot.arg("only");
+    let chosen = || {
+        suite
+            .tests
+            .iter()
+            .filter(move |t| only.is_none_or(|o| o == t.name))
+    };
     crate::print!("plan {}:", suite.name);
-    for t in suite.tests {
+    for t in chosen() {
         crate::print!(" {}", t.name);
     }
     crate::println!();
     CURRENT_SUITE.store((suite as *const Suite).cast_mut(), Ordering::SeqCst);
-    for test in suite.tests {
+    for test in chosen() {
         CURRENT_TEST.store((test as *const Test).cast_mut(), Ordering::SeqCst);
         let result = (test.run)(boot);
         CURRENT_TEST.store(core::ptr::null_mut(), Ordering::SeqCst);
