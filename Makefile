@@ -54,7 +54,7 @@ test: deps test-host test-c test-fuzz-corpus test-qemu test-linux lint
 	@echo "make test: all passed"
 
 test-host:
-	cargo test --release --workspace
+	cargo test --profile hosttest --workspace
 
 # The C header compiles (user and kernel flavours) and matches the contract.
 test-c:
