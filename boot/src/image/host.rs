@@ -94,6 +94,11 @@ impl HypMmu for HwMmu {
     fn flush_dcache(&mut self, va: u64, len: u64) {
         keel_arch::cache::clean_invalidate(va as usize, len as usize);
     }
+    unsafe fn clear(&mut self, va: u64, len: u64) {
+        // SAFETY: forwarded contract (writable Normal memory of ours).
+        unsafe { keel_arch::cache::zero(va as usize, len as usize) };
+        keel_arch::cache::clean_invalidate(va as usize, len as usize);
+    }
     fn zero_page(&mut self, _pool: &PagePool, pa: u64) {
         let pte = self.fixmap_pte as *mut u64;
         // SAFETY: `pte` is the fixmap slot's descriptor in our stage 1; the
@@ -103,7 +108,7 @@ impl HypMmu for HwMmu {
         unsafe {
             pte.write_volatile(Stage1::page_descriptor(pa, Perm::ReadWrite));
             tlb::invalidate_el2_va(FIXMAP_VA);
-            core::ptr::write_bytes(FIXMAP_VA as *mut u8, 0, 4096);
+            keel_arch::cache::zero(FIXMAP_VA as usize, 4096);
             keel_arch::cache::clean_invalidate(FIXMAP_VA as usize, 4096);
             pte.write_volatile(0);
             tlb::invalidate_el2_va(FIXMAP_VA);
