@@ -243,9 +243,12 @@ impl Pte {
         ((self.0 & BREAKS_MASK) >> BREAKS_SHIFT) as u8
     }
 
-    /// This table descriptor with run-break count `n`. The count lives in
-    /// bits [58:51], which the walker ignores in a table descriptor, so
-    /// changing it needs no TLB maintenance.
+    /// This table descriptor with run-break count `n` (at most
+    /// [`BREAKS_UNKNOWN`]). The count lives in bits [58:52], which the
+    /// walker ignores in a table descriptor in every revision of the
+    /// architecture (bit 51 was RES0 in early ones), so changing it needs no
+    /// TLB maintenance. Nothing keel enables (hardware access/dirty flags)
+    /// writes these bits.
     pub(crate) fn with_breaks(self, n: u8) -> Self {
         Self((self.0 & !BREAKS_MASK) | (u64::from(n) << BREAKS_SHIFT))
     }
@@ -334,9 +337,9 @@ impl Pte {
 
 const SW_MASK: u64 = S2_DESC::SW_STATE.mask << S2_DESC::SW_STATE.shift;
 const ADDR_MASK: u64 = S2_DESC::ADDR.mask << S2_DESC::ADDR.shift;
-const BREAKS_SHIFT: u32 = 51;
-const BREAKS_MASK: u64 = 0xff << BREAKS_SHIFT;
+const BREAKS_SHIFT: u32 = 52;
+const BREAKS_MASK: u64 = 0x7f << BREAKS_SHIFT;
 
 /// A table descriptor's run-break count when it is not known exactly (it
 /// reached this value, or was never counted): recount before relying on it.
-pub(crate) const BREAKS_UNKNOWN: u8 = u8::MAX;
+pub(crate) const BREAKS_UNKNOWN: u8 = 0x7f;

@@ -859,11 +859,15 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// run-break count of `at`'s table.
     fn try_merge(&mut self, pool: &mut PagePool, at: Slot, pte: Pte, breaks: u8) -> u8 {
         let mut pte = pte;
-        if pte.breaks() == BREAKS_UNKNOWN {
-            pte = pte.with_breaks(count_breaks(pool, pte.addr(), at.level + 1));
+        // An unknown count stays unknown until the table has no break at
+        // all: finding the first break is enough to rule a merge out.
+        if pte.breaks() == BREAKS_UNKNOWN && !has_break(pool, pte.addr(), at.level + 1) {
+            pte = pte.with_breaks(0);
         }
-        // Only the software count changes: no TLB maintenance.
-        write(pool, at.table, at.index, pte);
+        if read(pool, at.table, at.index) != pte {
+            // Only the software count changes: no TLB maintenance.
+            write(pool, at.table, at.index, pte);
+        }
         if pte.breaks() != 0 {
             return breaks;
         }
@@ -1114,6 +1118,18 @@ fn count_breaks(pool: &PagePool, table: u64, level: u8) -> u8 {
         prev = pte;
     }
     n
+}
+
+/// Whether any two neighbouring entries of table `table` at `level` break
+/// a run (stops at the first).
+fn has_break(pool: &PagePool, table: u64, level: u8) -> bool {
+    let mut prev = read(pool, table, 0);
+    (1..ENTRIES).any(|j| {
+        let pte = read(pool, table, j);
+        let broken = !continues(prev, pte, level);
+        prev = pte;
+        broken
+    })
 }
 
 /// The breaks entry `at` takes part in, were it `pte`.

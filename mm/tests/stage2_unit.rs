@@ -218,6 +218,63 @@ fn fragmented_tables_count_breaks_past_the_exact_range_and_still_merge() {
 }
 
 #[test]
+fn a_table_past_the_count_with_subtables_is_freed_whole() {
+    let mut tp = TestPool::new(1100);
+    let mut s2 = new_stage2(&mut tp, 40, 3);
+    s2.map(
+        &mut tp.pool,
+        G1,
+        G1,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    // Entry 0 of the level-2 table stays a 2M block; the 511 others each
+    // hold a level-3 table: 511 breaks, an unknown count, over subtables.
+    for k in 1..512 {
+        s2.set_state(&mut tp.pool, G1 + k * M2 + K4, K4, PageState::SharedOwned)
+            .unwrap();
+    }
+    assert_eq!(s2.stats().table_pages, 512);
+    audit_clean(&s2, &tp.pool, "511 subtables");
+    // Unmapping the GiB replaces the whole table: every subtable must be
+    // freed and every translation invalidated.
+    s2.tlb_mut().events.clear();
+    s2.unmap(&mut tp.pool, G1, G1, Annotation(9)).unwrap();
+    assert_eq!(s2.stats().table_pages, 0);
+    assert!(s2.tlb().events.contains(&TlbEvent::Vmid(3)));
+    audit_clean(&s2, &tp.pool, "after the unmap");
+    check_accounting(&s2, &tp.pool).unwrap();
+    // Again, reverting one subtable at a time: the last revert merges the
+    // table back into the 1G block.
+    s2.map(
+        &mut tp.pool,
+        G1,
+        G1,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    for k in 1..512 {
+        s2.set_state(&mut tp.pool, G1 + k * M2 + K4, K4, PageState::SharedOwned)
+            .unwrap();
+    }
+    for k in 1..512 {
+        s2.set_state(&mut tp.pool, G1 + k * M2 + K4, K4, PageState::Owned)
+            .unwrap();
+        audit_clean(&s2, &tp.pool, &format!("revert {k}"));
+    }
+    assert_eq!(s2.stats().table_pages, 0);
+    assert_eq!(
+        mapped(&s2, &tp.pool, G1 + K4),
+        (RAM + K4, 1, PageState::Owned)
+    );
+    check_accounting(&s2, &tp.pool).unwrap();
+}
+
+#[test]
 fn unmap_records_annotation_and_merges_upwards() {
     let mut tp = TestPool::new(64);
     let mut s2 = new_stage2(&mut tp, 48, 1);
