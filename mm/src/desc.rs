@@ -341,5 +341,6 @@ const BREAKS_SHIFT: u32 = 52;
 const BREAKS_MASK: u64 = 0x7f << BREAKS_SHIFT;
 
 /// A table descriptor's run-break count when it is not known exactly (it
-/// reached this value, or was never counted): recount before relying on it.
+/// reached this value, or was never counted): it is not kept up, and only
+/// a scan of the table can tell that it fell to 0.
 pub(crate) const BREAKS_UNKNOWN: u8 = 0x7f;

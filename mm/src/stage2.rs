@@ -861,7 +861,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         let mut pte = pte;
         // An unknown count stays unknown until the table has no break at
         // all: finding the first break is enough to rule a merge out.
-        if pte.breaks() == BREAKS_UNKNOWN && !has_break(pool, pte.addr(), at.level + 1) {
+        if pte.breaks() == BREAKS_UNKNOWN && count_breaks(pool, pte.addr(), at.level + 1, 1) == 0 {
             pte = pte.with_breaks(0);
         }
         if read(pool, at.table, at.index) != pte {
@@ -1102,16 +1102,16 @@ fn continues(prev: Pte, next: Pte, level: u8) -> bool {
 }
 
 /// The run-break count of table `table` at `level`: how many of its
-/// neighbouring entries do not continue each other, up to
-/// [`BREAKS_UNKNOWN`] (which then means "at least that many").
-fn count_breaks(pool: &PagePool, table: u64, level: u8) -> u8 {
+/// neighbouring entries do not continue each other, counting stopped at
+/// `cap` (which then means "at least that many").
+fn count_breaks(pool: &PagePool, table: u64, level: u8, cap: u8) -> u8 {
     let mut n = 0u8;
     let mut prev = read(pool, table, 0);
     for j in 1..ENTRIES {
         let pte = read(pool, table, j);
         if !continues(prev, pte, level) {
             n += 1;
-            if n == BREAKS_UNKNOWN {
+            if n == cap {
                 break;
             }
         }
@@ -1120,34 +1120,20 @@ fn count_breaks(pool: &PagePool, table: u64, level: u8) -> u8 {
     n
 }
 
-/// Whether any two neighbouring entries of table `table` at `level` break
-/// a run (stops at the first).
-fn has_break(pool: &PagePool, table: u64, level: u8) -> bool {
-    let mut prev = read(pool, table, 0);
-    (1..ENTRIES).any(|j| {
-        let pte = read(pool, table, j);
-        let broken = !continues(prev, pte, level);
-        prev = pte;
-        broken
-    })
-}
-
-/// The breaks entry `at` takes part in, were it `pte`.
-fn breaks_around(pool: &PagePool, at: Slot, pte: Pte) -> u8 {
-    let before = at.index > 0 && !continues(read(pool, at.table, at.index - 1), pte, at.level);
-    let after =
-        at.index + 1 < at.entries && !continues(pte, read(pool, at.table, at.index + 1), at.level);
-    u8::from(before) + u8::from(after)
-}
-
 /// `breaks`, the run-break count of `at`'s table, once entry `at` changes
 /// from `old` to `new` (its neighbours as they are now).
 fn recount(pool: &PagePool, at: Slot, old: Pte, new: Pte, breaks: u8) -> u8 {
     if breaks == BREAKS_UNKNOWN {
         return breaks;
     }
-    let n = u16::from(breaks) + u16::from(breaks_around(pool, at, new))
-        - u16::from(breaks_around(pool, at, old));
+    let prev = (at.index > 0).then(|| read(pool, at.table, at.index - 1));
+    let next = (at.index + 1 < at.entries).then(|| read(pool, at.table, at.index + 1));
+    // The breaks entry `at` takes part in, were it `pte`.
+    let around = |pte: Pte| {
+        u16::from(prev.is_some_and(|p| !continues(p, pte, at.level)))
+            + u16::from(next.is_some_and(|n| !continues(pte, n, at.level)))
+    };
+    let n = u16::from(breaks) + around(new) - around(old);
     n.min(u16::from(BREAKS_UNKNOWN)) as u8
 }
 
@@ -1273,15 +1259,15 @@ fn audit_table(
         let entry_base = base + ((i as u64) << level_shift(level));
         if pte.is_table(level) {
             audit.table_pages += 1;
-            let breaks = count_breaks(pool, pte.addr(), level + 1);
+            let breaks = count_breaks(pool, pte.addr(), level + 1, BREAKS_UNKNOWN);
             if audit.non_canonical.is_none()
                 && breaks == 0
                 && merged_leaf(read(pool, pte.addr(), 0), level).is_some()
             {
                 audit.non_canonical = Some((entry_base, level + 1));
             }
-            // The stored count is exact, or "unknown" (only recounted
-            // when the engine next needs it).
+            // The stored count is exact, or "unknown" (not kept up once
+            // reached, until the table has no break at all).
             if audit.miscounted.is_none()
                 && pte.breaks() != breaks
                 && pte.breaks() != BREAKS_UNKNOWN

@@ -108,8 +108,7 @@ impl HypMmu for HwMmu {
         unsafe {
             pte.write_volatile(Stage1::page_descriptor(pa, Perm::ReadWrite));
             tlb::invalidate_el2_va(FIXMAP_VA);
-            keel_arch::cache::zero(FIXMAP_VA as usize, 4096);
-            keel_arch::cache::clean_invalidate(FIXMAP_VA as usize, 4096);
+            self.clear(FIXMAP_VA, 4096);
             pte.write_volatile(0);
             tlb::invalidate_el2_va(FIXMAP_VA);
         }
