@@ -66,8 +66,8 @@ fn is_psci(id: u64) -> bool {
     matches!(id, 0x8400_0000..=0x8400_001F | 0xC400_0000..=0xC400_001F)
 }
 
-fn set_status(vcpu: &mut Vcpu, r: Result<(), CallError>) {
-    vcpu.x[0] = match r {
+fn set_status(x: &mut [u64; 31], r: Result<(), CallError>) {
+    x[0] = match r {
         Ok(()) => status::SUCCESS as u64,
         Err(e) => e.status() as u64,
     };
@@ -77,6 +77,23 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
     /// Handles a trap from vCPU `vcpu` of VM slot `slot`. The vCPU's
     /// registers (pc = ELR_EL2 of the trap) are in `vcpu`.
     pub fn guest_trap(&self, slot: usize, vcpu: &mut Vcpu, trap: &Trap) -> Action {
+        let mut x = vcpu.x;
+        let action = self.guest_trap_in(slot, vcpu, &mut x, trap);
+        vcpu.x = x;
+        action
+    }
+
+    /// [`guest_trap`](Self::guest_trap) with the general registers where
+    /// the trap left them (`x`, e.g. the trap frame), not in `x`,
+    /// which this neither reads nor writes: a call answered in place needs
+    /// no copy of the registers either way.
+    pub fn guest_trap_in(
+        &self,
+        slot: usize,
+        vcpu: &mut Vcpu,
+        x: &mut [u64; 31],
+        trap: &Trap,
+    ) -> Action {
         let esr = Esr(trap.esr);
         match trap.kind {
             TrapKind::Irq => return Action::Exit([exit::IRQ, 0, 0, 0]),
@@ -91,13 +108,13 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             return Action::Resume;
         }
         match esr.ec() {
-            ec::HVC64 => self.guest_hvc(slot, vcpu, esr.imm16()),
+            ec::HVC64 => self.guest_hvc(slot, vcpu, x, esr.imm16()),
             ec::SMC64 => {
                 // A trapped SMC returns to itself: step over it.
                 vcpu.pc += 4;
-                self.guest_psci(slot, vcpu)
+                self.guest_psci(slot, x)
             }
-            ec::DABT_LOWER => self.guest_data_abort(vcpu, trap),
+            ec::DABT_LOWER => self.guest_data_abort(vcpu, x, trap),
             ec::SYSREG if is_set_way_maintenance(trap.esr) => {
                 // Caches are coherent for everything keel maps, and a guest
                 // must not invalidate lines by set/way that could hold the
@@ -114,39 +131,39 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         Action::Exit([exit::FAULT, esr, 0, 0])
     }
 
-    fn guest_hvc(&self, slot: usize, vcpu: &mut Vcpu, imm: u64) -> Action {
+    fn guest_hvc(&self, slot: usize, vcpu: &mut Vcpu, x: &mut [u64; 31], imm: u64) -> Action {
         let call = Call {
-            id: vcpu.x[0],
-            args: [vcpu.x[1], vcpu.x[2], vcpu.x[3], vcpu.x[4], vcpu.x[5]],
+            id: x[0],
+            args: [x[1], x[2], x[3], x[4], x[5]],
         };
         if imm != 0 {
-            vcpu.x[0] = status::NOT_SUPPORTED as u64;
+            x[0] = status::NOT_SUPPORTED as u64;
             return Action::Resume;
         }
         if let Some(ret) = hvc::discovery(&call, &self.limits) {
             self.stats.count_hypercall();
-            ret.apply(&mut vcpu.x);
+            ret.apply(x);
             return Action::Resume;
         }
         let [ipa, nr, ..] = call.args;
         let op = match call.id {
             func::HYP_MEMINFO => {
                 self.stats.count_hypercall();
-                Return::raw(&[keel_abi::GRANULE]).apply(&mut vcpu.x);
+                Return::raw(&[keel_abi::GRANULE]).apply(x);
                 return Action::Resume;
             }
             func::MEM_SHARE => VmOps::guest_share,
             func::MEM_UNSHARE => VmOps::guest_unshare,
             func::MEM_RELINQUISH => VmOps::guest_relinquish,
             id if func::HOST_CALLS.contains(&id) || func::KEEL_CALLS.contains(&id) => {
-                vcpu.x[0] = status::NOT_SUPPORTED as u64;
+                x[0] = status::NOT_SUPPORTED as u64;
                 return Action::Resume;
             }
             // PSCI through HVC, the conduit pKVM and KVM guests are given.
-            id if is_psci(id) => return self.guest_psci(slot, vcpu),
+            id if is_psci(id) => return self.guest_psci(slot, x),
             id => {
                 vcpu.pending = Pending::Hypercall;
-                return Action::Exit([exit::HYPERCALL, id, vcpu.x[1], vcpu.x[2]]);
+                return Action::Exit([exit::HYPERCALL, id, x[1], x[2]]);
             }
         };
         let r = {
@@ -165,12 +182,12 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         if r.is_ok() {
             self.stats.count_hypercall();
         }
-        set_status(vcpu, r);
+        set_status(x, r);
         Action::Resume
     }
 
-    fn guest_psci(&self, slot: usize, vcpu: &mut Vcpu) -> Action {
-        let fid = vcpu.x[0] as u32;
+    fn guest_psci(&self, slot: usize, x: &mut [u64; 31]) -> Action {
+        let fid = x[0] as u32;
         match fid {
             psci::SYSTEM_OFF | psci::SYSTEM_RESET => {
                 let how = u64::from(fid == psci::SYSTEM_RESET);
@@ -180,7 +197,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 Action::Exit([exit::SYSTEM_OFF, how, 0, 0])
             }
             psci::VERSION => {
-                vcpu.x[0] = 0x1_0000;
+                x[0] = 0x1_0000;
                 Action::Resume
             }
             psci::FEATURES => {
@@ -190,7 +207,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                     psci::SYSTEM_OFF,
                     psci::SYSTEM_RESET,
                 ];
-                vcpu.x[0] = if known.contains(&(vcpu.x[1] as u32)) {
+                x[0] = if known.contains(&(x[1] as u32)) {
                     0
                 } else {
                     psci::NOT_SUPPORTED as u64
@@ -198,7 +215,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 Action::Resume
             }
             _ => {
-                vcpu.x[0] = psci::NOT_SUPPORTED as u64;
+                x[0] = psci::NOT_SUPPORTED as u64;
                 Action::Resume
             }
         }
@@ -206,7 +223,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
 
     /// A stage-2 fault on an IPA the guest has no memory at is an MMIO
     /// access for the host to emulate, when the syndrome describes it.
-    fn guest_data_abort(&self, vcpu: &mut Vcpu, trap: &Trap) -> Action {
+    fn guest_data_abort(&self, vcpu: &mut Vcpu, x: &[u64; 31], trap: &Trap) -> Action {
         let esr = Esr(trap.esr);
         let translation_or_access = matches!(esr.fsc(), 0x04..=0x0b);
         if !translation_or_access || !esr.isv() {
@@ -217,7 +234,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         let reg = esr.srt() as u8;
         let write = esr.is_write();
         let value = if write && reg < 31 {
-            let v = vcpu.x[reg as usize];
+            let v = x[reg as usize];
             if size >= 8 {
                 v
             } else {

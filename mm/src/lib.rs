@@ -18,7 +18,7 @@ pub mod tlb;
 
 pub use desc::{Annotation, MemType, PageState, S2Attrs, Shareability};
 pub use pool::{PagePool, PAGE_SIZE};
-pub use stage2::{Audit, Geometry, Leaf, LeafKind, Stage2, Stage2Stats};
+pub use stage2::{Audit, Change, Geometry, Leaf, LeafKind, PageWalk, Stage2, Stage2Stats};
 pub use tlb::{NoTlb, TlbMaintenance, Vmid};
 
 /// Why a memory-management request was refused. On any error nothing changed.
@@ -46,4 +46,6 @@ pub enum MmError {
     Destroyed,
     /// An argument outside its domain (e.g. a pool allocation size).
     InvalidArgument,
+    /// A [`stage2::PageWalk`] used after its stage 2 changed.
+    Stale,
 }

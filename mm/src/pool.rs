@@ -33,6 +33,20 @@ const ORDER: usize = 32;
 /// concatenated stage-2 root of 16 tables needs 64 KiB alignment).
 pub const MAX_CONTIGUOUS_PAGES: usize = 16;
 
+/// Tables a merge freed, kept whole for the next split of the same leaf.
+pub const STASH_ENTRIES: usize = 8;
+
+/// A free page that still holds the subdivision of one leaf (a table a
+/// merge made redundant): a split of that same leaf takes it as it is
+/// instead of writing 512 entries again.
+#[derive(Clone, Copy)]
+struct Stashed {
+    pa: u64,
+    /// The leaf descriptor the table subdivides, and its level.
+    leaf: u64,
+    level: u8,
+}
+
 /// Hands out distinct pool identities so that a page-table owner can refuse
 /// a pool that is not the one its tables came from.
 static NEXT_POOL_ID: AtomicU32 = AtomicU32::new(1);
@@ -53,6 +67,11 @@ pub struct PagePool {
     /// available right now.
     reserve: usize,
     reserve_open: bool,
+    /// Free pages that are out of the heap and the donated table while
+    /// they hold a merged table's entries, oldest first. They count as
+    /// free: any allocation the rest of the pool cannot serve takes them.
+    stash: [Stashed; STASH_ENTRIES],
+    stashed: usize,
 }
 
 impl PagePool {
@@ -72,6 +91,12 @@ impl PagePool {
             donated: None,
             reserve: 0,
             reserve_open: false,
+            stash: [Stashed {
+                pa: 0,
+                leaf: 0,
+                level: 0,
+            }; STASH_ENTRIES],
+            stashed: 0,
         })
     }
 
@@ -148,9 +173,82 @@ impl PagePool {
             }
         }
         let layout = Self::layout(pages)?;
-        let ptr = self.heap.alloc(layout).map_err(|_| MmError::NoMemory)?;
+        let ptr = match self.heap.alloc(layout) {
+            Ok(ptr) => ptr,
+            // The rest of the free pages are in the stash: the oldest one
+            // does for a single page; a larger block may need them all back
+            // in the heap to form.
+            Err(_) if pages == 1 && self.stashed > 0 => {
+                let pa = self.stash[0].pa;
+                self.unstash(0);
+                self.free_pages -= 1;
+                return Ok(pa);
+            }
+            Err(_) if self.stashed > 0 => {
+                self.flush_stash();
+                self.heap.alloc(layout).map_err(|_| MmError::NoMemory)?
+            }
+            Err(_) => return Err(MmError::NoMemory),
+        };
         self.free_pages -= pages;
         Ok((ptr.as_ptr() as usize).wrapping_sub(self.va_offset) as u64)
+    }
+
+    /// Frees table page `pa`, which holds exactly the subdivision of leaf
+    /// descriptor `leaf` at `level` (what splitting it writes), keeping
+    /// its contents for [`take_split`](Self::take_split). The oldest
+    /// stashed page goes back to the heap if the stash is full.
+    ///
+    /// # Safety
+    /// As for [`free`](Self::free); the contents must be as said, and
+    /// nothing may write the page afterwards.
+    pub unsafe fn free_split(&mut self, pa: u64, leaf: u64, level: u8) {
+        if self.stashed == STASH_ENTRIES {
+            let oldest = self.stash[0].pa;
+            self.unstash(0);
+            // SAFETY: a stashed page is a free page of this pool.
+            unsafe { self.release(oldest, 1) };
+        }
+        self.stash[self.stashed] = Stashed { pa, leaf, level };
+        self.stashed += 1;
+        self.free_pages += 1;
+    }
+
+    /// A free page holding the subdivision of leaf descriptor `leaf` at
+    /// `level`, if a merge left one: allocated, like `alloc_uninit`. The
+    /// caller has checked that `free_pages` covers it.
+    pub(crate) fn take_split(&mut self, leaf: u64, level: u8) -> Option<u64> {
+        let i = (0..self.stashed)
+            .rev()
+            .find(|&i| self.stash[i].leaf == leaf && self.stash[i].level == level)?;
+        let pa = self.stash[i].pa;
+        self.unstash(i);
+        self.free_pages -= 1;
+        Some(pa)
+    }
+
+    /// Free pages kept in the stash.
+    pub fn stashed(&self) -> usize {
+        self.stashed
+    }
+
+    fn unstash(&mut self, i: usize) {
+        self.stash.copy_within(i + 1..self.stashed, i);
+        self.stashed -= 1;
+    }
+
+    fn is_stashed(&self, pa: u64) -> bool {
+        self.stash[..self.stashed].iter().any(|s| s.pa == pa)
+    }
+
+    /// Puts every stashed page back in the heap or the donated table.
+    fn flush_stash(&mut self) {
+        while self.stashed > 0 {
+            let pa = self.stash[self.stashed - 1].pa;
+            self.stashed -= 1;
+            // SAFETY: a stashed page is a free page of this pool.
+            unsafe { self.release(pa, 1) };
+        }
     }
 
     /// Gives the pool a table of donated pages to keep (once, at boot).
@@ -158,14 +256,20 @@ impl PagePool {
         self.donated = Some(table);
     }
 
-    /// Whether `pfn` is a donated page, and if so whether it is in use.
+    /// Whether `pfn` is a donated page, and if so whether it is in use (a
+    /// stashed page is free).
     pub fn donated_in_use(&self, pfn: u64) -> Option<bool> {
-        self.donated.as_ref()?.lookup(pfn)
+        let in_use = self.donated.as_ref()?.lookup(pfn)?;
+        Some(in_use && !self.is_stashed(pfn << PAGE_SHIFT))
     }
 
     /// Every donated page and whether it is in use.
     pub fn donated_pages(&self) -> impl Iterator<Item = (u64, bool)> + '_ {
-        self.donated.as_deref().into_iter().flat_map(|d| d.iter())
+        self.donated
+            .as_deref()
+            .into_iter()
+            .flat_map(|d| d.iter())
+            .map(|(pfn, in_use)| (pfn, in_use && !self.is_stashed(pfn << PAGE_SHIFT)))
     }
 
     /// The donated pages as runs of consecutive frame numbers: (first
@@ -201,6 +305,22 @@ impl PagePool {
     /// Takes `nr` free donated pages from `pfn` out of the pool (for the
     /// host to reclaim); refused if any is not donated or in use.
     pub fn reclaim_donated(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
+        if self.donated.is_none() {
+            return Err(MmError::InvalidArgument);
+        }
+        // Stashed pages of the range are free: back in the table first.
+        let range = pfn << PAGE_SHIFT..pfn.saturating_add(nr) << PAGE_SHIFT;
+        let mut i = 0;
+        while i < self.stashed {
+            let pa = self.stash[i].pa;
+            if range.contains(&pa) {
+                self.unstash(i);
+                // SAFETY: a stashed page is a free page of this pool.
+                unsafe { self.release(pa, 1) };
+            } else {
+                i += 1;
+            }
+        }
         let table = self.donated.as_mut().ok_or(MmError::InvalidArgument)?;
         table.remove(pfn, nr).map_err(donated_err)?;
         self.total_pages -= nr as usize;
@@ -223,23 +343,35 @@ impl PagePool {
     /// # Safety
     /// As for [`free`](Self::free), with the same `pages` as the allocation.
     pub unsafe fn free_contiguous(&mut self, pa: u64, pages: usize) {
+        // SAFETY: forwarded contract.
+        if unsafe { self.release(pa, pages) } {
+            self.free_pages += pages;
+        }
+    }
+
+    /// Puts pages back in the donated table or the heap without counting
+    /// them (a stashed page is counted free already); false if `pages` is
+    /// not a valid allocation size.
+    ///
+    /// # Safety
+    /// As for [`free_contiguous`](Self::free_contiguous).
+    unsafe fn release(&mut self, pa: u64, pages: usize) -> bool {
         if pages == 1
             && self
                 .donated
                 .as_mut()
                 .is_some_and(|d| d.give_back(pa >> PAGE_SHIFT))
         {
-            self.free_pages += 1;
-            return;
+            return true;
         }
         let Ok(layout) = Self::layout(pages) else {
-            return;
+            return false;
         };
         let Some(ptr) = NonNull::new(self.va(pa)) else {
-            return;
+            return false;
         };
         self.heap.dealloc(ptr, layout);
-        self.free_pages += pages;
+        true
     }
 
     fn layout(pages: usize) -> Result<Layout, MmError> {
@@ -304,6 +436,7 @@ impl core::fmt::Debug for PagePool {
             .field("id", &self.id)
             .field("total_pages", &self.total_pages)
             .field("free_pages", &self.free_pages)
+            .field("stashed", &self.stashed)
             .finish()
     }
 }

@@ -268,44 +268,41 @@ enum Source {
     Split(Pte, u8),
 }
 
-/// Pages taken from the pool for one change, threaded through their first
-/// word.
+/// The table pages one change may take from the pool. The commit holds the
+/// pool exclusively from the check to the end and frees pages but never
+/// allocates beyond the count, and a single page can always be allocated
+/// while the pool counts one free: so checking the count reserves them,
+/// and a split takes its page when it happens (from the stash, with its
+/// entries already written, when a merge left the same table).
 struct Reserve {
-    head: Option<u64>,
+    pages: usize,
 }
 
 impl Reserve {
-    fn take(pool: &mut PagePool, pages: usize) -> Result<Self, MmError> {
-        let mut reserve = Reserve { head: None };
-        for _ in 0..pages {
-            match pool.alloc_uninit() {
-                Ok(pa) => {
-                    // SAFETY: `pa` is a pool page we just allocated.
-                    unsafe { (pool.va(pa) as *mut u64).write(reserve.head.unwrap_or(u64::MAX)) };
-                    reserve.head = Some(pa);
-                }
-                Err(e) => {
-                    reserve.release(pool);
-                    return Err(e);
-                }
-            }
+    fn take(pool: &PagePool, pages: usize) -> Result<Self, MmError> {
+        if pool.free_pages() < pages {
+            return Err(MmError::NoMemory);
         }
-        Ok(reserve)
+        Ok(Reserve { pages })
     }
 
-    fn pop(&mut self, pool: &PagePool) -> Option<u64> {
-        let pa = self.head?;
-        // SAFETY: reserved pages are ours and hold the next link.
-        let next = unsafe { (pool.va(pa) as *const u64).read() };
-        self.head = (next != u64::MAX).then_some(next);
-        Some(pa)
-    }
-
-    fn release(&mut self, pool: &mut PagePool) {
-        while let Some(pa) = self.pop(pool) {
-            // SAFETY: the page came from this pool and is no longer used.
-            unsafe { pool.free(pa) };
+    /// A table page holding the subdivision of leaf `leaf` at `level`.
+    fn table_for(&mut self, pool: &mut PagePool, leaf: Pte, level: u8) -> u64 {
+        // The plan counts exactly the splits the commit makes.
+        assert!(
+            self.pages > 0,
+            "stage-2 commit needs a table page the plan did not reserve"
+        );
+        self.pages -= 1;
+        if let Some(pa) = pool.take_split(leaf.0, level) {
+            debug_assert!((0..ENTRIES).all(|i| read(pool, pa, i) == leaf.child(level, i)));
+            return pa;
         }
+        let pa = pool
+            .alloc_uninit()
+            .expect("a reserved table page could not be allocated");
+        fill(pool, pa, leaf, level);
+        pa
     }
 }
 
@@ -355,6 +352,9 @@ pub struct Stage2<T: TlbMaintenance> {
     root: u64,
     pool_id: u32,
     destroyed: bool,
+    /// Changes so far (wrapping): a [`PageWalk`] is only used while it
+    /// equals the walk's.
+    generation: u64,
     tlb: T,
     stats: Stage2Stats,
 }
@@ -374,6 +374,7 @@ impl<T: TlbMaintenance> Stage2<T> {
             root,
             pool_id: pool.id(),
             destroyed: false,
+            generation: 0,
             tlb,
             stats: Stage2Stats {
                 root_pages: geometry.root_pages,
@@ -558,6 +559,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         self.check_pool(pool)?;
         let pages = self.plan_from_root(pool, change, start, end)?;
         let mut reserve = Reserve::take(pool, pages)?;
+        self.generation = self.generation.wrapping_add(1);
         let mut walk = Commit {
             pool,
             reserve: &mut reserve,
@@ -576,8 +578,6 @@ impl<T: TlbMaintenance> Stage2<T> {
             BREAKS_UNKNOWN,
         );
         self.tlb.publish_writes();
-        // The plan is exact, but never keep a page it over-counted.
-        reserve.release(pool);
         Ok(())
     }
 
@@ -717,12 +717,7 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// entries with the change already applied, then installs it with
     /// break-before-make. Returns the run-break count of `at`'s table.
     fn split(&mut self, walk: &mut Commit<'_>, at: Slot, pte: Pte, live: bool, breaks: u8) -> u8 {
-        let new_table = match walk.reserve.pop(walk.pool) {
-            Some(pa) => pa,
-            // The plan counts exactly the splits the commit makes.
-            None => panic!("stage-2 commit needs a table page the plan did not reserve"),
-        };
-        fill(walk.pool, new_table, pte, at.level);
+        let new_table = walk.reserve.table_for(walk.pool, pte, at.level);
         // The entries of one leaf's subdivision all continue each other.
         let child = self.commit(walk, at.level + 1, at.base, new_table, ENTRIES, false, 0);
         let link = Pte::table(new_table).with_breaks(child);
@@ -812,7 +807,16 @@ impl<T: TlbMaintenance> Stage2<T> {
             write(pool, at.table, at.index, new);
         }
         if flat {
-            self.free_table(pool, old.addr());
+            match merged_leaf(first, at.level) {
+                // It holds exactly the subdivision of that leaf: kept for
+                // the next split of the same leaf.
+                Some(leaf) => {
+                    // SAFETY: as for `free_table`; nothing writes it since.
+                    unsafe { pool.free_split(old.addr(), leaf.0, at.level) };
+                    self.stats.table_pages -= 1;
+                }
+                None => self.free_table(pool, old.addr()),
+            }
         } else {
             self.free_subtree(pool, old.addr(), at.level + 1);
         }
@@ -880,6 +884,210 @@ impl<T: TlbMaintenance> Stage2<T> {
                 breaks
             }
             None => breaks,
+        }
+    }
+
+    /// Walks to the leaf that maps page `ipa`, for a single-page change:
+    /// the walk is the check ([`PageWalk::leaf`], [`page_pages_needed`])
+    /// and what [`change_page`] commits along, without walking again.
+    ///
+    /// [`page_pages_needed`]: Self::page_pages_needed
+    /// [`change_page`]: Self::change_page
+    pub fn walk_page(&self, pool: &PagePool, ipa: u64) -> Result<PageWalk, MmError> {
+        self.check_pool(pool)?;
+        let (ipa, _) = self.check_range(ipa, crate::PAGE_SIZE as u64)?;
+        let start = self.geometry.start_level;
+        let mut walk = PageWalk {
+            ipa,
+            generation: self.generation,
+            start,
+            level: start,
+            table: [0; 4],
+            index: [0; 4],
+            desc: [Pte(0); 4],
+            leaf: Pte(0),
+        };
+        let mut table = self.root;
+        let mut level = start;
+        // The root's count is not kept.
+        let mut desc = Pte::table(self.root).with_breaks(BREAKS_UNKNOWN);
+        loop {
+            let l = usize::from(level);
+            let index = if level == start {
+                (ipa >> level_shift(level)) as usize
+            } else {
+                ((ipa >> level_shift(level)) as usize) % ENTRIES
+            };
+            let pte = read(pool, table, index);
+            walk.table[l] = table;
+            walk.index[l] = index as u16;
+            walk.desc[l] = desc;
+            if pte.is_table(level) {
+                desc = pte;
+                table = pte.addr();
+                level += 1;
+                continue;
+            }
+            walk.level = level;
+            walk.leaf = pte;
+            return Ok(walk);
+        }
+    }
+
+    /// The page descriptor `change` gives page `walk.ipa`, and the one it
+    /// has now (its part of the leaf); refuses what `apply` refuses.
+    fn page_change(&self, walk: &PageWalk, change: Change) -> Result<(Pte, Pte), MmError> {
+        if walk.generation != self.generation {
+            return Err(MmError::Stale);
+        }
+        if change.requires_mapped() && !walk.leaf.is_valid() {
+            return Err(MmError::NotMapped);
+        }
+        if let Change::Map { ipa, pa, .. } = change {
+            let out = pa.wrapping_add(walk.ipa.wrapping_sub(ipa));
+            self.check_change(walk.ipa, crate::PAGE_SIZE as u64, change)?;
+            if walk.ipa < ipa || out & (crate::PAGE_SIZE as u64 - 1) != 0 || out >= 1 << 48 {
+                return Err(MmError::OutOfRange);
+            }
+        }
+        let old = walk.page_pte();
+        let new = change
+            .whole_entry(LEAF_LEVEL, walk.ipa, old)
+            .ok_or(MmError::InvalidArgument)?;
+        Ok((old, new))
+    }
+
+    /// Table pages [`change_page`](Self::change_page) would take for
+    /// `change` to page `walk.ipa`, and the errors it would return.
+    pub fn page_pages_needed(&self, walk: &PageWalk, change: Change) -> Result<usize, MmError> {
+        let (old, new) = self.page_change(walk, change)?;
+        Ok(if old == new {
+            0
+        } else {
+            usize::from(LEAF_LEVEL - walk.level)
+        })
+    }
+
+    /// Applies `change` to page `walk.ipa` alone, as `apply` over that
+    /// page would (the same tables, merges, counts and TLB maintenance),
+    /// along the path `walk` found: splits only the leaves on the page's
+    /// path, and merges the tables on it that become uniform. Nothing
+    /// changes on an error; `MmError::Stale` if the table changed since
+    /// the walk.
+    pub fn change_page(
+        &mut self,
+        pool: &mut PagePool,
+        walk: &PageWalk,
+        change: Change,
+    ) -> Result<(), MmError> {
+        self.check_pool(pool)?;
+        let (old, new) = self.page_change(walk, change)?;
+        if old == new {
+            return Ok(());
+        }
+        let mut reserve = Reserve::take(pool, usize::from(LEAF_LEVEL - walk.level))?;
+        self.generation = self.generation.wrapping_add(1);
+        if walk.level == LEAF_LEVEL {
+            let at = walk.slot(LEAF_LEVEL, self.geometry.root_entries());
+            let count = recount(pool, at, old, new, self.table_count(walk, LEAF_LEVEL));
+            self.write_leaf(pool, at, old, new, true);
+            self.merge_up(pool, walk, count);
+        } else {
+            self.split_path(pool, &mut reserve, walk, new);
+        }
+        self.tlb.publish_writes();
+        Ok(())
+    }
+
+    /// The page's level-3 table now has run-break count `count`: stores
+    /// it, and merges every table on the path that became one leaf.
+    fn merge_up(&mut self, pool: &mut PagePool, walk: &PageWalk, mut count: u8) {
+        let entries = self.geometry.root_entries();
+        for level in (walk.start..LEAF_LEVEL).rev() {
+            let l = usize::from(level);
+            let at = walk.slot(level, entries);
+            let parent = self.table_count(walk, level);
+            let child = walk.desc[l + 1].with_breaks(count);
+            // Stores the child's count, or merges it and recounts here.
+            count = self.try_merge(pool, at, child, parent);
+            if read(pool, at.table, at.index).is_table(level) {
+                // No merge here: the tables above keep their counts.
+                return;
+            }
+        }
+    }
+
+    /// The run-break count of the table at `level` on the walk's path.
+    fn table_count(&self, walk: &PageWalk, level: u8) -> u8 {
+        if level == walk.start {
+            BREAKS_UNKNOWN
+        } else {
+            walk.desc[usize::from(level)].breaks()
+        }
+    }
+
+    /// Replaces the walk's leaf (above level 3) by tables down to the
+    /// page, whose entry becomes `new`: the tables are built unlinked and
+    /// linked with one break-before-make.
+    fn split_path(
+        &mut self,
+        pool: &mut PagePool,
+        reserve: &mut Reserve,
+        walk: &PageWalk,
+        new: Pte,
+    ) {
+        let top = walk.level;
+        // Leaves on the path, and the tables that replace them.
+        let mut leaf = [Pte(0); 4];
+        let mut table = [0u64; 4];
+        leaf[usize::from(top)] = walk.leaf;
+        for level in top..LEAF_LEVEL {
+            let l = usize::from(level);
+            table[l + 1] = reserve.table_for(pool, leaf[l], level);
+            let index = walk.child_index(level + 1);
+            leaf[l + 1] = leaf[l].child(level, index);
+        }
+        // From the page up to the first new table, in unlinked tables.
+        let mut entry = new;
+        for level in (top + 1..=LEAF_LEVEL).rev() {
+            let l = usize::from(level);
+            let at = Slot {
+                table: table[l],
+                index: walk.child_index(level),
+                entries: ENTRIES,
+                level,
+                base: walk.ipa & !(level_size(level) - 1),
+            };
+            // A fresh subdivision has no breaks.
+            let count = recount(pool, at, leaf[l], entry, 0);
+            write(pool, at.table, at.index, entry);
+            entry = Pte::table(table[l]).with_breaks(count);
+            self.stats.table_pages += 1;
+            if walk.leaf.is_valid() {
+                self.stats.splits += 1;
+            }
+        }
+        // Link the first new table in place of the leaf.
+        let at = walk.slot(top, self.geometry.root_entries());
+        if walk.leaf.is_valid() {
+            write(pool, at.table, at.index, Pte::invalid(Annotation(0)));
+            self.tlb.publish_writes();
+            self.tlb.invalidate_ipa(self.vmid, at.base, Some(top));
+            self.tlb.complete(self.vmid);
+        } else {
+            // The walker must not see the link before the tables' entries.
+            self.tlb.publish_writes();
+        }
+        let count = recount(pool, at, walk.leaf, entry, self.table_count(walk, top));
+        write(pool, at.table, at.index, entry);
+        if top > walk.start {
+            let up = walk.slot(top - 1, self.geometry.root_entries());
+            write(
+                pool,
+                up.table,
+                up.index,
+                walk.desc[usize::from(top)].with_breaks(count),
+            );
         }
     }
 
@@ -1037,7 +1245,66 @@ impl<T: TlbMaintenance> Stage2<T> {
         unsafe { pool.free_contiguous(self.root, self.geometry.root_pages) };
         self.stats.root_pages = 0;
         self.destroyed = true;
+        self.generation = self.generation.wrapping_add(1);
         Ok(())
+    }
+}
+
+/// The path from a stage 2's root to the leaf mapping one page, found by
+/// [`Stage2::walk_page`] and good until the stage 2 next changes.
+#[derive(Clone, Copy, Debug)]
+pub struct PageWalk {
+    ipa: u64,
+    generation: u64,
+    start: u8,
+    /// Level of the leaf.
+    level: u8,
+    /// The table at each level down to the leaf's, and the entry in it.
+    table: [u64; 4],
+    index: [u16; 4],
+    /// The descriptor pointing to each table (its run-break count).
+    desc: [Pte; 4],
+    leaf: Pte,
+}
+
+impl PageWalk {
+    /// The leaf that maps the page (it may cover more than the page).
+    pub fn leaf(&self) -> Leaf {
+        leaf_info(
+            self.leaf,
+            self.level,
+            self.ipa & !(level_size(self.level) - 1),
+        )
+    }
+
+    /// The page's own descriptor, were its leaf split down to level 3.
+    fn page_pte(&self) -> Pte {
+        let mut pte = self.leaf;
+        for level in self.level..LEAF_LEVEL {
+            pte = pte.child(level, self.child_index(level + 1));
+        }
+        pte
+    }
+
+    /// The page's entry index in a table at `level` (below the root).
+    fn child_index(&self, level: u8) -> usize {
+        ((self.ipa >> level_shift(level)) as usize) % ENTRIES
+    }
+
+    /// The path's entry at `level` (at most the leaf's).
+    fn slot(&self, level: u8, root_entries: usize) -> Slot {
+        let l = usize::from(level);
+        Slot {
+            table: self.table[l],
+            index: usize::from(self.index[l]),
+            entries: if level == self.start {
+                root_entries
+            } else {
+                ENTRIES
+            },
+            level,
+            base: self.ipa & !(level_size(level) - 1),
+        }
     }
 }
 

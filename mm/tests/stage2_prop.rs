@@ -1,6 +1,9 @@
 //! Property tests: long random sequences of stage-2 operations checked after
 //! every operation against the reference model (translations, accounting,
-//! canonical form, TLB invalidations).
+//! canonical form, TLB invalidations). In the page-path tests, single-page
+//! operations go through `walk_page` + `change_page`, and a twin stage 2
+//! that applies every operation as a range must agree with it on every
+//! translation and counter.
 //!
 //! `KEEL_MM_PROPTEST_OPS` sets the total number of operations over the
 //! tests of this file (default 1,000,000).
@@ -8,13 +11,16 @@
 mod common;
 
 use common::*;
-use keel_mm::{Annotation, MemType, MmError, PageState, S2Attrs, Shareability};
+use keel_mm::{
+    Annotation, Change, MemType, MmError, PagePool, PageState, S2Attrs, Shareability, Stage2,
+    TlbMaintenance,
+};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
 const OPS_PER_CASE: usize = 128;
 /// Tests in this file sharing the operation budget.
-const TESTS: usize = 2;
+const TESTS: usize = 4;
 /// The IPA window the operations play in: 4 GiB.
 const WINDOW: u64 = 4 * G1;
 
@@ -105,13 +111,17 @@ impl Bits {
 /// shrinks plain integers far faster than nested strategies). Addresses are
 /// offsets from the window base that often sit on block boundaries;
 /// lengths are often block sized or one page off.
-fn decode(words: (u64, u64)) -> Op {
+fn decode(words: (u64, u64), pages_bias: bool) -> Op {
     let mut b = Bits(words.0, words.1);
     let kind = b.take(9);
+    // The page-path tests: most operations on one page, around few blocks.
+    let single = pages_bias && b.take(4) != 0;
     let ipa = b.take(4) * G1
         + b.pick(&[0, 1, 255, 256, 511], 512) * M2
         + b.pick(&[0, 0, 1, 511], 512) * K4;
-    let pages = if b.take(4) == 0 {
+    let pages = if single {
+        1
+    } else if b.take(4) == 0 {
         b.pick(&[262_144, 262_143, 262_145, 524_288], 600_000)
             .max(1)
     } else {
@@ -144,15 +154,65 @@ fn decode(words: (u64, u64)) -> Op {
     }
 }
 
-fn ops() -> impl Strategy<Value = Vec<Op>> {
+fn ops(pages_bias: bool) -> impl Strategy<Value = Vec<Op>> {
     proptest::collection::vec(any::<(u64, u64)>(), OPS_PER_CASE)
-        .prop_map(|words| words.into_iter().map(decode).collect())
+        .prop_map(move |words| words.into_iter().map(|w| decode(w, pages_bias)).collect())
 }
 
-/// Runs one sequence in a `ipa_bits` space whose window starts at `base`.
-fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
+/// A change of one page through the page path; checks that the walk
+/// said how many tables it takes, and that a used walk is stale.
+fn page_op<T: TlbMaintenance>(
+    s2: &mut Stage2<T>,
+    pool: &mut PagePool,
+    ipa: u64,
+    change: Change,
+) -> Result<(), MmError> {
+    let walk = s2.walk_page(pool, ipa)?;
+    let need = s2.page_pages_needed(&walk, change)?;
+    let before = s2.stats();
+    s2.change_page(pool, &walk, change)?;
+    let after = s2.stats();
+    assert!(
+        after.table_pages <= before.table_pages + need,
+        "the page path took more than the {need} tables it said"
+    );
+    let now = s2.walk_page(pool, ipa).unwrap();
+    if now.leaf() != walk.leaf() || after != before {
+        assert_eq!(
+            s2.change_page(pool, &walk, change),
+            Err(MmError::Stale),
+            "a used walk was taken"
+        );
+    }
+    Ok(())
+}
+
+/// `change` over `[ipa, ipa + len)` as a range.
+fn range_op<T: TlbMaintenance>(
+    s2: &mut Stage2<T>,
+    pool: &mut PagePool,
+    ipa: u64,
+    len: u64,
+    change: Change,
+) -> Result<(), MmError> {
+    match change {
+        Change::Map {
+            pa, attrs, state, ..
+        } => s2.map(pool, ipa, len, pa, attrs, state),
+        Change::Unmap(a) => s2.unmap(pool, ipa, len, a),
+        Change::Attrs(a) => s2.set_attrs(pool, ipa, len, a),
+        Change::State(st) => s2.set_state(pool, ipa, len, st),
+    }
+}
+
+/// Runs one sequence in a `ipa_bits` space whose window starts at `base`;
+/// with `page_path`, single-page operations take the page path and a twin
+/// applies every operation as a range.
+fn run(ops: &[Op], ipa_bits: u8, base: u64, page_path: bool) -> Result<(), String> {
     let mut tp = TestPool::new(8192);
     let mut s2 = new_stage2(&mut tp, ipa_bits, 7);
+    let mut twin_pool = TestPool::new(8192);
+    let mut twin = new_stage2(&mut twin_pool, ipa_bits, 7);
     let size = 1u64 << ipa_bits;
     let mut model = Model::new(size);
     let mut old_leaves = Vec::new();
@@ -180,6 +240,17 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
         }
         s2.tlb_mut().events.clear();
         let pool = &mut tp.pool;
+        let mut twin_result = None;
+        let mut apply = |change: Change| {
+            if page_path {
+                twin_result = Some(range_op(&mut twin, &mut twin_pool.pool, start, len, change));
+            }
+            if page_path && len == K4 {
+                page_op(&mut s2, pool, start, change)
+            } else {
+                range_op(&mut s2, pool, start, len, change)
+            }
+        };
         let (result, expect_ok) = match *op {
             Op::Map {
                 pa_shift,
@@ -195,7 +266,12 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
                     pa_shift
                 };
                 let pa = 0x40_0000_0000 + off + pa_shift;
-                let r = s2.map(pool, start, len, pa, ATTRS[attrs], STATES[state]);
+                let r = apply(Change::Map {
+                    ipa: start,
+                    pa,
+                    attrs: ATTRS[attrs],
+                    state: STATES[state],
+                });
                 if in_space && r.is_ok() {
                     model.set(
                         start,
@@ -210,7 +286,7 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
                 (r, in_space)
             }
             Op::Unmap { annotation, .. } => {
-                let r = s2.unmap(pool, start, len, Annotation(annotation));
+                let r = apply(Change::Unmap(Annotation(annotation)));
                 if in_space && r.is_ok() {
                     model.set(start, end, Val::Unmapped(Annotation(annotation)));
                 }
@@ -218,7 +294,7 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
             }
             Op::Attrs { attrs, .. } => {
                 let ok = in_space && model.all_mapped(start, end);
-                let r = s2.set_attrs(pool, start, len, ATTRS[attrs]);
+                let r = apply(Change::Attrs(ATTRS[attrs]));
                 if ok && r.is_ok() {
                     model.modify(start, end, |v| match v {
                         Val::Mapped { pa, state, .. } => Val::Mapped {
@@ -233,7 +309,7 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
             }
             Op::State { state, .. } => {
                 let ok = in_space && model.all_mapped(start, end);
-                let r = s2.set_state(pool, start, len, STATES[state]);
+                let r = apply(Change::State(STATES[state]));
                 if ok && r.is_ok() {
                     model.modify(start, end, |v| match v {
                         Val::Mapped { pa, attrs, .. } => Val::Mapped {
@@ -265,6 +341,16 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
             (r, _) => return Err(format!("op {n} {op:?}: got {r:?}, expected ok={expect_ok}")),
         }
         check_accounting(&s2, &tp.pool).map_err(|e| format!("op {n} {op:?}: {e}"))?;
+        if let Some(r) = twin_result {
+            // The page path and the range path agree on everything.
+            if r != result || twin.stats() != s2.stats() {
+                return Err(format!(
+                    "op {n} {op:?}: page path {result:?} {:?}, range path {r:?} {:?}",
+                    s2.stats(),
+                    twin.stats()
+                ));
+            }
+        }
         if !in_space {
             continue;
         }
@@ -292,6 +378,9 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64) -> Result<(), String> {
     }
     // The whole space, and every table.
     check_window(&s2, &tp.pool, &model, 0, size)?;
+    if page_path {
+        check_window(&twin, &twin_pool.pool, &model, 0, size)?;
+    }
     let audit = s2.audit(&tp.pool, 0, size).unwrap();
     if audit.non_canonical.is_some()
         || audit.miscounted.is_some()
@@ -311,16 +400,33 @@ proptest! {
 
     /// A 40-bit IPA space (2 concatenated level-1 root tables), low window.
     #[test]
-    fn random_ops_40bit(ops in ops()) {
-        if let Err(e) = run(&ops, 40, G1) {
+    fn random_ops_40bit(ops in ops(false)) {
+        if let Err(e) = run(&ops, 40, G1, false) {
             prop_assert!(false, "{}", e);
         }
     }
 
     /// A 48-bit IPA space (level-0 root), window at the very top.
     #[test]
-    fn random_ops_48bit_top(ops in ops()) {
-        if let Err(e) = run(&ops, 48, (1u64 << 48) - WINDOW) {
+    fn random_ops_48bit_top(ops in ops(false)) {
+        if let Err(e) = run(&ops, 48, (1u64 << 48) - WINDOW, false) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+
+    /// Mostly single pages through the page path, against a twin that
+    /// applies them as ranges (40-bit space).
+    #[test]
+    fn page_path_40bit(ops in ops(true)) {
+        if let Err(e) = run(&ops, 40, G1, true) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+
+    /// The same at the top of a 48-bit space (level-0 root).
+    #[test]
+    fn page_path_48bit_top(ops in ops(true)) {
+        if let Err(e) = run(&ops, 48, (1u64 << 48) - WINDOW, true) {
             prop_assert!(false, "{}", e);
         }
     }

@@ -190,7 +190,8 @@ pub fn trap(k: u64, frame: &mut TrapFrame) {
     let run = unsafe { &mut *run };
     // SAFETY: the run's vCPU is ours while it is Running.
     let vcpu = unsafe { &mut *run.vcpu };
-    vcpu.x = frame.x;
+    // The general registers stay in the frame: a call answered in place
+    // reads and writes them there, and only an exit copies them out.
     vcpu.pc = sysreg::elr_el2();
     vcpu.pstate = sysreg::spsr_el2();
     let trap = Trap {
@@ -204,9 +205,8 @@ pub fn trap(k: u64, frame: &mut TrapFrame) {
         hpfar: sysreg::hpfar_el2(),
     };
     let hyp = HYP.get().expect("a guest runs only after boot");
-    match hyp.guest_trap(run.slot, vcpu, &trap) {
+    match hyp.guest_trap_in(run.slot, vcpu, &mut frame.x, &trap) {
         Action::Resume => {
-            frame.x = vcpu.x;
             // SAFETY: the guest continues where its registers say.
             unsafe {
                 sysreg::set_elr_el2(vcpu.pc);
@@ -214,6 +214,7 @@ pub fn trap(k: u64, frame: &mut TrapFrame) {
             }
         }
         Action::Exit(exit) => {
+            vcpu.x = frame.x;
             run.exit = exit;
             // SAFETY: called from the trap handler of the guest that
             // vcpu_run entered on this CPU; the stack below is dropped.
