@@ -239,9 +239,15 @@ fn vm_of(a: Annotation) -> Option<u16> {
 impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
     /// The state of the RAM page at `pa`, read back from where it lives.
     pub fn page(&self, pa: u64, g: &dyn Guests) -> Page {
-        let Ok(leaf) = self.host.lookup(&self.pool, pa) else {
-            return Page::HypPrivate;
-        };
+        match self.host.lookup(&self.pool, pa) {
+            Ok(leaf) => self.page_in(&leaf, pa, g),
+            Err(_) => Page::HypPrivate,
+        }
+    }
+
+    /// The state of the RAM page at `pa`, whose host stage-2 leaf is
+    /// `leaf`.
+    pub fn page_in(&self, leaf: &Leaf, pa: u64, g: &dyn Guests) -> Page {
         match leaf.kind {
             LeafKind::Mapped {
                 state: PageState::Owned,

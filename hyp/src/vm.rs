@@ -276,6 +276,13 @@ fn annotation(vm: usize) -> Annotation {
     Annotation(VM_HANDLE_BASE + vm as u32)
 }
 
+/// Which way [`VmOps::convert_page`] converts a guest page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Conversion {
+    Share,
+    Unshare,
+}
+
 /// A guest IPA range, if valid: 4K aligned, no overflow, inside the IPA space.
 fn ipa_range(ipa: u64, nr: u64) -> Result<Range, CallError> {
     if nr == 0 || !ipa.is_multiple_of(PAGE) {
@@ -601,11 +608,81 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         })
     }
 
+    /// MEM_SHARE or MEM_UNSHARE of one page: what the range calls do,
+    /// along one walk of each stage 2 (the walks are the checks, and the
+    /// commits follow them without walking again).
+    fn convert_page(&mut self, slot: usize, ipa: u64, how: Conversion) -> Result<(), CallError> {
+        let (vms, mem) = (&*self.vms, &*self.mem);
+        let Slot::Used(vm) = &vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        let vmi = slot as u16;
+        let guest_walk = vm.s2.walk_page(&mem.pool, ipa).map_err(mm)?;
+        let leaf = guest_walk.leaf();
+        let (from, to) = match how {
+            Conversion::Share => (PageState::Owned, PageState::SharedOwned),
+            Conversion::Unshare => (PageState::SharedOwned, PageState::Owned),
+        };
+        let pa = match leaf.kind {
+            LeafKind::Mapped { pa, state, .. } if state == from => pa + (ipa - leaf.ipa),
+            _ => return Err(CallError::Denied),
+        };
+        let host_walk = mem.host.walk_page(&mem.pool, pa).map_err(mm)?;
+        let (request, host_change) = match how {
+            Conversion::Share => (
+                Request::GuestShare(vmi),
+                Change::Map {
+                    ipa: pa,
+                    pa,
+                    attrs: S2Attrs::NORMAL_RWX,
+                    state: PageState::SharedBorrowed,
+                },
+            ),
+            Conversion::Unshare => (Request::GuestUnshare(vmi), Change::Unmap(annotation(slot))),
+        };
+        owner::transition(mem.page_in(&host_walk.leaf(), pa, vms), request)?;
+        let guest_change = Change::State(to);
+        let need = vm
+            .s2
+            .page_pages_needed(&guest_walk, guest_change)
+            .map_err(mm)?
+            + mem
+                .host
+                .page_pages_needed(&host_walk, host_change)
+                .map_err(mm)?;
+        if mem.pool.free_pages() < need || (how == Conversion::Share && vms.lent.room() == 0) {
+            return Err(CallError::NoMemory);
+        }
+        // Checked: nothing below can fail.
+        let mem = &mut *self.mem;
+        let Slot::Used(vm) = &mut self.vms.slots[slot] else {
+            return Err(CallError::Invalid);
+        };
+        let lent = &mut self.vms.lent;
+        mem.host
+            .change_page(&mut mem.pool, &host_walk, host_change)
+            .map_err(mm)?;
+        match how {
+            Conversion::Share => {
+                lent.insert(pa / PAGE, vmi, Direction::ToHost);
+            }
+            Conversion::Unshare => {
+                lent.remove(pa / PAGE);
+            }
+        }
+        vm.s2
+            .change_page(&mut mem.pool, &guest_walk, guest_change)
+            .map_err(mm)
+    }
+
     /// MEM_SHARE from guest `slot`: private pages become shared with the
     /// host in place; a block covering them splits along their path only.
     pub fn guest_share(&mut self, slot: usize, ipa: u64, nr: u64) -> Result<(), CallError> {
         let nr = nr.max(1);
         let guest = ipa_range(ipa, nr)?;
+        if nr == 1 {
+            return self.convert_page(slot, ipa, Conversion::Share);
+        }
         let Slot::Used(vm) = &self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
@@ -674,6 +751,9 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
     pub fn guest_unshare(&mut self, slot: usize, ipa: u64, nr: u64) -> Result<(), CallError> {
         let nr = nr.max(1);
         let guest = ipa_range(ipa, nr)?;
+        if nr == 1 {
+            return self.convert_page(slot, ipa, Conversion::Unshare);
+        }
         let Slot::Used(vm) = &self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };

@@ -305,11 +305,21 @@ impl PagePool {
     /// Takes `nr` free donated pages from `pfn` out of the pool (for the
     /// host to reclaim); refused if any is not donated or in use.
     pub fn reclaim_donated(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
-        if self.donated.is_none() {
+        let Some(table) = self.donated.as_deref() else {
             return Err(MmError::InvalidArgument);
+        };
+        // All or nothing, stashed pages being free ones.
+        let end = pfn.checked_add(nr).ok_or(MmError::InvalidArgument)?;
+        for p in pfn..end {
+            match table.lookup(p) {
+                Some(false) => {}
+                Some(true) if self.is_stashed(p << PAGE_SHIFT) => {}
+                Some(true) => return Err(donated_err(DonatedError::InUse)),
+                None => return Err(donated_err(DonatedError::NotDonated)),
+            }
         }
-        // Stashed pages of the range are free: back in the table first.
-        let range = pfn << PAGE_SHIFT..pfn.saturating_add(nr) << PAGE_SHIFT;
+        // Stashed pages of the range go back in the table first.
+        let range = pfn << PAGE_SHIFT..end << PAGE_SHIFT;
         let mut i = 0;
         while i < self.stashed {
             let pa = self.stash[i].pa;
