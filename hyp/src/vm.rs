@@ -8,7 +8,9 @@
 use keel_abi::PageState as AbiState;
 use keel_mm::owner::{self, Page, Request};
 use keel_mm::stage2::Change;
-use keel_mm::{Annotation, Geometry, LeafKind, PageState, S2Attrs, Stage2, TlbMaintenance};
+use keel_mm::{
+    Annotation, Geometry, LeafKind, PageState, PageWalk, S2Attrs, Stage2, TlbMaintenance,
+};
 
 use crate::lent::{Direction, Lent};
 
@@ -617,7 +619,10 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             return Err(CallError::Invalid);
         };
         let vmi = slot as u16;
-        let guest_walk = vm.s2.walk_page(&mem.pool, ipa).map_err(mm)?;
+        let mut guest_walk = PageWalk::default();
+        vm.s2
+            .walk_page_into(&mem.pool, ipa, &mut guest_walk)
+            .map_err(mm)?;
         let leaf = guest_walk.leaf();
         let (from, to) = match how {
             Conversion::Share => (PageState::Owned, PageState::SharedOwned),
@@ -627,7 +632,10 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             LeafKind::Mapped { pa, state, .. } if state == from => pa + (ipa - leaf.ipa),
             _ => return Err(CallError::Denied),
         };
-        let host_walk = mem.host.walk_page(&mem.pool, pa).map_err(mm)?;
+        let mut host_walk = PageWalk::default();
+        mem.host
+            .walk_page_into(&mem.pool, pa, &mut host_walk)
+            .map_err(mm)?;
         let (request, host_change) = match how {
             Conversion::Share => (
                 Request::GuestShare(vmi),

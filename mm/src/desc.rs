@@ -147,7 +147,7 @@ pub const fn level_shift(level: u8) -> u32 {
 }
 
 /// A raw descriptor as stored in a table.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 #[repr(transparent)]
 pub(crate) struct Pte(pub(crate) u64);
 
@@ -236,6 +236,22 @@ impl Pte {
         (next & !ADDR_MASK == 0).then_some(Pte((self.0 & !ADDR_MASK) | next))
     }
 
+    /// Whether leaf `next` continues the run of leaf `self`, both at a
+    /// level whose entries cover `size` (`next_in_run(size) == Some(next)`,
+    /// with neither a table), in a few operations: the merge bookkeeping
+    /// asks this on every entry it changes.
+    #[inline]
+    pub(crate) fn continued_by(self, next: Pte, size: u64, level: u8) -> bool {
+        if !self.is_valid() {
+            return next == self;
+        }
+        // Adding `size` leaves the low bits alone: `next` is a table iff
+        // `self` is.
+        !self.is_table(level)
+            && next.0 == self.0.wrapping_add(size)
+            && ((self.0 & ADDR_MASK) + size) & !ADDR_MASK == 0
+    }
+
     /// The run-break count kept in a table descriptor (see
     /// [`BREAKS_UNKNOWN`]): how many pairs of neighbouring entries of the
     /// table it points to do not continue one run.
@@ -290,6 +306,29 @@ impl Pte {
                 _ => Shareability::Non,
             },
             access_flag: r.is_set(S2_DESC::AF),
+        }
+    }
+
+    /// This valid leaf with ownership state `state` (only the software
+    /// bits change).
+    pub(crate) fn with_state(self, state: PageState) -> Self {
+        let bits = match state {
+            PageState::Owned => S2_DESC::SW_STATE::Owned,
+            PageState::SharedOwned => S2_DESC::SW_STATE::SharedOwned,
+            PageState::SharedBorrowed => S2_DESC::SW_STATE::SharedBorrowed,
+        };
+        debug_assert!(self.is_valid());
+        Self((self.0 & !SW_MASK) | bits.value)
+    }
+
+    /// This valid leaf (at any level) as a block at `level`, same output
+    /// address, attributes and state: what `leaf` gives for them there.
+    pub(crate) fn as_block_at(self, level: u8) -> Self {
+        let type_bit = S2_DESC::TYPE.mask << S2_DESC::TYPE.shift;
+        if level == LEAF_LEVEL {
+            Self(self.0 | type_bit)
+        } else {
+            Self(self.0 & !type_bit)
         }
     }
 

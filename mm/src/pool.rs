@@ -222,7 +222,9 @@ impl PagePool {
             .rev()
             .find(|&i| self.stash[i].leaf == leaf && self.stash[i].level == level)?;
         let pa = self.stash[i].pa;
-        self.unstash(i);
+        // The last entry fills the hole: eviction order is a guess anyway.
+        self.stashed -= 1;
+        self.stash[i] = self.stash[self.stashed];
         self.free_pages -= 1;
         Some(pa)
     }

@@ -227,7 +227,8 @@ impl Change {
             }
             Change::Unmap(a) => Some(Pte::invalid(a)),
             Change::Attrs(a) => Some(old.with_meta(level, a, old.state())),
-            Change::State(s) => Some(old.with_meta(level, old.attrs(), s)),
+            // Only the software bits change (`old` is a leaf at `level`).
+            Change::State(s) => Some(old.with_state(s)),
         }
     }
 
@@ -354,7 +355,7 @@ pub struct Stage2<T: TlbMaintenance> {
     destroyed: bool,
     /// Changes so far (wrapping): a [`PageWalk`] is only used while it
     /// equals the walk's.
-    generation: u64,
+    generation: u32,
     tlb: T,
     stats: Stage2Stats,
 }
@@ -894,23 +895,29 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// [`page_pages_needed`]: Self::page_pages_needed
     /// [`change_page`]: Self::change_page
     pub fn walk_page(&self, pool: &PagePool, ipa: u64) -> Result<PageWalk, MmError> {
+        let mut walk = PageWalk::default();
+        self.walk_page_into(pool, ipa, &mut walk)?;
+        Ok(walk)
+    }
+
+    /// [`walk_page`](Self::walk_page) into `walk` (the hot paths keep the
+    /// walk where it is, rather than moving it out of a `Result`).
+    #[inline]
+    pub fn walk_page_into(
+        &self,
+        pool: &PagePool,
+        ipa: u64,
+        walk: &mut PageWalk,
+    ) -> Result<(), MmError> {
         self.check_pool(pool)?;
         let (ipa, _) = self.check_range(ipa, crate::PAGE_SIZE as u64)?;
         let start = self.geometry.start_level;
-        let mut walk = PageWalk {
-            ipa,
-            generation: self.generation,
-            start,
-            level: start,
-            table: [0; 4],
-            index: [0; 4],
-            desc: [Pte(0); 4],
-            leaf: Pte(0),
-        };
-        let mut table = self.root;
-        let mut level = start;
+        walk.ipa = ipa;
+        walk.generation = self.generation;
+        walk.start = start;
         // The root's count is not kept.
-        let mut desc = Pte::table(self.root).with_breaks(BREAKS_UNKNOWN);
+        walk.path[usize::from(start)] = Pte::table(self.root).with_breaks(BREAKS_UNKNOWN);
+        let mut level = start;
         loop {
             let l = usize::from(level);
             let index = if level == start {
@@ -918,29 +925,24 @@ impl<T: TlbMaintenance> Stage2<T> {
             } else {
                 ((ipa >> level_shift(level)) as usize) % ENTRIES
             };
-            let pte = read(pool, table, index);
-            walk.table[l] = table;
-            walk.index[l] = index as u16;
-            walk.desc[l] = desc;
-            if pte.is_table(level) {
-                desc = pte;
-                table = pte.addr();
-                level += 1;
-                continue;
+            let pte = read(pool, walk.path[l].addr(), index);
+            walk.path[l + 1] = pte;
+            if !pte.is_table(level) {
+                walk.level = level;
+                return Ok(());
             }
-            walk.level = level;
-            walk.leaf = pte;
-            return Ok(walk);
+            level += 1;
         }
     }
 
     /// The page descriptor `change` gives page `walk.ipa`, and the one it
     /// has now (its part of the leaf); refuses what `apply` refuses.
+    #[inline]
     fn page_change(&self, walk: &PageWalk, change: Change) -> Result<(Pte, Pte), MmError> {
         if walk.generation != self.generation {
             return Err(MmError::Stale);
         }
-        if change.requires_mapped() && !walk.leaf.is_valid() {
+        if change.requires_mapped() && !walk.leaf_pte().is_valid() {
             return Err(MmError::NotMapped);
         }
         if let Change::Map { ipa, pa, .. } = change {
@@ -959,6 +961,7 @@ impl<T: TlbMaintenance> Stage2<T> {
 
     /// Table pages [`change_page`](Self::change_page) would take for
     /// `change` to page `walk.ipa`, and the errors it would return.
+    #[inline]
     pub fn page_pages_needed(&self, walk: &PageWalk, change: Change) -> Result<usize, MmError> {
         let (old, new) = self.page_change(walk, change)?;
         Ok(if old == new {
@@ -989,7 +992,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         self.generation = self.generation.wrapping_add(1);
         if walk.level == LEAF_LEVEL {
             let at = walk.slot(LEAF_LEVEL, self.geometry.root_entries());
-            let count = recount(pool, at, old, new, self.table_count(walk, LEAF_LEVEL));
+            let count = recount(pool, at, old, new, walk.table_count(LEAF_LEVEL));
             self.write_leaf(pool, at, old, new, true);
             self.merge_up(pool, walk, count);
         } else {
@@ -1006,23 +1009,14 @@ impl<T: TlbMaintenance> Stage2<T> {
         for level in (walk.start..LEAF_LEVEL).rev() {
             let l = usize::from(level);
             let at = walk.slot(level, entries);
-            let parent = self.table_count(walk, level);
-            let child = walk.desc[l + 1].with_breaks(count);
+            let parent = walk.table_count(level);
+            let child = walk.path[l + 1].with_breaks(count);
             // Stores the child's count, or merges it and recounts here.
             count = self.try_merge(pool, at, child, parent);
             if read(pool, at.table, at.index).is_table(level) {
                 // No merge here: the tables above keep their counts.
                 return;
             }
-        }
-    }
-
-    /// The run-break count of the table at `level` on the walk's path.
-    fn table_count(&self, walk: &PageWalk, level: u8) -> u8 {
-        if level == walk.start {
-            BREAKS_UNKNOWN
-        } else {
-            walk.desc[usize::from(level)].breaks()
         }
     }
 
@@ -1040,7 +1034,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         // Leaves on the path, and the tables that replace them.
         let mut leaf = [Pte(0); 4];
         let mut table = [0u64; 4];
-        leaf[usize::from(top)] = walk.leaf;
+        leaf[usize::from(top)] = walk.leaf_pte();
         for level in top..LEAF_LEVEL {
             let l = usize::from(level);
             table[l + 1] = reserve.table_for(pool, leaf[l], level);
@@ -1063,13 +1057,14 @@ impl<T: TlbMaintenance> Stage2<T> {
             write(pool, at.table, at.index, entry);
             entry = Pte::table(table[l]).with_breaks(count);
             self.stats.table_pages += 1;
-            if walk.leaf.is_valid() {
+            if leaf[usize::from(top)].is_valid() {
                 self.stats.splits += 1;
             }
         }
         // Link the first new table in place of the leaf.
         let at = walk.slot(top, self.geometry.root_entries());
-        if walk.leaf.is_valid() {
+        let old = walk.leaf_pte();
+        if old.is_valid() {
             write(pool, at.table, at.index, Pte::invalid(Annotation(0)));
             self.tlb.publish_writes();
             self.tlb.invalidate_ipa(self.vmid, at.base, Some(top));
@@ -1078,7 +1073,7 @@ impl<T: TlbMaintenance> Stage2<T> {
             // The walker must not see the link before the tables' entries.
             self.tlb.publish_writes();
         }
-        let count = recount(pool, at, walk.leaf, entry, self.table_count(walk, top));
+        let count = recount(pool, at, old, entry, walk.table_count(top));
         write(pool, at.table, at.index, entry);
         if top > walk.start {
             let up = walk.slot(top - 1, self.geometry.root_entries());
@@ -1086,7 +1081,7 @@ impl<T: TlbMaintenance> Stage2<T> {
                 pool,
                 up.table,
                 up.index,
-                walk.desc[usize::from(top)].with_breaks(count),
+                walk.path[usize::from(top)].with_breaks(count),
             );
         }
     }
@@ -1252,34 +1247,46 @@ impl<T: TlbMaintenance> Stage2<T> {
 
 /// The path from a stage 2's root to the leaf mapping one page, found by
 /// [`Stage2::walk_page`] and good until the stage 2 next changes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct PageWalk {
     ipa: u64,
-    generation: u64,
+    generation: u32,
     start: u8,
     /// Level of the leaf.
     level: u8,
-    /// The table at each level down to the leaf's, and the entry in it.
-    table: [u64; 4],
-    index: [u16; 4],
-    /// The descriptor pointing to each table (its run-break count).
-    desc: [Pte; 4],
-    leaf: Pte,
+    /// `path[l]` (start <= l <= level) points to the table at level `l`,
+    /// with its run-break count (a made-up descriptor for the root);
+    /// `path[level + 1]` is the leaf.
+    path: [Pte; 5],
 }
 
 impl PageWalk {
     /// The leaf that maps the page (it may cover more than the page).
+    #[inline]
     pub fn leaf(&self) -> Leaf {
         leaf_info(
-            self.leaf,
+            self.leaf_pte(),
             self.level,
             self.ipa & !(level_size(self.level) - 1),
         )
     }
 
+    fn leaf_pte(&self) -> Pte {
+        self.path[usize::from(self.level) + 1]
+    }
+
+    /// The run-break count of the table at `level` on the path.
+    fn table_count(&self, level: u8) -> u8 {
+        if level == self.start {
+            BREAKS_UNKNOWN
+        } else {
+            self.path[usize::from(level)].breaks()
+        }
+    }
+
     /// The page's own descriptor, were its leaf split down to level 3.
     fn page_pte(&self) -> Pte {
-        let mut pte = self.leaf;
+        let mut pte = self.leaf_pte();
         for level in self.level..LEAF_LEVEL {
             pte = pte.child(level, self.child_index(level + 1));
         }
@@ -1293,15 +1300,16 @@ impl PageWalk {
 
     /// The path's entry at `level` (at most the leaf's).
     fn slot(&self, level: u8, root_entries: usize) -> Slot {
-        let l = usize::from(level);
+        let shift = level_shift(level);
+        let (index, entries) = if level == self.start {
+            ((self.ipa >> shift) as usize, root_entries)
+        } else {
+            (((self.ipa >> shift) as usize) % ENTRIES, ENTRIES)
+        };
         Slot {
-            table: self.table[l],
-            index: usize::from(self.index[l]),
-            entries: if level == self.start {
-                root_entries
-            } else {
-                ENTRIES
-            },
+            table: self.path[usize::from(level)].addr(),
+            index,
+            entries,
             level,
             base: self.ipa & !(level_size(level) - 1),
         }
@@ -1358,14 +1366,20 @@ fn merged_leaf(first: Pte, parent_level: u8) -> Option<Pte> {
     if parent_level == 0 || first.addr() & (level_size(parent_level) - 1) != 0 {
         return None;
     }
-    Some(first.with_meta(parent_level, first.attrs(), first.state()))
+    Some(first.as_block_at(parent_level))
 }
 
 /// Whether entry `next` continues the run of entry `prev`, both at `level`.
+#[inline]
 fn continues(prev: Pte, next: Pte, level: u8) -> bool {
-    !prev.is_table(level)
-        && !next.is_table(level)
-        && prev.next_in_run(level_size(level)) == Some(next)
+    let continued = prev.continued_by(next, level_size(level), level);
+    debug_assert_eq!(
+        continued,
+        !prev.is_table(level)
+            && !next.is_table(level)
+            && prev.next_in_run(level_size(level)) == Some(next)
+    );
+    continued
 }
 
 /// The run-break count of table `table` at `level`: how many of its
@@ -1389,6 +1403,7 @@ fn count_breaks(pool: &PagePool, table: u64, level: u8, cap: u8) -> u8 {
 
 /// `breaks`, the run-break count of `at`'s table, once entry `at` changes
 /// from `old` to `new` (its neighbours as they are now).
+#[inline]
 fn recount(pool: &PagePool, at: Slot, old: Pte, new: Pte, breaks: u8) -> u8 {
     if breaks == BREAKS_UNKNOWN {
         return breaks;
