@@ -5,7 +5,7 @@
 HYP_TARGET  := aarch64-unknown-none-softfloat
 TK_TARGET   := aarch64-unknown-none
 OUT         := out
-HYP_ELF     := target/$(HYP_TARGET)/release/keel
+HYP_ELF     := target/$(HYP_TARGET)/image/keel
 TK_ELF      := target/$(TK_TARGET)/release/keel-testkernel
 HYP_IMG     := $(OUT)/hypervisor.img
 TK_BIN      := $(OUT)/testkernel.bin
@@ -32,7 +32,7 @@ deps:
 	@command -v aarch64-linux-gnu-gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu; }
 
 image: deps
-	cargo build --release -p keel-boot --bin keel --target $(HYP_TARGET)
+	cargo build --profile image -p keel-boot --bin keel --target $(HYP_TARGET)
 	@mkdir -p $(OUT)
 	$(OBJCOPY) -O binary $(HYP_ELF) $(HYP_IMG)
 	@echo "wrote $(HYP_IMG) ($$(stat -c %s $(HYP_IMG)) bytes)"
