@@ -623,13 +623,12 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         vm.s2
             .walk_page_into(&mem.pool, ipa, &mut guest_walk)
             .map_err(mm)?;
-        let leaf = guest_walk.leaf();
         let (from, to) = match how {
             Conversion::Share => (PageState::Owned, PageState::SharedOwned),
             Conversion::Unshare => (PageState::SharedOwned, PageState::Owned),
         };
-        let pa = match leaf.kind {
-            LeafKind::Mapped { pa, state, .. } if state == from => pa + (ipa - leaf.ipa),
+        let pa = match guest_walk.mapped() {
+            Some((pa, state)) if state == from => pa,
             _ => return Err(CallError::Denied),
         };
         let mut host_walk = PageWalk::default();
@@ -649,15 +648,12 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             Conversion::Unshare => (Request::GuestUnshare(vmi), Change::Unmap(annotation(slot))),
         };
         owner::transition(mem.page_in(&host_walk.leaf(), pa, vms), request)?;
-        let guest_change = Change::State(to);
-        let need = vm
+        let guest_plan = vm
             .s2
-            .page_pages_needed(&guest_walk, guest_change)
-            .map_err(mm)?
-            + mem
-                .host
-                .page_pages_needed(&host_walk, host_change)
-                .map_err(mm)?;
+            .plan_page(&guest_walk, Change::State(to))
+            .map_err(mm)?;
+        let host_plan = mem.host.plan_page(&host_walk, host_change).map_err(mm)?;
+        let need = guest_plan.pages() + host_plan.pages();
         if mem.pool.free_pages() < need || (how == Conversion::Share && vms.lent.room() == 0) {
             return Err(CallError::NoMemory);
         }
@@ -668,7 +664,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         };
         let lent = &mut self.vms.lent;
         mem.host
-            .change_page(&mut mem.pool, &host_walk, host_change)
+            .commit_page(&mut mem.pool, &host_walk, &host_plan)
             .map_err(mm)?;
         match how {
             Conversion::Share => {
@@ -679,7 +675,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             }
         }
         vm.s2
-            .change_page(&mut mem.pool, &guest_walk, guest_change)
+            .commit_page(&mut mem.pool, &guest_walk, &guest_plan)
             .map_err(mm)
     }
 

@@ -183,36 +183,27 @@ impl Pte {
         Self(r.get() | Self::meta_bits(attrs, state))
     }
 
-    /// The attribute and state bits of a leaf with `attrs` and `state`.
+    /// The attribute and state bits of a leaf with `attrs` and `state`,
+    /// by shifts: every leaf the engine writes is built here (the field
+    /// layout is `S2_DESC`'s; a test checks both agree).
+    #[inline]
     fn meta_bits(attrs: S2Attrs, state: PageState) -> u64 {
-        let mut r = LocalRegisterCopy::<u64, S2_DESC::Register>::new(0);
-        r.modify(match attrs.mem {
-            MemType::NormalWriteBack => S2_DESC::MEMATTR::NormalWriteBack,
-            MemType::Device => S2_DESC::MEMATTR::DeviceNGnRE,
-        });
-        r.modify(match (attrs.read, attrs.write) {
-            (false, false) => S2_DESC::S2AP::None,
-            (true, false) => S2_DESC::S2AP::ReadOnly,
-            (false, true) => S2_DESC::S2AP::WriteOnly,
-            (true, true) => S2_DESC::S2AP::ReadWrite,
-        });
-        r.modify(match attrs.shareability {
-            Shareability::Non => S2_DESC::SH::NonShareable,
-            Shareability::Outer => S2_DESC::SH::OuterShareable,
-            Shareability::Inner => S2_DESC::SH::InnerShareable,
-        });
-        if attrs.access_flag {
-            r.modify(S2_DESC::AF::SET);
-        }
-        if !attrs.exec {
-            r.modify(S2_DESC::XN::SET);
-        }
-        r.modify(match state {
-            PageState::Owned => S2_DESC::SW_STATE::Owned,
-            PageState::SharedOwned => S2_DESC::SW_STATE::SharedOwned,
-            PageState::SharedBorrowed => S2_DESC::SW_STATE::SharedBorrowed,
-        });
-        r.get()
+        let memattr = match attrs.mem {
+            MemType::NormalWriteBack => S2_DESC::MEMATTR::NormalWriteBack.value,
+            MemType::Device => S2_DESC::MEMATTR::DeviceNGnRE.value,
+        };
+        let sh = match attrs.shareability {
+            Shareability::Non => S2_DESC::SH::NonShareable.value,
+            Shareability::Outer => S2_DESC::SH::OuterShareable.value,
+            Shareability::Inner => S2_DESC::SH::InnerShareable.value,
+        };
+        memattr
+            | (u64::from(attrs.read) << S2_DESC::S2AP.shift)
+            | (u64::from(attrs.write) << (S2_DESC::S2AP.shift + 1))
+            | sh
+            | (u64::from(attrs.access_flag) << S2_DESC::AF.shift)
+            | (u64::from(!attrs.exec) << S2_DESC::XN.shift)
+            | state_bits(state)
     }
 
     pub(crate) fn is_valid(self) -> bool {
@@ -312,13 +303,16 @@ impl Pte {
     /// This valid leaf with ownership state `state` (only the software
     /// bits change).
     pub(crate) fn with_state(self, state: PageState) -> Self {
-        let bits = match state {
-            PageState::Owned => S2_DESC::SW_STATE::Owned,
-            PageState::SharedOwned => S2_DESC::SW_STATE::SharedOwned,
-            PageState::SharedBorrowed => S2_DESC::SW_STATE::SharedBorrowed,
-        };
         debug_assert!(self.is_valid());
-        Self((self.0 & !SW_MASK) | bits.value)
+        Self((self.0 & !SW_MASK) | state_bits(state))
+    }
+
+    /// A valid leaf's own descriptor for the page at `offset` bytes into
+    /// it (what splitting it down to level 3 gives there).
+    #[inline]
+    pub(crate) fn page_at(self, offset: u64) -> Self {
+        let type_bit = S2_DESC::TYPE.mask << S2_DESC::TYPE.shift;
+        Self((self.0 | type_bit).wrapping_add(offset & !(crate::PAGE_SIZE as u64 - 1)))
     }
 
     /// This valid leaf (at any level) as a block at `level`, same output
@@ -375,6 +369,16 @@ impl Pte {
 }
 
 const SW_MASK: u64 = S2_DESC::SW_STATE.mask << S2_DESC::SW_STATE.shift;
+
+/// The software bits of ownership state `state`.
+#[inline]
+fn state_bits(state: PageState) -> u64 {
+    match state {
+        PageState::Owned => S2_DESC::SW_STATE::Owned.value,
+        PageState::SharedOwned => S2_DESC::SW_STATE::SharedOwned.value,
+        PageState::SharedBorrowed => S2_DESC::SW_STATE::SharedBorrowed.value,
+    }
+}
 const ADDR_MASK: u64 = S2_DESC::ADDR.mask << S2_DESC::ADDR.shift;
 const BREAKS_SHIFT: u32 = 52;
 const BREAKS_MASK: u64 = 0x7f << BREAKS_SHIFT;
@@ -383,3 +387,85 @@ const BREAKS_MASK: u64 = 0x7f << BREAKS_SHIFT;
 /// reached this value, or was never counted): it is not kept up, and only
 /// a scan of the table can tell that it fell to 0.
 pub(crate) const BREAKS_UNKNOWN: u8 = 0x7f;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Pte {
+        /// `meta_bits` field by field through tock-registers (the reference).
+        fn meta_bits_by_fields(attrs: S2Attrs, state: PageState) -> u64 {
+            let mut r = LocalRegisterCopy::<u64, S2_DESC::Register>::new(0);
+            r.modify(match attrs.mem {
+                MemType::NormalWriteBack => S2_DESC::MEMATTR::NormalWriteBack,
+                MemType::Device => S2_DESC::MEMATTR::DeviceNGnRE,
+            });
+            r.modify(match (attrs.read, attrs.write) {
+                (false, false) => S2_DESC::S2AP::None,
+                (true, false) => S2_DESC::S2AP::ReadOnly,
+                (false, true) => S2_DESC::S2AP::WriteOnly,
+                (true, true) => S2_DESC::S2AP::ReadWrite,
+            });
+            r.modify(match attrs.shareability {
+                Shareability::Non => S2_DESC::SH::NonShareable,
+                Shareability::Outer => S2_DESC::SH::OuterShareable,
+                Shareability::Inner => S2_DESC::SH::InnerShareable,
+            });
+            if attrs.access_flag {
+                r.modify(S2_DESC::AF::SET);
+            }
+            if !attrs.exec {
+                r.modify(S2_DESC::XN::SET);
+            }
+            r.modify(match state {
+                PageState::Owned => S2_DESC::SW_STATE::Owned,
+                PageState::SharedOwned => S2_DESC::SW_STATE::SharedOwned,
+                PageState::SharedBorrowed => S2_DESC::SW_STATE::SharedBorrowed,
+            });
+            r.get()
+        }
+    }
+
+    /// The shift-built attribute bits equal the field-by-field ones, and
+    /// decode back, for every attribute and state.
+    #[test]
+    fn meta_bits_match_the_register_layout() {
+        for mem in [MemType::NormalWriteBack, MemType::Device] {
+            for shareability in [Shareability::Non, Shareability::Outer, Shareability::Inner] {
+                for bits in 0..16u8 {
+                    let attrs = S2Attrs {
+                        mem,
+                        read: bits & 1 != 0,
+                        write: bits & 2 != 0,
+                        exec: bits & 4 != 0,
+                        shareability,
+                        access_flag: bits & 8 != 0,
+                    };
+                    for state in [
+                        PageState::Owned,
+                        PageState::SharedOwned,
+                        PageState::SharedBorrowed,
+                    ] {
+                        let fast = Pte::meta_bits(attrs, state);
+                        assert_eq!(fast, Pte::meta_bits_by_fields(attrs, state));
+                        let leaf = Pte::leaf(2, 0x4000_0000, attrs, state);
+                        assert_eq!((leaf.attrs(), leaf.state()), (attrs, state));
+                        assert_eq!(leaf.with_state(PageState::Owned).state(), PageState::Owned);
+                        assert_eq!(leaf.with_state(state), leaf);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `page_at` is the split of a block down to its page.
+    #[test]
+    fn page_at_is_the_split_down_to_the_page() {
+        let leaf = Pte::leaf(1, 0x8000_0000, S2Attrs::NORMAL_RWX, PageState::SharedOwned);
+        let offset = 0x1234_5000u64;
+        let l2 = leaf.child(1, (offset >> 21) as usize % ENTRIES);
+        let l3 = l2.child(2, (offset >> 12) as usize % ENTRIES);
+        assert_eq!(leaf.page_at(offset), l3);
+        assert_eq!(l3.page_at(0), l3);
+    }
+}

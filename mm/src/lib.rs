@@ -18,7 +18,9 @@ pub mod tlb;
 
 pub use desc::{Annotation, MemType, PageState, S2Attrs, Shareability};
 pub use pool::{PagePool, PAGE_SIZE};
-pub use stage2::{Audit, Change, Geometry, Leaf, LeafKind, PageWalk, Stage2, Stage2Stats};
+pub use stage2::{
+    Audit, Change, Geometry, Leaf, LeafKind, PagePlan, PageWalk, Stage2, Stage2Stats,
+};
 pub use tlb::{NoTlb, TlbMaintenance, Vmid};
 
 /// Why a memory-management request was refused. On any error nothing changed.

@@ -902,7 +902,7 @@ impl<T: TlbMaintenance> Stage2<T> {
 
     /// [`walk_page`](Self::walk_page) into `walk` (the hot paths keep the
     /// walk where it is, rather than moving it out of a `Result`).
-    #[inline]
+    #[inline(always)]
     pub fn walk_page_into(
         &self,
         pool: &PagePool,
@@ -935,14 +935,16 @@ impl<T: TlbMaintenance> Stage2<T> {
         }
     }
 
-    /// The page descriptor `change` gives page `walk.ipa`, and the one it
-    /// has now (its part of the leaf); refuses what `apply` refuses.
-    #[inline]
-    fn page_change(&self, walk: &PageWalk, change: Change) -> Result<(Pte, Pte), MmError> {
+    /// What `change` does to page `walk.ipa`: its descriptor now (its
+    /// part of the leaf) and after, and the table pages the change takes;
+    /// refuses what `apply` refuses. Writes nothing.
+    #[inline(always)]
+    pub fn plan_page(&self, walk: &PageWalk, change: Change) -> Result<PagePlan, MmError> {
         if walk.generation != self.generation {
             return Err(MmError::Stale);
         }
-        if change.requires_mapped() && !walk.leaf_pte().is_valid() {
+        let leaf = walk.leaf_pte();
+        if change.requires_mapped() && !leaf.is_valid() {
             return Err(MmError::NotMapped);
         }
         if let Change::Map { ipa, pa, .. } = change {
@@ -952,43 +954,71 @@ impl<T: TlbMaintenance> Stage2<T> {
                 return Err(MmError::OutOfRange);
             }
         }
-        let old = walk.page_pte();
+        let old = if leaf.is_valid() {
+            leaf.page_at(walk.ipa & (level_size(walk.level) - 1))
+        } else {
+            leaf
+        };
+        debug_assert_eq!(old, walk.page_pte());
         let new = change
             .whole_entry(LEAF_LEVEL, walk.ipa, old)
             .ok_or(MmError::InvalidArgument)?;
-        Ok((old, new))
+        let pages = if old == new {
+            0
+        } else {
+            LEAF_LEVEL - walk.level
+        };
+        Ok(PagePlan {
+            ipa: walk.ipa,
+            generation: walk.generation,
+            old,
+            new,
+            pages,
+        })
     }
 
     /// Table pages [`change_page`](Self::change_page) would take for
     /// `change` to page `walk.ipa`, and the errors it would return.
-    #[inline]
     pub fn page_pages_needed(&self, walk: &PageWalk, change: Change) -> Result<usize, MmError> {
-        let (old, new) = self.page_change(walk, change)?;
-        Ok(if old == new {
-            0
-        } else {
-            usize::from(LEAF_LEVEL - walk.level)
-        })
+        self.plan_page(walk, change).map(|p| p.pages())
     }
 
-    /// Applies `change` to page `walk.ipa` alone, as `apply` over that
-    /// page would (the same tables, merges, counts and TLB maintenance),
-    /// along the path `walk` found: splits only the leaves on the page's
-    /// path, and merges the tables on it that become uniform. Nothing
-    /// changes on an error; `MmError::Stale` if the table changed since
-    /// the walk.
+    /// Applies `change` to page `walk.ipa` alone: `plan_page`, then
+    /// `commit_page`.
     pub fn change_page(
         &mut self,
         pool: &mut PagePool,
         walk: &PageWalk,
         change: Change,
     ) -> Result<(), MmError> {
+        let plan = self.plan_page(walk, change)?;
+        self.commit_page(pool, walk, &plan)
+    }
+
+    /// Commits `plan` (from `plan_page` on `walk`) as `apply` over that
+    /// page would (the same tables, merges, counts and TLB maintenance),
+    /// along the path `walk` found: splits only the leaves on the page's
+    /// path, and merges the tables on it that become uniform. Nothing
+    /// changes on an error: `MmError::Stale` if the table changed since
+    /// the walk, `NoMemory` if the pool lacks the plan's pages.
+    pub fn commit_page(
+        &mut self,
+        pool: &mut PagePool,
+        walk: &PageWalk,
+        plan: &PagePlan,
+    ) -> Result<(), MmError> {
         self.check_pool(pool)?;
-        let (old, new) = self.page_change(walk, change)?;
+        if walk.generation != self.generation || plan.generation != walk.generation {
+            return Err(MmError::Stale);
+        }
+        if plan.ipa != walk.ipa {
+            return Err(MmError::InvalidArgument);
+        }
+        let (old, new) = (plan.old, plan.new);
         if old == new {
             return Ok(());
         }
-        let mut reserve = Reserve::take(pool, usize::from(LEAF_LEVEL - walk.level))?;
+        let mut reserve = Reserve::take(pool, plan.pages())?;
         self.generation = self.generation.wrapping_add(1);
         if walk.level == LEAF_LEVEL {
             let at = walk.slot(LEAF_LEVEL, self.geometry.root_entries());
@@ -1271,6 +1301,16 @@ impl PageWalk {
         )
     }
 
+    /// For a page the walk found mapped: its output address and state.
+    #[inline]
+    pub fn mapped(&self) -> Option<(u64, PageState)> {
+        let leaf = self.leaf_pte();
+        leaf.is_valid().then(|| {
+            let page = leaf.page_at(self.ipa & (level_size(self.level) - 1));
+            (page.addr(), page.state())
+        })
+    }
+
     fn leaf_pte(&self) -> Pte {
         self.path[usize::from(self.level) + 1]
     }
@@ -1313,6 +1353,24 @@ impl PageWalk {
             level,
             base: self.ipa & !(level_size(level) - 1),
         }
+    }
+}
+
+/// A single-page change checked against one [`PageWalk`]
+/// ([`Stage2::plan_page`]), for [`Stage2::commit_page`].
+#[derive(Clone, Copy, Debug)]
+pub struct PagePlan {
+    ipa: u64,
+    generation: u32,
+    old: Pte,
+    new: Pte,
+    pages: u8,
+}
+
+impl PagePlan {
+    /// Table pages the commit takes from the pool.
+    pub fn pages(&self) -> usize {
+        usize::from(self.pages)
     }
 }
 
