@@ -3,9 +3,12 @@
 //! Every change goes through two phases: [`Stage2::plan`] walks the range
 //! and counts the table pages the change will create, without writing
 //! anything (tables that do not exist yet are walked virtually, as the
-//! subdivision of the leaf they will replace); those pages are then taken
-//! from the pool into a private reserve, or the call fails with
-//! [`MmError::NoMemory`] having changed nothing; the commit then cannot fail.
+//! subdivision of the leaf they will replace); the pool must count that
+//! many free pages, or the call fails with [`MmError::NoMemory`] having
+//! changed nothing; the commit, which holds the pool exclusively, then
+//! cannot fail. Single-page changes take the same steps along one walk
+//! ([`Stage2::walk_page_into`], [`Stage2::plan_page`],
+//! [`Stage2::commit_page`]).
 //!
 //! Tables are kept in canonical form: a table is created only where the
 //! final contents of an entry's range cannot be one leaf, and a table whose
