@@ -177,7 +177,9 @@ impl Pte {
         } else {
             S2_DESC::TYPE::Block.value
         };
-        Self(S2_DESC::VALID::SET.value | type_bit | (pa & ADDR_MASK) | Self::meta_bits(attrs, state))
+        Self(
+            S2_DESC::VALID::SET.value | type_bit | (pa & ADDR_MASK) | Self::meta_bits(attrs, state),
+        )
     }
 
     /// The attribute and state bits of a leaf with `attrs` and `state`,

@@ -196,7 +196,7 @@ impl PagePool {
 
     /// Frees table page `pa`, which holds exactly the subdivision of leaf
     /// descriptor `leaf` at `level` (what splitting it writes), keeping
-    /// its contents for [`take_split`](Self::take_split). The oldest
+    /// its contents for `take_split` (a later split of that leaf). The oldest
     /// stashed page goes back to the heap if the stash is full.
     ///
     /// # Safety

@@ -866,29 +866,40 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// replaces it by that leaf; otherwise stores the count. Returns the
     /// run-break count of `at`'s table.
     fn try_merge(&mut self, pool: &mut PagePool, at: Slot, pte: Pte, breaks: u8) -> u8 {
+        self.merge_if_uniform(pool, at, pte, breaks).0
+    }
+
+    /// [`try_merge`](Self::try_merge), also saying whether it merged.
+    fn merge_if_uniform(
+        &mut self,
+        pool: &mut PagePool,
+        at: Slot,
+        pte: Pte,
+        breaks: u8,
+    ) -> (u8, bool) {
         let mut pte = pte;
         // An unknown count stays unknown until the table has no break at
         // all: finding the first break is enough to rule a merge out.
         if pte.breaks() == BREAKS_UNKNOWN && count_breaks(pool, pte.addr(), at.level + 1, 1) == 0 {
             pte = pte.with_breaks(0);
         }
-        if read(pool, at.table, at.index) != pte {
-            // Only the software count changes: no TLB maintenance.
-            write(pool, at.table, at.index, pte);
-        }
-        if pte.breaks() != 0 {
-            return breaks;
-        }
-        match merged_leaf(read(pool, pte.addr(), 0), at.level) {
-            Some(leaf) => {
-                let breaks = self.replace_subtree(pool, at, pte, leaf, breaks);
-                if leaf.is_valid() {
-                    self.stats.merges += 1;
-                }
-                breaks
+        let leaf = if pte.breaks() == 0 {
+            merged_leaf(read(pool, pte.addr(), 0), at.level)
+        } else {
+            None
+        };
+        let Some(leaf) = leaf else {
+            if read(pool, at.table, at.index) != pte {
+                // Only the software count changes: no TLB maintenance.
+                write(pool, at.table, at.index, pte);
             }
-            None => breaks,
+            return (breaks, false);
+        };
+        let breaks = self.replace_subtree(pool, at, pte, leaf, breaks);
+        if leaf.is_valid() {
+            self.stats.merges += 1;
         }
+        (breaks, true)
     }
 
     /// Walks to the leaf that maps page `ipa`, for a single-page change:
@@ -1045,9 +1056,10 @@ impl<T: TlbMaintenance> Stage2<T> {
             let parent = walk.table_count(level);
             let child = walk.path[l + 1].with_breaks(count);
             // Stores the child's count, or merges it and recounts here.
-            count = self.try_merge(pool, at, child, parent);
-            if read(pool, at.table, at.index).is_table(level) {
-                // No merge here: the tables above keep their counts.
+            let merged;
+            (count, merged) = self.merge_if_uniform(pool, at, child, parent);
+            if !merged {
+                // The tables above keep their counts.
                 return;
             }
         }
