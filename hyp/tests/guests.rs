@@ -1132,3 +1132,36 @@ fn fixed_guest_share_of_unmapped_ipa_is_denied() {
         "last page unmapped"
     );
 }
+
+/// A one-page MEM_SHARE (the page path) when the lent-page table is full is
+/// NO_MEMORY and changes nothing; once a page is unshared there is room.
+#[test]
+fn one_page_share_with_the_lent_table_full_changes_nothing() {
+    let m = Machine::small();
+    let h = m.create(1);
+    let s = slot(h);
+    let cap = keel_hyp::lent::CAPACITY as u64;
+    // 2048 pages shared at once fill the table; one more page to try.
+    let pages = cap + 512;
+    assert_eq!(m.donate(h, 0x4200_0000, 0, pages), OK);
+    assert_eq!(m.guest_checked(s, func::MEM_SHARE, 0, cap), OK);
+    let before = m.snapshot(&[h], pages * PAGE);
+    assert_eq!(
+        m.guest_checked(s, func::MEM_SHARE, cap * PAGE, 1),
+        NO_MEMORY,
+        "no room to record the page"
+    );
+    m.unchanged(
+        &before,
+        &[h],
+        pages * PAGE,
+        "one-page share, lent table full",
+    );
+    assert_eq!(m.guest_checked(s, func::MEM_UNSHARE, 5 * PAGE, 1), OK);
+    assert_eq!(m.guest_checked(s, func::MEM_SHARE, cap * PAGE, 1), OK);
+    assert_eq!(
+        m.mem_state(0x4200_0000 + cap * PAGE),
+        (h, SHARED_BORROWED, PAGE)
+    );
+    assert_eq!(m.vm_mem_state(h, 5 * PAGE).1, OWNED);
+}
