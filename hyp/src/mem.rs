@@ -450,13 +450,12 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
             splits
         };
         self.ensure_pages(self.need(range, change)? + donated + splits)?;
-        // Unmap the donated runs from the hypervisor's stage 1 (splitting
-        // blocks the range cuts), clearing each page while it is still
-        // mapped; clear the other pages (a dead guest's) through `zero`.
+        // First every donated page of the range leaves the pool: the stage-1
+        // tables the splits below allocate must not be pages the host is
+        // about to get back.
         let mut pa = range.start;
         while pa < range.end {
             if !is_donated(self, pa) {
-                zero(self, pa);
                 pa += PAGE;
                 continue;
             }
@@ -468,14 +467,30 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
             self.pool
                 .reclaim_donated(pa / PAGE, (end - pa) / PAGE)
                 .map_err(mm_err)?;
-            for page in (pa..end).step_by(PAGE as usize) {
-                // SAFETY: a donated page that was free: ours alone, and
-                // mapped writable (Normal) at pool.va in the hypervisor's
-                // stage 1 until just below.
+            pa = end;
+        }
+        // Then the pages that were donated, which are the range's pages
+        // mapped in the hypervisor's stage 1 (a guest's never are), are
+        // cleared while still mapped and unmapped (splitting blocks the
+        // range cuts); the others (a dead guest's) are cleared by `zero`.
+        let mut pa = range.start;
+        while pa < range.end {
+            let run = self.hyp_mapped_run(pa, range.end);
+            let zero_end = run.map_or(range.end, |r| r.start);
+            while pa < zero_end {
+                zero(self, pa);
+                pa += PAGE;
+            }
+            let Some(run) = run else {
+                break;
+            };
+            for page in (run.start..run.end).step_by(PAGE as usize) {
+                // SAFETY: a donated page that was free and has left the
+                // pool: ours alone, and mapped writable (Normal) at pool.va
+                // in the hypervisor's stage 1 until just below.
                 unsafe { self.mmu.clear(self.pool.va(page) as u64, PAGE) };
             }
-            let run = Range::new(pa, end);
-            for edge in [pa, end - PAGE] {
+            for edge in [run.start, run.end - PAGE] {
                 if self.block_sticks_out(edge, run) {
                     let mmu = &mut self.mmu;
                     self.hyp
@@ -486,10 +501,10 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
                 }
             }
             self.hyp
-                .unmap(pa, end - pa, &mut self.pool)
+                .unmap(run.start, run.len(), &mut self.pool)
                 .map_err(s1_err)?;
-            self.mmu.invalidate_range(pa, end - pa);
-            pa = end;
+            self.mmu.invalidate_range(run.start, run.len());
+            pa = run.end;
         }
         self.host
             .map(
@@ -501,6 +516,23 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
                 PageState::Owned,
             )
             .map_err(mm_err)
+    }
+
+    /// The first run of pages of `[from, end)` mapped in the hypervisor's
+    /// stage 1.
+    fn hyp_mapped_run(&self, from: u64, end: u64) -> Option<Range> {
+        let mut leaves = self
+            .hyp
+            .leaves(from, end - from, &self.pool)
+            .map(|(va, size, _)| Range::new(va.max(from), (va + size).min(end)));
+        let mut run = leaves.next()?;
+        for leaf in leaves {
+            if leaf.start != run.end {
+                break;
+            }
+            run = Range::new(run.start, leaf.end);
+        }
+        Some(run)
     }
 
     /// MEM_STATE: (owner code, host view, host mapping size).

@@ -15,7 +15,7 @@
 //! entries became one uniform leaf is replaced by that leaf (a merge). Live
 //! entries are replaced with break-before-make. See docs/mm.md.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use tock_registers::{register_bitfields, LocalRegisterCopy};
 
@@ -26,6 +26,10 @@ use crate::desc::{
 use crate::pool::PagePool;
 pub use crate::tlb::{TlbMaintenance, Vmid};
 use crate::MmError;
+
+/// Hands out distinct stage-2 identities, so that a [`PageWalk`] of one
+/// stage 2 is refused by every other.
+static NEXT_STAGE2_ID: AtomicU32 = AtomicU32::new(1);
 
 /// Above this many IPA invalidations for one subtree, invalidate the whole
 /// VMID instead: one broadcast beats hundreds (Linux uses a similar cut).
@@ -356,8 +360,10 @@ pub struct Stage2<T: TlbMaintenance> {
     root: u64,
     pool_id: u32,
     destroyed: bool,
-    /// Changes so far (wrapping): a [`PageWalk`] is only used while it
-    /// equals the walk's.
+    /// This stage 2's identity, and its changes so far (wrapping): a
+    /// [`PageWalk`] is only used on the stage 2 it walked, while nothing
+    /// changed since.
+    id: u32,
     generation: u32,
     tlb: T,
     stats: Stage2Stats,
@@ -378,6 +384,7 @@ impl<T: TlbMaintenance> Stage2<T> {
             root,
             pool_id: pool.id(),
             destroyed: false,
+            id: NEXT_STAGE2_ID.fetch_add(1, Ordering::Relaxed),
             generation: 0,
             tlb,
             stats: Stage2Stats {
@@ -927,6 +934,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         let (ipa, _) = self.check_range(ipa, crate::PAGE_SIZE as u64)?;
         let start = self.geometry.start_level;
         walk.ipa = ipa;
+        walk.owner = self.id;
         walk.generation = self.generation;
         walk.start = start;
         // The root's count is not kept.
@@ -954,6 +962,9 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// refuses what `apply` refuses. Writes nothing.
     #[inline(always)]
     pub fn plan_page(&self, walk: &PageWalk, change: Change) -> Result<PagePlan, MmError> {
+        if walk.owner != self.id {
+            return Err(MmError::InvalidArgument);
+        }
         if walk.generation != self.generation {
             return Err(MmError::Stale);
         }
@@ -983,6 +994,7 @@ impl<T: TlbMaintenance> Stage2<T> {
             LEAF_LEVEL - walk.level
         };
         Ok(PagePlan {
+            owner: self.id,
             ipa: walk.ipa,
             generation: walk.generation,
             old,
@@ -1014,7 +1026,8 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// along the path `walk` found: splits only the leaves on the page's
     /// path, and merges the tables on it that become uniform. Nothing
     /// changes on an error: `MmError::Stale` if the table changed since
-    /// the walk, `NoMemory` if the pool lacks the plan's pages.
+    /// the walk, `InvalidArgument` for a walk or plan of another stage 2
+    /// (or another page), `NoMemory` if the pool lacks the plan's pages.
     pub fn commit_page(
         &mut self,
         pool: &mut PagePool,
@@ -1022,11 +1035,11 @@ impl<T: TlbMaintenance> Stage2<T> {
         plan: &PagePlan,
     ) -> Result<(), MmError> {
         self.check_pool(pool)?;
+        if walk.owner != self.id || plan.owner != self.id || plan.ipa != walk.ipa {
+            return Err(MmError::InvalidArgument);
+        }
         if walk.generation != self.generation || plan.generation != walk.generation {
             return Err(MmError::Stale);
-        }
-        if plan.ipa != walk.ipa {
-            return Err(MmError::InvalidArgument);
         }
         let (old, new) = (plan.old, plan.new);
         if old == new {
@@ -1295,6 +1308,8 @@ impl<T: TlbMaintenance> Stage2<T> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PageWalk {
     ipa: u64,
+    /// The walked stage 2's identity (0: none) and generation.
+    owner: u32,
     generation: u32,
     start: u8,
     /// Level of the leaf.
@@ -1375,6 +1390,7 @@ impl PageWalk {
 /// ([`Stage2::plan_page`]), for [`Stage2::commit_page`].
 #[derive(Clone, Copy, Debug)]
 pub struct PagePlan {
+    owner: u32,
     ipa: u64,
     generation: u32,
     old: Pte,

@@ -590,3 +590,48 @@ fn visit_runs_joins_leaves_one_leaf_could_describe() {
         );
     }
 }
+
+/// A walk (or plan) of one stage 2 is refused by another, even when both
+/// are at the same generation and the page is the same (found by a review:
+/// only the generation was checked).
+#[test]
+fn a_walk_of_another_stage2_is_refused() {
+    let mut tp = TestPool::new(64);
+    let mut a = new_stage2(&mut tp, 40, 1);
+    let mut b = new_stage2(&mut tp, 40, 2);
+    let pool = &mut tp.pool;
+    let change = keel_mm::Change::Map {
+        ipa: G1,
+        pa: 0x40_0000_0000,
+        attrs: S2Attrs::NORMAL_RWX,
+        state: PageState::Owned,
+    };
+    let walk_a = a.walk_page(pool, G1).unwrap();
+    let walk_b = b.walk_page(pool, G1).unwrap();
+    assert_eq!(
+        b.change_page(pool, &walk_a, change),
+        Err(MmError::InvalidArgument)
+    );
+    assert_eq!(
+        b.plan_page(&walk_a, change).err(),
+        Some(MmError::InvalidArgument)
+    );
+    let plan_a = a.plan_page(&walk_a, change).unwrap();
+    assert_eq!(
+        b.commit_page(pool, &walk_b, &plan_a),
+        Err(MmError::InvalidArgument),
+        "a plan of another stage 2"
+    );
+    assert!(matches!(
+        a.lookup(pool, G1).unwrap().kind,
+        LeafKind::Unmapped(_)
+    ));
+    assert!(matches!(
+        b.lookup(pool, G1).unwrap().kind,
+        LeafKind::Unmapped(_)
+    ));
+    assert_eq!(a.stats().table_pages + b.stats().table_pages, 0);
+    // Each takes its own.
+    assert_eq!(a.commit_page(pool, &walk_a, &plan_a), Ok(()));
+    assert_eq!(b.change_page(pool, &walk_b, change), Ok(()));
+}
