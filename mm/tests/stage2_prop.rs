@@ -20,7 +20,7 @@ use proptest::test_runner::Config;
 
 const OPS_PER_CASE: usize = 128;
 /// Tests in this file sharing the operation budget.
-const TESTS: usize = 4;
+const TESTS: usize = 5;
 /// The IPA window the operations play in: 4 GiB.
 const WINDOW: u64 = 4 * G1;
 
@@ -209,9 +209,21 @@ fn range_op<T: TlbMaintenance>(
 /// with `page_path`, single-page operations take the page path and a twin
 /// applies every operation as a range.
 fn run(ops: &[Op], ipa_bits: u8, base: u64, page_path: bool) -> Result<(), String> {
-    let mut tp = TestPool::new(8192);
+    run_with_pool(ops, ipa_bits, base, page_path, 8192)
+}
+
+/// `run` with pools of `pages` pages: small ones make changes fail with
+/// `NoMemory` (which must change nothing) and keep the stash busy.
+fn run_with_pool(
+    ops: &[Op],
+    ipa_bits: u8,
+    base: u64,
+    page_path: bool,
+    pages: usize,
+) -> Result<(), String> {
+    let mut tp = TestPool::new(pages);
     let mut s2 = new_stage2(&mut tp, ipa_bits, 7);
-    let mut twin_pool = TestPool::new(8192);
+    let mut twin_pool = TestPool::new(pages);
     let mut twin = new_stage2(&mut twin_pool, ipa_bits, 7);
     let size = 1u64 << ipa_bits;
     let mut model = Model::new(size);
@@ -325,6 +337,11 @@ fn run(ops: &[Op], ipa_bits: u8, base: u64, page_path: bool) -> Result<(), Strin
         };
         match (result, expect_ok) {
             (Ok(()), true) => {}
+            (Err(MmError::NoMemory), _) => {
+                if s2.stats() != before || !s2.tlb().events.is_empty() {
+                    return Err(format!("op {n} {op:?}: NoMemory but changed something"));
+                }
+            }
             (Err(e), false) => {
                 let want = if in_space {
                     MmError::NotMapped
@@ -419,6 +436,16 @@ proptest! {
     #[test]
     fn page_path_40bit(ops in ops(true)) {
         if let Err(e) = run(&ops, 40, G1, true) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+
+    /// The page path against the twin with pools of 24 pages: changes
+    /// that need more tables than are free fail with NoMemory, the same on
+    /// both paths, and change nothing.
+    #[test]
+    fn page_path_small_pool(ops in ops(true)) {
+        if let Err(e) = run_with_pool(&ops, 40, G1, true, 24) {
             prop_assert!(false, "{}", e);
         }
     }
