@@ -1354,7 +1354,9 @@ impl PageWalk {
         }
     }
 
-    /// The page's own descriptor, were its leaf split down to level 3.
+    /// The page's own descriptor, were its leaf split down to level 3,
+    /// split by split: what `plan_page` computes in one step (checked
+    /// against this in debug builds).
     fn page_pte(&self) -> Pte {
         let mut pte = self.leaf_pte();
         for level in self.level..LEAF_LEVEL {
