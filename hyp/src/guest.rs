@@ -84,7 +84,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
     }
 
     /// [`guest_trap`](Self::guest_trap) with the general registers where
-    /// the trap left them (`x`, e.g. the trap frame), not in `x`,
+    /// the trap left them (`x`, e.g. the trap frame), not in `vcpu.x`,
     /// which this neither reads nor writes: a call answered in place needs
     /// no copy of the registers either way.
     pub fn guest_trap_in(

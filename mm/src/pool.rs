@@ -307,15 +307,14 @@ impl PagePool {
     /// Takes `nr` free donated pages from `pfn` out of the pool (for the
     /// host to reclaim); refused if any is not donated or in use.
     pub fn reclaim_donated(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
-        let Some(table) = self.donated.as_deref() else {
+        if self.donated.is_none() {
             return Err(MmError::InvalidArgument);
-        };
+        }
         // All or nothing, stashed pages being free ones.
         let end = pfn.checked_add(nr).ok_or(MmError::InvalidArgument)?;
         for p in pfn..end {
-            match table.lookup(p) {
+            match self.donated_in_use(p) {
                 Some(false) => {}
-                Some(true) if self.is_stashed(p << PAGE_SHIFT) => {}
                 Some(true) => return Err(donated_err(DonatedError::InUse)),
                 None => return Err(donated_err(DonatedError::NotDonated)),
             }

@@ -732,8 +732,21 @@ impl<T: TlbMaintenance> Stage2<T> {
         // The entries of one leaf's subdivision all continue each other.
         let child = self.commit(walk, at.level + 1, at.base, new_table, ENTRIES, false, 0);
         let link = Pte::table(new_table).with_breaks(child);
-        if live && pte.is_valid() {
-            write(walk.pool, at.table, at.index, Pte::invalid(Annotation(0)));
+        self.link_table(walk.pool, at, pte, link, live);
+        self.stats.table_pages += 1;
+        if pte.is_valid() {
+            self.stats.splits += 1;
+        }
+        recount(walk.pool, at, pte, link, breaks)
+    }
+
+    /// Replaces leaf `old` in entry `at` by table descriptor `link`, whose
+    /// table is filled: with break-before-make if the entry is live and
+    /// valid; for a live invalid entry, only after the table's entries are
+    /// visible to the walker.
+    fn link_table(&mut self, pool: &PagePool, at: Slot, old: Pte, link: Pte, live: bool) {
+        if live && old.is_valid() {
+            write(pool, at.table, at.index, Pte::invalid(Annotation(0)));
             self.tlb.publish_writes();
             self.tlb.invalidate_ipa(self.vmid, at.base, Some(at.level));
             self.tlb.complete(self.vmid);
@@ -742,12 +755,7 @@ impl<T: TlbMaintenance> Stage2<T> {
             // the link before the table's contents.
             self.tlb.publish_writes();
         }
-        write(walk.pool, at.table, at.index, link);
-        self.stats.table_pages += 1;
-        if pte.is_valid() {
-            self.stats.splits += 1;
-        }
-        recount(walk.pool, at, pte, link, breaks)
+        write(pool, at.table, at.index, link);
     }
 
     /// Replaces leaf `old` by leaf `new` in entry `at`.
@@ -942,12 +950,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         let mut level = start;
         loop {
             let l = usize::from(level);
-            let index = if level == start {
-                (ipa >> level_shift(level)) as usize
-            } else {
-                ((ipa >> level_shift(level)) as usize) % ENTRIES
-            };
-            let pte = read(pool, walk.path[l].addr(), index);
+            let pte = read(pool, walk.path[l].addr(), entry_index(ipa, level, start));
             walk.path[l + 1] = pte;
             if !pte.is_table(level) {
                 walk.level = level;
@@ -979,11 +982,7 @@ impl<T: TlbMaintenance> Stage2<T> {
                 return Err(MmError::OutOfRange);
             }
         }
-        let old = if leaf.is_valid() {
-            leaf.page_at(walk.ipa & (level_size(walk.level) - 1))
-        } else {
-            leaf
-        };
+        let old = walk.page();
         debug_assert_eq!(old, walk.page_pte());
         let new = change
             .whole_entry(LEAF_LEVEL, walk.ipa, old)
@@ -1122,17 +1121,8 @@ impl<T: TlbMaintenance> Stage2<T> {
         // Link the first new table in place of the leaf.
         let at = walk.slot(top, self.geometry.root_entries());
         let old = walk.leaf_pte();
-        if old.is_valid() {
-            write(pool, at.table, at.index, Pte::invalid(Annotation(0)));
-            self.tlb.publish_writes();
-            self.tlb.invalidate_ipa(self.vmid, at.base, Some(top));
-            self.tlb.complete(self.vmid);
-        } else {
-            // The walker must not see the link before the tables' entries.
-            self.tlb.publish_writes();
-        }
         let count = recount(pool, at, old, entry, walk.table_count(top));
-        write(pool, at.table, at.index, entry);
+        self.link_table(pool, at, old, entry, true);
         if top > walk.start {
             let up = walk.slot(top - 1, self.geometry.root_entries());
             write(
@@ -1153,13 +1143,11 @@ impl<T: TlbMaintenance> Stage2<T> {
         let mut level = self.geometry.start_level;
         let mut table = self.root;
         loop {
-            let shift = level_shift(level);
-            let index = if level == self.geometry.start_level {
-                (ipa >> shift) as usize
-            } else {
-                ((ipa >> shift) as usize) % ENTRIES
-            };
-            let pte = read(pool, table, index);
+            let pte = read(
+                pool,
+                table,
+                entry_index(ipa, level, self.geometry.start_level),
+            );
             if pte.is_table(level) {
                 table = pte.addr();
                 level += 1;
@@ -1334,11 +1322,20 @@ impl PageWalk {
     /// For a page the walk found mapped: its output address and state.
     #[inline]
     pub fn mapped(&self) -> Option<(u64, PageState)> {
+        let page = self.page();
+        page.is_valid().then(|| (page.addr(), page.state()))
+    }
+
+    /// The page's own descriptor: its part of the leaf (an invalid leaf
+    /// is the same everywhere).
+    #[inline]
+    fn page(&self) -> Pte {
         let leaf = self.leaf_pte();
-        leaf.is_valid().then(|| {
-            let page = leaf.page_at(self.ipa & (level_size(self.level) - 1));
-            (page.addr(), page.state())
-        })
+        if leaf.is_valid() {
+            leaf.page_at(self.ipa & (level_size(self.level) - 1))
+        } else {
+            leaf
+        }
     }
 
     fn leaf_pte(&self) -> Pte {
@@ -1355,8 +1352,8 @@ impl PageWalk {
     }
 
     /// The page's own descriptor, were its leaf split down to level 3,
-    /// split by split: what `plan_page` computes in one step (checked
-    /// against this in debug builds).
+    /// split by split: what `page` computes in one step (checked against
+    /// this in debug builds).
     fn page_pte(&self) -> Pte {
         let mut pte = self.leaf_pte();
         for level in self.level..LEAF_LEVEL {
@@ -1367,21 +1364,19 @@ impl PageWalk {
 
     /// The page's entry index in a table at `level` (below the root).
     fn child_index(&self, level: u8) -> usize {
-        ((self.ipa >> level_shift(level)) as usize) % ENTRIES
+        entry_index(self.ipa, level, 0)
     }
 
     /// The path's entry at `level` (at most the leaf's).
     fn slot(&self, level: u8, root_entries: usize) -> Slot {
-        let shift = level_shift(level);
-        let (index, entries) = if level == self.start {
-            ((self.ipa >> shift) as usize, root_entries)
-        } else {
-            (((self.ipa >> shift) as usize) % ENTRIES, ENTRIES)
-        };
         Slot {
             table: self.path[usize::from(level)].addr(),
-            index,
-            entries,
+            index: entry_index(self.ipa, level, self.start),
+            entries: if level == self.start {
+                root_entries
+            } else {
+                ENTRIES
+            },
             level,
             base: self.ipa & !(level_size(level) - 1),
         }
@@ -1404,6 +1399,19 @@ impl PagePlan {
     /// Table pages the commit takes from the pool.
     pub fn pages(&self) -> usize {
         usize::from(self.pages)
+    }
+}
+
+/// The index of the entry covering `ipa` in a table at `level`, in a stage 2
+/// whose root (which may be concatenated: more than 512 entries) is at
+/// level `start`.
+#[inline]
+fn entry_index(ipa: u64, level: u8, start: u8) -> usize {
+    let index = (ipa >> level_shift(level)) as usize;
+    if level == start {
+        index
+    } else {
+        index % ENTRIES
     }
 }
 
