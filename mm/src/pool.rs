@@ -218,9 +218,14 @@ impl PagePool {
     /// `level`, if a merge left one: allocated, like `alloc_uninit`. The
     /// caller has checked that `free_pages` covers it.
     pub(crate) fn take_split(&mut self, leaf: u64, level: u8) -> Option<u64> {
-        let i = (0..self.stashed)
-            .rev()
-            .find(|&i| self.stash[i].leaf == leaf && self.stash[i].level == level)?;
+        let matches = |s: &Stashed| s.leaf == leaf && s.level == level;
+        // The newest entry first: a split usually undoes the last merge.
+        let last = self.stashed.checked_sub(1)?;
+        let i = if matches(&self.stash[last]) {
+            last
+        } else {
+            (0..last).rev().find(|&i| matches(&self.stash[i]))?
+        };
         let pa = self.stash[i].pa;
         // The last entry fills the hole: eviction order is a guess anyway.
         self.stashed -= 1;

@@ -1063,18 +1063,60 @@ impl<T: TlbMaintenance> Stage2<T> {
     fn merge_up(&mut self, pool: &mut PagePool, walk: &PageWalk, mut count: u8) {
         let entries = self.geometry.root_entries();
         for level in (walk.start..LEAF_LEVEL).rev() {
-            let l = usize::from(level);
             let at = walk.slot(level, entries);
-            let parent = walk.table_count(level);
-            let child = walk.path[l + 1].with_breaks(count);
-            // Stores the child's count, or merges it and recounts here.
-            let merged;
-            (count, merged) = self.merge_if_uniform(pool, at, child, parent);
-            if !merged {
+            let child = walk.path[usize::from(level) + 1].with_breaks(count);
+            // No break: one run of leaves (tables break runs), which one
+            // leaf here can hold unless its output is misaligned for it.
+            let leaf = if count == 0 {
+                merged_leaf(read(pool, child.addr(), 0), level)
+            } else {
+                None
+            };
+            let Some(leaf) = leaf else {
+                // Only the software count changes: no TLB maintenance.
+                if read(pool, at.table, at.index) != child {
+                    write(pool, at.table, at.index, child);
+                }
                 // The tables above keep their counts.
                 return;
-            }
+            };
+            count = self.merge_run(pool, at, child, leaf, walk.table_count(level));
         }
+    }
+
+    /// Replaces table descriptor `table` in live entry `at`, whose table
+    /// holds one run of leaves (no table below it), by the equivalent leaf
+    /// `leaf`, with break-before-make; keeps the freed table in the stash.
+    /// Returns the run-break count of `at`'s table (`breaks` before).
+    fn merge_run(&mut self, pool: &mut PagePool, at: Slot, table: Pte, leaf: Pte, breaks: u8) -> u8 {
+        let valid = leaf.is_valid();
+        write(
+            pool,
+            at.table,
+            at.index,
+            if valid { Pte::invalid(Annotation(0)) } else { leaf },
+        );
+        self.tlb.publish_writes();
+        if valid {
+            // Each of its 512 leaves may be cached: one VMID-wide operation
+            // rather than 512 by IPA.
+            self.tlb.invalidate_vmid(self.vmid);
+        } else {
+            // Only the table itself, in the walk caches.
+            self.tlb.invalidate_ipa(self.vmid, at.base, None);
+        }
+        self.tlb.complete(self.vmid);
+        if valid {
+            write(pool, at.table, at.index, leaf);
+            self.stats.merges += 1;
+        }
+        // It holds exactly the subdivision of `leaf`: kept for the next
+        // split of the same leaf.
+        // SAFETY: the page is a table of this tree from this pool, now
+        // unlinked, with its TLB entries gone; nothing writes it since.
+        unsafe { pool.free_split(table.addr(), leaf.0, at.level) };
+        self.stats.table_pages -= 1;
+        recount(pool, at, table, leaf, breaks)
     }
 
     /// Replaces the walk's leaf (above level 3) by tables down to the
@@ -1088,39 +1130,49 @@ impl<T: TlbMaintenance> Stage2<T> {
         new: Pte,
     ) {
         let top = walk.level;
-        // Leaves on the path, and the tables that replace them.
-        let mut leaf = [Pte(0); 4];
-        let mut table = [0u64; 4];
-        leaf[usize::from(top)] = walk.leaf_pte();
-        for level in top..LEAF_LEVEL {
+        let old = walk.leaf_pte();
+        // The leaf each new table subdivides: `leaf[l]` at level `l`.
+        let mut leaf = [old; LEAF_LEVEL as usize];
+        for level in top + 1..LEAF_LEVEL {
             let l = usize::from(level);
-            table[l + 1] = reserve.table_for(pool, leaf[l], level);
-            let index = walk.child_index(level + 1);
-            leaf[l + 1] = leaf[l].child(level, index);
+            leaf[l] = leaf[l - 1].child(level - 1, walk.child_index(level));
         }
-        // From the page up to the first new table, in unlinked tables.
+        // From the page up to the first new table. A fresh subdivision is
+        // one run, and an entry that differs from its leaf's part (`new`,
+        // then each link) continues neither neighbour: each neighbour the
+        // entry has is one break.
         let mut entry = new;
         for level in (top + 1..=LEAF_LEVEL).rev() {
-            let l = usize::from(level);
-            let at = Slot {
-                table: table[l],
-                index: walk.child_index(level),
-                entries: ENTRIES,
-                level,
-                base: walk.ipa & !(level_size(level) - 1),
-            };
-            // A fresh subdivision has no breaks.
-            let count = recount(pool, at, leaf[l], entry, 0);
-            write(pool, at.table, at.index, entry);
-            entry = Pte::table(table[l]).with_breaks(count);
-            self.stats.table_pages += 1;
-            if leaf[usize::from(top)].is_valid() {
-                self.stats.splits += 1;
-            }
+            let parent = usize::from(level - 1);
+            let table = reserve.table_for(pool, leaf[parent], level - 1);
+            let index = walk.child_index(level);
+            let count = u8::from(index > 0) + u8::from(index < ENTRIES - 1);
+            debug_assert_eq!(
+                count,
+                recount(
+                    pool,
+                    Slot {
+                        table,
+                        index,
+                        entries: ENTRIES,
+                        level,
+                        base: walk.ipa & !(level_size(level) - 1),
+                    },
+                    leaf[parent].child(level - 1, index),
+                    entry,
+                    0,
+                )
+            );
+            write(pool, table, index, entry);
+            entry = Pte::table(table).with_breaks(count);
+        }
+        let tables = usize::from(LEAF_LEVEL - top);
+        self.stats.table_pages += tables;
+        if old.is_valid() {
+            self.stats.splits += tables as u64;
         }
         // Link the first new table in place of the leaf.
         let at = walk.slot(top, self.geometry.root_entries());
-        let old = walk.leaf_pte();
         let count = recount(pool, at, old, entry, walk.table_count(top));
         self.link_table(pool, at, old, entry, true);
         if top > walk.start {
