@@ -1088,13 +1088,24 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// holds one run of leaves (no table below it), by the equivalent leaf
     /// `leaf`, with break-before-make; keeps the freed table in the stash.
     /// Returns the run-break count of `at`'s table (`breaks` before).
-    fn merge_run(&mut self, pool: &mut PagePool, at: Slot, table: Pte, leaf: Pte, breaks: u8) -> u8 {
+    fn merge_run(
+        &mut self,
+        pool: &mut PagePool,
+        at: Slot,
+        table: Pte,
+        leaf: Pte,
+        breaks: u8,
+    ) -> u8 {
         let valid = leaf.is_valid();
         write(
             pool,
             at.table,
             at.index,
-            if valid { Pte::invalid(Annotation(0)) } else { leaf },
+            if valid {
+                Pte::invalid(Annotation(0))
+            } else {
+                leaf
+            },
         );
         self.tlb.publish_writes();
         if valid {
@@ -1131,11 +1142,17 @@ impl<T: TlbMaintenance> Stage2<T> {
     ) {
         let top = walk.level;
         let old = walk.leaf_pte();
-        // The leaf each new table subdivides: `leaf[l]` at level `l`.
+        // The leaf each new table subdivides (`leaf[l]` at level `l`) and
+        // the table (`table[l]`, at level `l + 1`), top down: the order the
+        // merges that stashed them run backwards.
         let mut leaf = [old; LEAF_LEVEL as usize];
-        for level in top + 1..LEAF_LEVEL {
+        let mut table = [0u64; LEAF_LEVEL as usize];
+        for level in top..LEAF_LEVEL {
             let l = usize::from(level);
-            leaf[l] = leaf[l - 1].child(level - 1, walk.child_index(level));
+            if level > top {
+                leaf[l] = leaf[l - 1].child(level - 1, walk.child_index(level));
+            }
+            table[l] = reserve.table_for(pool, leaf[l], level);
         }
         // From the page up to the first new table. A fresh subdivision is
         // one run, and an entry that differs from its leaf's part (`new`,
@@ -1144,7 +1161,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         let mut entry = new;
         for level in (top + 1..=LEAF_LEVEL).rev() {
             let parent = usize::from(level - 1);
-            let table = reserve.table_for(pool, leaf[parent], level - 1);
+            let table = table[parent];
             let index = walk.child_index(level);
             let count = u8::from(index > 0) + u8::from(index < ENTRIES - 1);
             debug_assert_eq!(
