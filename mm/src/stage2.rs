@@ -1064,6 +1064,12 @@ impl<T: TlbMaintenance> Stage2<T> {
         let entries = self.geometry.root_entries();
         for level in (walk.start..LEAF_LEVEL).rev() {
             let at = walk.slot(level, entries);
+            let table = walk.path[usize::from(level) + 1].addr();
+            // A saturated count is known again once the table has no break
+            // at all: finding the first break is enough to rule a merge out.
+            if count == BREAKS_UNKNOWN && count_breaks(pool, table, level + 1, 1) == 0 {
+                count = 0;
+            }
             let child = walk.path[usize::from(level) + 1].with_breaks(count);
             // No break: one run of leaves (tables break runs), which one
             // leaf here can hold unless its output is misaligned for it.

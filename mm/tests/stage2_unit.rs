@@ -217,6 +217,48 @@ fn fragmented_tables_count_breaks_past_the_exact_range_and_still_merge() {
     check_accounting(&s2, &tp.pool).unwrap();
 }
 
+/// The same on the page path: a level-3 table whose count saturated
+/// still merges once it is one run again (found by review: the page
+/// path's merge used to trust the saturated count).
+#[test]
+fn page_path_merges_a_table_whose_count_saturated() {
+    let mut tp = TestPool::new(64);
+    let mut s2 = new_stage2(&mut tp, 40, 3);
+    s2.map(
+        &mut tp.pool,
+        G1,
+        M2,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    let base = s2.stats().table_pages;
+    let mut set = |s2: &mut keel_mm::Stage2<RecordingTlb>, k: u64, state| {
+        let walk = s2.walk_page(&tp.pool, G1 + k * K4).unwrap();
+        s2.change_page(&mut tp.pool, &walk, keel_mm::Change::State(state))
+            .unwrap();
+        audit_clean(s2, &tp.pool, &format!("page {k} to {state:?}"));
+    };
+    // Every other page shared: 511 breaks, past what the count holds.
+    for k in (0..512).step_by(2) {
+        set(&mut s2, k, PageState::SharedOwned);
+    }
+    assert_eq!(s2.stats().table_pages, base + 1);
+    let merges = s2.stats().merges;
+    // Back one by one: the last makes the table one run again.
+    for k in (0..512).step_by(2) {
+        set(&mut s2, k, PageState::Owned);
+    }
+    assert_eq!(s2.stats().table_pages, base, "the 2M block is rebuilt");
+    assert_eq!(s2.stats().merges, merges + 1);
+    assert_eq!(
+        mapped(&s2, &tp.pool, G1 + 0x1000),
+        (RAM + 0x1000, 2, PageState::Owned)
+    );
+    check_accounting(&s2, &tp.pool).unwrap();
+}
+
 #[test]
 fn a_table_past_the_count_with_subtables_is_freed_whole() {
     let mut tp = TestPool::new(1100);
