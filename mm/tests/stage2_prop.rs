@@ -111,8 +111,43 @@ impl Bits {
 /// shrinks plain integers far faster than nested strategies). Addresses are
 /// offsets from the window base that often sit on block boundaries;
 /// lengths are often block sized or one page off.
-fn decode(words: (u64, u64), pages_bias: bool) -> Op {
+fn decode(words: (u64, u64), pages_bias: bool) -> Vec<Op> {
     let mut b = Bits(words.0, words.1);
+    if pages_bias && b.take(128) == 0 {
+        return stripe(&mut b);
+    }
+    vec![decode_one(&mut b, pages_bias)]
+}
+
+/// Pages pushed past what a table's run-break count holds, and back: one
+/// 2M block mapped, every other page of 160 changed through the page path
+/// (160 breaks), then the same pages back, which makes the table one run
+/// again and must rebuild the block.
+fn stripe(b: &mut Bits) -> Vec<Op> {
+    const PAGES: u64 = 80;
+    let block = b.take(4) * G1 + b.pick(&[0, 1, 511], 512) * M2;
+    let first = b.pick(&[0, 1], 512 - 2 * PAGES);
+    let (attrs, there, back) = (b.take(3) as usize, b.take(3) as usize, b.take(3) as usize);
+    let pages = |state| {
+        (0..PAGES).map(move |k| Op::State {
+            ipa: block + (first + 2 * k) * K4,
+            len: K4,
+            state,
+        })
+    };
+    core::iter::once(Op::Map {
+        ipa: block,
+        len: M2,
+        pa_shift: 0,
+        attrs,
+        state: back,
+    })
+    .chain(pages(there))
+    .chain(pages(back))
+    .collect()
+}
+
+fn decode_one(b: &mut Bits, pages_bias: bool) -> Op {
     let kind = b.take(9);
     // The page-path tests: most operations on one page, around few blocks.
     let single = pages_bias && b.take(4) != 0;
@@ -155,8 +190,12 @@ fn decode(words: (u64, u64), pages_bias: bool) -> Op {
 }
 
 fn ops(pages_bias: bool) -> impl Strategy<Value = Vec<Op>> {
-    proptest::collection::vec(any::<(u64, u64)>(), OPS_PER_CASE)
-        .prop_map(move |words| words.into_iter().map(|w| decode(w, pages_bias)).collect())
+    proptest::collection::vec(any::<(u64, u64)>(), OPS_PER_CASE).prop_map(move |words| {
+        words
+            .into_iter()
+            .flat_map(|w| decode(w, pages_bias))
+            .collect()
+    })
 }
 
 /// A change of one page through the page path; checks that the walk
