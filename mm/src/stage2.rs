@@ -1047,10 +1047,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         let mut reserve = Reserve::take(pool, plan.pages())?;
         self.generation = self.generation.wrapping_add(1);
         if walk.level == LEAF_LEVEL {
-            let at = walk.slot(LEAF_LEVEL, self.geometry.root_entries());
-            let count = recount(pool, at, old, new, walk.table_count(LEAF_LEVEL));
-            self.write_leaf(pool, at, old, new, true);
-            self.merge_up(pool, walk, count);
+            self.change_and_merge(pool, walk, old, new);
         } else {
             self.split_path(pool, &mut reserve, walk, new);
         }
@@ -1058,82 +1055,119 @@ impl<T: TlbMaintenance> Stage2<T> {
         Ok(())
     }
 
-    /// The page's level-3 table now has run-break count `count`: stores
-    /// it, and merges every table on the path that became one leaf.
-    fn merge_up(&mut self, pool: &mut PagePool, walk: &PageWalk, mut count: u8) {
+    /// Writes the page's entry `new` (now `old`) and merges every table
+    /// on the path that becomes one leaf: one break, at the highest entry
+    /// that changes, and one TLB sequence for the page and every table
+    /// merged (where the range path breaks once per table).
+    fn change_and_merge(&mut self, pool: &mut PagePool, walk: &PageWalk, old: Pte, new: Pte) {
         let entries = self.geometry.root_entries();
+        let at = walk.slot(LEAF_LEVEL, entries);
+        let mut count = recount(pool, at, old, new, walk.table_count(LEAF_LEVEL));
+        // A page going away may stay cached until the invalidation that
+        // ends this change; where nothing cached depends on what changes,
+        // a store does. Anything else breaks and makes the page first.
+        let deferred = old.is_valid() && !new.is_valid();
+        if deferred || !old.is_valid() || old.sw_only_change(new) {
+            write(pool, at.table, at.index, new);
+        } else {
+            self.write_leaf(pool, at, old, new, true);
+        }
+        // How far up the tables merge: `leaf[l]` is what entry `l` of the
+        // path becomes, for `top <= l < 3`. Nothing is written yet, so
+        // a table's entry on the path is read as what it is to become.
+        let mut leaf = [Pte(0); LEAF_LEVEL as usize];
+        let mut top = LEAF_LEVEL;
+        // The entry whose table keeps its (new) count, if any.
+        let mut keep = None;
         for level in (walk.start..LEAF_LEVEL).rev() {
-            let at = walk.slot(level, entries);
-            let table = walk.path[usize::from(level) + 1].addr();
+            let below = usize::from(level) + 1;
+            let table = walk.path[below].addr();
+            let on_path = (
+                walk.child_index(level + 1),
+                if level + 1 == LEAF_LEVEL {
+                    new
+                } else {
+                    leaf[below]
+                },
+            );
             // A saturated count is known again once the table has no break
             // at all: finding the first break is enough to rule a merge out.
-            if count == BREAKS_UNKNOWN && count_breaks(pool, table, level + 1, 1) == 0 {
+            if count == BREAKS_UNKNOWN && count_breaks_as(pool, table, level + 1, 1, on_path) == 0 {
                 count = 0;
             }
-            let child = walk.path[usize::from(level) + 1].with_breaks(count);
             // No break: one run of leaves (tables break runs), which one
-            // leaf here can hold unless its output is misaligned for it.
-            let leaf = if count == 0 {
-                merged_leaf(read(pool, child.addr(), 0), level)
+            // leaf here holds unless its output is misaligned for it.
+            let first = if on_path.0 == 0 {
+                on_path.1
+            } else {
+                read(pool, table, 0)
+            };
+            let merged = if count == 0 {
+                merged_leaf(first, level)
             } else {
                 None
             };
-            let Some(leaf) = leaf else {
-                // Only the software count changes: no TLB maintenance.
-                if read(pool, at.table, at.index) != child {
-                    write(pool, at.table, at.index, child);
-                }
-                // The tables above keep their counts.
-                return;
+            let Some(merged) = merged else {
+                keep = Some((level, count));
+                break;
             };
-            count = self.merge_run(pool, at, child, leaf, walk.table_count(level));
+            leaf[usize::from(level)] = merged;
+            top = level;
+            let at = walk.slot(level, entries);
+            count = recount(pool, at, walk.path[below], merged, walk.table_count(level));
         }
-    }
-
-    /// Replaces table descriptor `table` in live entry `at`, whose table
-    /// holds one run of leaves (no table below it), by the equivalent leaf
-    /// `leaf`, with break-before-make; keeps the freed table in the stash.
-    /// Returns the run-break count of `at`'s table (`breaks` before).
-    fn merge_run(
-        &mut self,
-        pool: &mut PagePool,
-        at: Slot,
-        table: Pte,
-        leaf: Pte,
-        breaks: u8,
-    ) -> u8 {
-        let valid = leaf.is_valid();
-        write(
-            pool,
-            at.table,
-            at.index,
-            if valid {
-                Pte::invalid(Annotation(0))
-            } else {
-                leaf
-            },
-        );
-        self.tlb.publish_writes();
-        if valid {
-            // Each of its 512 leaves may be cached: one VMID-wide operation
-            // rather than 512 by IPA.
-            self.tlb.invalidate_vmid(self.vmid);
+        if top == LEAF_LEVEL {
+            if deferred {
+                self.tlb.publish_writes();
+                self.tlb
+                    .invalidate_ipa(self.vmid, walk.ipa, Some(LEAF_LEVEL));
+                self.tlb.complete(self.vmid);
+            }
         } else {
-            // Only the table itself, in the walk caches.
-            self.tlb.invalidate_ipa(self.vmid, at.base, None);
+            let at = walk.slot(top, entries);
+            let merged = leaf[usize::from(top)];
+            if merged.is_valid() {
+                write(pool, at.table, at.index, Pte::invalid(Annotation(0)));
+                self.tlb.publish_writes();
+                // Each of the leaves below may be cached: one VMID-wide
+                // operation rather than hundreds by IPA.
+                self.tlb.invalidate_vmid(self.vmid);
+                self.tlb.complete(self.vmid);
+                write(pool, at.table, at.index, merged);
+            } else {
+                write(pool, at.table, at.index, merged);
+                self.tlb.publish_writes();
+                // Nothing below was valid but (perhaps) the page: its
+                // entry, and the walk caches of every table on its path.
+                self.tlb.invalidate_ipa(self.vmid, walk.ipa, None);
+                self.tlb.complete(self.vmid);
+            }
+            // The unlinked tables, bottom up (a split takes them top down,
+            // newest first), each holding exactly the subdivision of its
+            // leaf once the entry on the path is that leaf too.
+            for level in (top..LEAF_LEVEL).rev() {
+                let l = usize::from(level);
+                let table = walk.path[l + 1].addr();
+                if level + 1 < LEAF_LEVEL {
+                    write(pool, table, walk.child_index(level + 1), leaf[l + 1]);
+                }
+                // SAFETY: a table of this tree from this pool, unlinked,
+                // with its TLB entries gone; nothing writes it since.
+                unsafe { pool.free_split(table, leaf[l].0, level) };
+                self.stats.table_pages -= 1;
+                if leaf[l].is_valid() {
+                    self.stats.merges += 1;
+                }
+            }
         }
-        self.tlb.complete(self.vmid);
-        if valid {
-            write(pool, at.table, at.index, leaf);
-            self.stats.merges += 1;
+        if let Some((level, count)) = keep {
+            // Only the software count changes: no TLB maintenance.
+            let at = walk.slot(level, entries);
+            let child = walk.path[usize::from(level) + 1].with_breaks(count);
+            if read(pool, at.table, at.index) != child {
+                write(pool, at.table, at.index, child);
+            }
         }
-        // It holds exactly the subdivision of `leaf`: kept for the next
-        // split of the same leaf.
-        // SAFETY: the page is a table of this tree from this pool, now
-        // unlinked, with its TLB entries gone; nothing writes it since.
-        unsafe { pool.free_split(table.addr(), leaf.0, at.level) };
-        self.stats.table_pages -= 1;
-        recount(pool, at, table, leaf, breaks)
     }
 
     /// Replaces the walk's leaf (above level 3) by tables down to the
@@ -1564,6 +1598,31 @@ fn count_breaks(pool: &PagePool, table: u64, level: u8, cap: u8) -> u8 {
     let mut prev = read(pool, table, 0);
     for j in 1..ENTRIES {
         let pte = read(pool, table, j);
+        if !continues(prev, pte, level) {
+            n += 1;
+            if n == cap {
+                break;
+            }
+        }
+        prev = pte;
+    }
+    n
+}
+
+/// [`count_breaks`] of the table as it will be once entry `index` is
+/// `pte` (`on_path`), without writing it.
+fn count_breaks_as(pool: &PagePool, table: u64, level: u8, cap: u8, on_path: (usize, Pte)) -> u8 {
+    let entry = |j: usize| {
+        if j == on_path.0 {
+            on_path.1
+        } else {
+            read(pool, table, j)
+        }
+    };
+    let mut n = 0u8;
+    let mut prev = entry(0);
+    for j in 1..ENTRIES {
+        let pte = entry(j);
         if !continues(prev, pte, level) {
             n += 1;
             if n == cap {

@@ -677,3 +677,117 @@ fn a_walk_of_another_stage2_is_refused() {
     assert_eq!(a.commit_page(pool, &walk_a, &plan_a), Ok(()));
     assert_eq!(b.change_page(pool, &walk_b, change), Ok(()));
 }
+
+/// One page-path change; the TLB maintenance it did.
+fn change(
+    s2: &mut keel_mm::Stage2<RecordingTlb>,
+    pool: &mut PagePool,
+    ipa: u64,
+    c: keel_mm::Change,
+) -> Vec<TlbEvent> {
+    let walk = s2.walk_page(pool, ipa).unwrap();
+    s2.tlb_mut().events.clear();
+    s2.change_page(pool, &walk, c).unwrap();
+    audit_clean(s2, pool, &format!("{c:?} at {ipa:#x}"));
+    std::mem::take(&mut s2.tlb_mut().events)
+}
+
+/// Undoing a one-page change in a 1G block on the page path merges both
+/// tables with one break and one TLB sequence: a VMID-wide invalidation
+/// for a valid block, one by the page's IPA (every walk cache on its path
+/// with it) for an invalid one. The tables go to the stash and come back.
+#[test]
+fn page_path_merges_a_whole_path_with_one_tlb_sequence() {
+    let mut tp = TestPool::new(64);
+    let mut s2 = new_stage2(&mut tp, 40, 5);
+    let page = G1 + 0x1234_5000;
+    s2.map(
+        &mut tp.pool,
+        G1,
+        G1,
+        RAM,
+        S2Attrs::NORMAL_RWX,
+        PageState::Owned,
+    )
+    .unwrap();
+    s2.unmap(&mut tp.pool, 2 * G1, G1, Annotation(3)).unwrap();
+    let base = s2.stats();
+    let maintenance = |events: &[TlbEvent]| -> Vec<TlbEvent> {
+        events
+            .iter()
+            .copied()
+            .filter(|e| !matches!(e, TlbEvent::Publish))
+            .collect()
+    };
+    for round in 0..2 {
+        // A valid block: the page's state (software bits only), and back.
+        change(
+            &mut s2,
+            &mut tp.pool,
+            page,
+            keel_mm::Change::State(PageState::SharedOwned),
+        );
+        assert_eq!(s2.stats().table_pages, base.table_pages + 2);
+        let events = change(
+            &mut s2,
+            &mut tp.pool,
+            page,
+            keel_mm::Change::State(PageState::Owned),
+        );
+        assert_eq!(
+            maintenance(&events),
+            [TlbEvent::Vmid(5), TlbEvent::Complete(5)],
+            "round {round}"
+        );
+        assert_eq!(
+            mapped(&s2, &tp.pool, page),
+            (RAM + 0x1234_5000, 1, PageState::Owned)
+        );
+        // An invalid block: one page mapped, and unmapped again.
+        let hole = 2 * G1 + 0x1234_5000;
+        change(
+            &mut s2,
+            &mut tp.pool,
+            hole,
+            keel_mm::Change::Map {
+                ipa: hole,
+                pa: RAM,
+                attrs: S2Attrs::NORMAL_RWX,
+                state: PageState::SharedBorrowed,
+            },
+        );
+        let events = change(
+            &mut s2,
+            &mut tp.pool,
+            hole,
+            keel_mm::Change::Unmap(Annotation(3)),
+        );
+        assert_eq!(
+            maintenance(&events),
+            [
+                TlbEvent::Ipa {
+                    vmid: 5,
+                    ipa: hole,
+                    level: None
+                },
+                TlbEvent::Complete(5)
+            ],
+            "round {round}"
+        );
+        let leaf = s2.lookup(&tp.pool, hole).unwrap();
+        assert_eq!(
+            (leaf.level, leaf.kind),
+            (1, LeafKind::Unmapped(Annotation(3)))
+        );
+        let now = s2.stats();
+        assert_eq!(now.table_pages, base.table_pages);
+        assert_eq!(
+            now.merges - base.merges,
+            2 * (round + 1),
+            "valid merges only"
+        );
+        // All four tables are in the stash for the next round.
+        assert_eq!(tp.pool.stashed(), 4);
+    }
+    check_accounting(&s2, &tp.pool).unwrap();
+}
