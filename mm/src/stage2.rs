@@ -1648,7 +1648,13 @@ fn recount(pool: &PagePool, at: Slot, old: Pte, new: Pte, breaks: u8) -> u8 {
         u16::from(prev.is_some_and(|p| !continues(p, pte, at.level)))
             + u16::from(next.is_some_and(|n| !continues(pte, n, at.level)))
     };
-    let n = u16::from(breaks) + around(new) - around(old);
+    // A table descriptor continues no neighbour: a break with each.
+    let around_old = if old.is_table(at.level) {
+        u16::from(prev.is_some()) + u16::from(next.is_some())
+    } else {
+        around(old)
+    };
+    let n = u16::from(breaks) + around(new) - around_old;
     n.min(u16::from(BREAKS_UNKNOWN)) as u8
 }
 
