@@ -235,10 +235,7 @@ fn page_path_merges_a_table_whose_count_saturated() {
     .unwrap();
     let base = s2.stats().table_pages;
     let mut set = |s2: &mut keel_mm::Stage2<RecordingTlb>, k: u64, state| {
-        let walk = s2.walk_page(&tp.pool, G1 + k * K4).unwrap();
-        s2.change_page(&mut tp.pool, &walk, keel_mm::Change::State(state))
-            .unwrap();
-        audit_clean(s2, &tp.pool, &format!("page {k} to {state:?}"));
+        change(s2, &mut tp.pool, G1 + k * K4, keel_mm::Change::State(state));
     };
     // Every other page shared: 511 breaks, past what the count holds.
     for k in (0..512).step_by(2) {
