@@ -881,17 +881,6 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// replaces it by that leaf; otherwise stores the count. Returns the
     /// run-break count of `at`'s table.
     fn try_merge(&mut self, pool: &mut PagePool, at: Slot, pte: Pte, breaks: u8) -> u8 {
-        self.merge_if_uniform(pool, at, pte, breaks).0
-    }
-
-    /// [`try_merge`](Self::try_merge), also saying whether it merged.
-    fn merge_if_uniform(
-        &mut self,
-        pool: &mut PagePool,
-        at: Slot,
-        pte: Pte,
-        breaks: u8,
-    ) -> (u8, bool) {
         let mut pte = pte;
         // An unknown count stays unknown until the table has no break at
         // all: finding the first break is enough to rule a merge out.
@@ -908,13 +897,13 @@ impl<T: TlbMaintenance> Stage2<T> {
                 // Only the software count changes: no TLB maintenance.
                 write(pool, at.table, at.index, pte);
             }
-            return (breaks, false);
+            return breaks;
         };
         let breaks = self.replace_subtree(pool, at, pte, leaf, breaks);
         if leaf.is_valid() {
             self.stats.merges += 1;
         }
-        (breaks, true)
+        breaks
     }
 
     /// Walks to the leaf that maps page `ipa`, for a single-page change:
@@ -1594,19 +1583,8 @@ fn continues(prev: Pte, next: Pte, level: u8) -> bool {
 /// neighbouring entries do not continue each other, counting stopped at
 /// `cap` (which then means "at least that many").
 fn count_breaks(pool: &PagePool, table: u64, level: u8, cap: u8) -> u8 {
-    let mut n = 0u8;
-    let mut prev = read(pool, table, 0);
-    for j in 1..ENTRIES {
-        let pte = read(pool, table, j);
-        if !continues(prev, pte, level) {
-            n += 1;
-            if n == cap {
-                break;
-            }
-        }
-        prev = pte;
-    }
-    n
+    // No entry is replaced (index past the table).
+    count_breaks_as(pool, table, level, cap, (ENTRIES, Pte(0)))
 }
 
 /// [`count_breaks`] of the table as it will be once entry `index` is
