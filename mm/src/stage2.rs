@@ -1053,10 +1053,11 @@ impl<T: TlbMaintenance> Stage2<T> {
         let at = walk.slot(LEAF_LEVEL, entries);
         let mut count = recount(pool, at, old, new, walk.table_count(LEAF_LEVEL));
         // A page going away may stay cached until the invalidation that
-        // ends this change; where nothing cached depends on what changes,
-        // a store does. Anything else breaks and makes the page first.
+        // ends this change; any other change is written as `write_leaf`
+        // writes it (a store where nothing cached depends on it, else
+        // break-before-make first).
         let deferred = old.is_valid() && !new.is_valid();
-        if deferred || !old.is_valid() || old.sw_only_change(new) {
+        if deferred {
             write(pool, at.table, at.index, new);
         } else {
             self.write_leaf(pool, at, old, new, true);
