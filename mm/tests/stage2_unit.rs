@@ -256,25 +256,24 @@ fn page_path_merges_a_table_whose_count_saturated() {
     check_accounting(&s2, &tp.pool).unwrap();
 }
 
+/// Maps a GiB of RAM at `G1` as one block, then shares one page in each of
+/// its 2M entries but the first: the level-2 table keeps entry 0 a 2M
+/// block and the 511 others each hold a level-3 table (511 breaks, an
+/// unknown count, over subtables).
+fn map_1g_with_511_subtables(s2: &mut keel_mm::Stage2<RecordingTlb>, pool: &mut PagePool) {
+    s2.map(pool, G1, G1, RAM, S2Attrs::NORMAL_RWX, PageState::Owned)
+        .unwrap();
+    for k in 1..512 {
+        s2.set_state(pool, G1 + k * M2 + K4, K4, PageState::SharedOwned)
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_table_past_the_count_with_subtables_is_freed_whole() {
     let mut tp = TestPool::new(1100);
     let mut s2 = new_stage2(&mut tp, 40, 3);
-    s2.map(
-        &mut tp.pool,
-        G1,
-        G1,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
-    // Entry 0 of the level-2 table stays a 2M block; the 511 others each
-    // hold a level-3 table: 511 breaks, an unknown count, over subtables.
-    for k in 1..512 {
-        s2.set_state(&mut tp.pool, G1 + k * M2 + K4, K4, PageState::SharedOwned)
-            .unwrap();
-    }
+    map_1g_with_511_subtables(&mut s2, &mut tp.pool);
     assert_eq!(s2.stats().table_pages, 512);
     audit_clean(&s2, &tp.pool, "511 subtables");
     // Unmapping the GiB replaces the whole table: every subtable must be
@@ -287,19 +286,7 @@ fn a_table_past_the_count_with_subtables_is_freed_whole() {
     check_accounting(&s2, &tp.pool).unwrap();
     // Again, reverting one subtable at a time: the last revert merges the
     // table back into the 1G block.
-    s2.map(
-        &mut tp.pool,
-        G1,
-        G1,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
-    for k in 1..512 {
-        s2.set_state(&mut tp.pool, G1 + k * M2 + K4, K4, PageState::SharedOwned)
-            .unwrap();
-    }
+    map_1g_with_511_subtables(&mut s2, &mut tp.pool);
     for k in 1..512 {
         s2.set_state(&mut tp.pool, G1 + k * M2 + K4, K4, PageState::Owned)
             .unwrap();
