@@ -79,7 +79,10 @@ impl Lent {
             Ok(_) => false,
             Err(_) if self.len == CAPACITY => false,
             Err(i) => {
-                self.entries.copy_within(i..self.len, i + 1);
+                // A page above every recorded one moves nothing.
+                if i < self.len {
+                    self.entries.copy_within(i..self.len, i + 1);
+                }
                 self.entries[i] = Entry {
                     pfn,
                     vm,
@@ -96,7 +99,9 @@ impl Lent {
     pub fn remove(&mut self, pfn: u64) -> Option<Entry> {
         let i = self.search(pfn).ok()?;
         let e = self.entries[i];
-        self.entries.copy_within(i + 1..self.len, i);
+        if i + 1 < self.len {
+            self.entries.copy_within(i + 1..self.len, i);
+        }
         self.len -= 1;
         Some(e)
     }

@@ -240,15 +240,15 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
     /// The state of the RAM page at `pa`, read back from where it lives.
     pub fn page(&self, pa: u64, g: &dyn Guests) -> Page {
         match self.host.lookup(&self.pool, pa) {
-            Ok(leaf) => self.page_in(&leaf, pa, g),
+            Ok(leaf) => self.page_in(leaf.kind, pa, g),
             Err(_) => Page::HypPrivate,
         }
     }
 
-    /// The state of the RAM page at `pa`, whose host stage-2 leaf is
-    /// `leaf`.
-    pub fn page_in(&self, leaf: &Leaf, pa: u64, g: &dyn Guests) -> Page {
-        match leaf.kind {
+    /// The state of the RAM page at `pa`, whose host stage-2 leaf is of
+    /// kind `kind`.
+    pub fn page_in(&self, kind: LeafKind, pa: u64, g: &dyn Guests) -> Page {
+        match kind {
             LeafKind::Mapped {
                 state: PageState::Owned,
                 ..

@@ -647,7 +647,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             ),
             Conversion::Unshare => (Request::GuestUnshare(vmi), Change::Unmap(annotation(slot))),
         };
-        owner::transition(mem.page_in(&host_walk.leaf(), pa, vms), request)?;
+        owner::transition(mem.page_in(host_walk.kind(), pa, vms), request)?;
         let guest_plan = vm
             .s2
             .plan_page(&guest_walk, Change::State(to))
@@ -663,20 +663,30 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             return Err(CallError::Invalid);
         };
         let lent = &mut self.vms.lent;
-        mem.host
-            .commit_page(&mut mem.pool, &host_walk, &host_plan)
-            .map_err(mm)?;
+        // Both orders are safe (the call holds every lock until both are
+        // done); these undo the tables of the last conversion in the order
+        // its merges stashed them, so each split finds its table first.
         match how {
             Conversion::Share => {
+                vm.s2
+                    .commit_page(&mut mem.pool, &guest_walk, &guest_plan)
+                    .map_err(mm)?;
+                mem.host
+                    .commit_page(&mut mem.pool, &host_walk, &host_plan)
+                    .map_err(mm)?;
                 lent.insert(pa / PAGE, vmi, Direction::ToHost);
             }
             Conversion::Unshare => {
+                mem.host
+                    .commit_page(&mut mem.pool, &host_walk, &host_plan)
+                    .map_err(mm)?;
                 lent.remove(pa / PAGE);
+                vm.s2
+                    .commit_page(&mut mem.pool, &guest_walk, &guest_plan)
+                    .map_err(mm)?;
             }
         }
-        vm.s2
-            .commit_page(&mut mem.pool, &guest_walk, &guest_plan)
-            .map_err(mm)
+        Ok(())
     }
 
     /// MEM_SHARE from guest `slot`: private pages become shared with the
@@ -687,6 +697,13 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         if nr == 1 {
             return self.convert_page(slot, ipa, Conversion::Share);
         }
+        self.share_run(slot, guest, nr)
+    }
+
+    /// MEM_SHARE of `nr` (> 1) pages `guest`, through the range paths.
+    #[inline(never)]
+    fn share_run(&mut self, slot: usize, guest: Range, nr: u64) -> Result<(), CallError> {
+        let ipa = guest.start;
         let Slot::Used(vm) = &self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };
@@ -758,6 +775,13 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         if nr == 1 {
             return self.convert_page(slot, ipa, Conversion::Unshare);
         }
+        self.unshare_run(slot, guest)
+    }
+
+    /// MEM_UNSHARE of more than one page, `guest`, through the range paths.
+    #[inline(never)]
+    fn unshare_run(&mut self, slot: usize, guest: Range) -> Result<(), CallError> {
+        let ipa = guest.start;
         let Slot::Used(vm) = &self.vms.slots[slot] else {
             return Err(CallError::Invalid);
         };

@@ -1418,6 +1418,13 @@ impl PageWalk {
         )
     }
 
+    /// What the leaf that maps the page is ([`leaf`](Self::leaf) without
+    /// its extent).
+    #[inline]
+    pub fn kind(&self) -> LeafKind {
+        leaf_kind(self.leaf_pte())
+    }
+
     /// For a page the walk found mapped: its output address and state.
     #[inline]
     pub fn mapped(&self) -> Option<(u64, PageState)> {
@@ -1667,15 +1674,20 @@ fn leaf_info(pte: Pte, level: u8, ipa: u64) -> Leaf {
         ipa,
         level,
         size: level_size(level),
-        kind: if pte.is_valid() {
-            LeafKind::Mapped {
-                pa: pte.addr(),
-                attrs: pte.attrs(),
-                state: pte.state(),
-            }
-        } else {
-            LeafKind::Unmapped(pte.annotation())
-        },
+        kind: leaf_kind(pte),
+    }
+}
+
+#[inline]
+fn leaf_kind(pte: Pte) -> LeafKind {
+    if pte.is_valid() {
+        LeafKind::Mapped {
+            pa: pte.addr(),
+            attrs: pte.attrs(),
+            state: pte.state(),
+        }
+    } else {
+        LeafKind::Unmapped(pte.annotation())
     }
 }
 
