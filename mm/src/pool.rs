@@ -217,19 +217,30 @@ impl PagePool {
     /// A free page holding the subdivision of leaf descriptor `leaf` at
     /// `level`, if a merge left one: allocated, like `alloc_uninit`. The
     /// caller has checked that `free_pages` covers it.
+    #[inline]
     pub(crate) fn take_split(&mut self, leaf: u64, level: u8) -> Option<u64> {
-        let matches = |s: &Stashed| s.leaf == leaf && s.level == level;
         // The newest entry first: a split usually undoes the last merge.
         let last = self.stashed.checked_sub(1)?;
-        let i = if matches(&self.stash[last]) {
-            last
-        } else {
-            (0..last).rev().find(|&i| matches(&self.stash[i]))?
-        };
+        let newest = self.stash[last];
+        if newest.leaf == leaf && newest.level == level {
+            self.stashed = last;
+            self.free_pages -= 1;
+            return Some(newest.pa);
+        }
+        self.take_older_split(leaf, level)
+    }
+
+    /// [`take_split`](Self::take_split) of an entry other than the newest.
+    #[inline(never)]
+    fn take_older_split(&mut self, leaf: u64, level: u8) -> Option<u64> {
+        let last = self.stashed - 1;
+        let i = (0..last)
+            .rev()
+            .find(|&i| self.stash[i].leaf == leaf && self.stash[i].level == level)?;
         let pa = self.stash[i].pa;
         // The last entry fills the hole: eviction order is a guess anyway.
-        self.stashed -= 1;
-        self.stash[i] = self.stash[self.stashed];
+        self.stash[i] = self.stash[last];
+        self.stashed = last;
         self.free_pages -= 1;
         Some(pa)
     }

@@ -295,6 +295,7 @@ impl Reserve {
     }
 
     /// A table page holding the subdivision of leaf `leaf` at `level`.
+    #[inline]
     fn table_for(&mut self, pool: &mut PagePool, leaf: Pte, level: u8) -> u64 {
         // The plan counts exactly the splits the commit makes.
         assert!(
