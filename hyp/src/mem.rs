@@ -247,6 +247,7 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
 
     /// The state of the RAM page at `pa`, whose host stage-2 leaf is of
     /// kind `kind`.
+    #[inline(always)]
     pub fn page_in(&self, kind: LeafKind, pa: u64, g: &dyn Guests) -> Page {
         match kind {
             LeafKind::Mapped {

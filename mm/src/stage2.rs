@@ -219,6 +219,7 @@ impl Change {
     /// The leaf an entry at `level` based at `base`, wholly inside the
     /// range, becomes when it is now leaf `old`; `None` if its new contents
     /// cannot be a single entry at this level.
+    #[inline(always)]
     fn whole_entry(self, level: u8, base: u64, old: Pte) -> Option<Pte> {
         match self {
             Change::Map {
@@ -295,7 +296,7 @@ impl Reserve {
     }
 
     /// A table page holding the subdivision of leaf `leaf` at `level`.
-    #[inline]
+    #[inline(always)]
     fn table_for(&mut self, pool: &mut PagePool, leaf: Pte, level: u8) -> u64 {
         // The plan counts exactly the splits the commit makes.
         assert!(
@@ -1017,6 +1018,7 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// changes on an error: `MmError::Stale` if the table changed since
     /// the walk, `InvalidArgument` for a walk or plan of another stage 2
     /// (or another page), `NoMemory` if the pool lacks the plan's pages.
+    #[inline(always)]
     pub fn commit_page(
         &mut self,
         pool: &mut PagePool,
@@ -1435,7 +1437,7 @@ impl PageWalk {
 
     /// The page's own descriptor: its part of the leaf (an invalid leaf
     /// is the same everywhere).
-    #[inline]
+    #[inline(always)]
     fn page(&self) -> Pte {
         let leaf = self.leaf_pte();
         if leaf.is_valid() {
@@ -1679,7 +1681,7 @@ fn leaf_info(pte: Pte, level: u8, ipa: u64) -> Leaf {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn leaf_kind(pte: Pte) -> LeafKind {
     if pte.is_valid() {
         LeafKind::Mapped {
