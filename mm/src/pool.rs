@@ -245,6 +245,14 @@ impl PagePool {
         Some(pa)
     }
 
+    /// The stashed pages, oldest first: (page, leaf descriptor, level).
+    #[cfg(test)]
+    pub(crate) fn stash_entries(&self) -> impl Iterator<Item = (u64, u64, u8)> + '_ {
+        self.stash[..self.stashed]
+            .iter()
+            .map(|s| (s.pa, s.leaf, s.level))
+    }
+
     /// Free pages kept in the stash.
     pub fn stashed(&self) -> usize {
         self.stashed

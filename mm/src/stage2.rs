@@ -1802,3 +1802,6 @@ fn audit_table(
         }
     }
 }
+
+#[cfg(test)]
+mod model_tests;
