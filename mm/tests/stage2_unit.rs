@@ -7,6 +7,13 @@ use keel_mm::{Annotation, Geometry, LeafKind, MmError, PagePool, PageState, S2At
 
 const RAM: u64 = 0x40_0000_0000;
 
+/// Maps `len` bytes at `ipa` to `RAM` as owned read-write-execute memory:
+/// the mapping most tests start from.
+fn map_ram(s2: &mut keel_mm::Stage2<RecordingTlb>, pool: &mut PagePool, ipa: u64, len: u64) {
+    s2.map(pool, ipa, len, RAM, S2Attrs::NORMAL_RWX, PageState::Owned)
+        .unwrap();
+}
+
 fn mapped(s2: &keel_mm::Stage2<RecordingTlb>, pool: &PagePool, ipa: u64) -> (u64, u8, PageState) {
     let l = s2.lookup(pool, ipa).unwrap();
     match l.kind {
@@ -99,15 +106,7 @@ fn largest_blocks_alignment_allows() {
 fn one_page_change_in_a_1g_block_splits_two_tables_and_reverts() {
     let mut tp = TestPool::new(64);
     let mut s2 = new_stage2(&mut tp, 40, 3);
-    s2.map(
-        &mut tp.pool,
-        G1,
-        G1,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
+    map_ram(&mut s2, &mut tp.pool, G1, G1);
     assert_eq!(s2.stats().table_pages, 0);
     s2.tlb_mut().events.clear();
     let page = G1 + 5 * M2 + 7 * K4;
@@ -168,15 +167,7 @@ fn audit_clean(s2: &keel_mm::Stage2<RecordingTlb>, pool: &PagePool, what: &str) 
 fn fragmented_tables_count_breaks_past_the_exact_range_and_still_merge() {
     let mut tp = TestPool::new(64);
     let mut s2 = new_stage2(&mut tp, 40, 3);
-    s2.map(
-        &mut tp.pool,
-        0,
-        M2,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
+    map_ram(&mut s2, &mut tp.pool, 0, M2);
     // The level-2 table that holds the 2M block.
     let base = s2.stats().table_pages;
     // Every other page shared: 511 breaks, past what the count holds.
@@ -224,15 +215,7 @@ fn fragmented_tables_count_breaks_past_the_exact_range_and_still_merge() {
 fn page_path_merges_a_table_whose_count_saturated() {
     let mut tp = TestPool::new(64);
     let mut s2 = new_stage2(&mut tp, 40, 3);
-    s2.map(
-        &mut tp.pool,
-        G1,
-        M2,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
+    map_ram(&mut s2, &mut tp.pool, G1, M2);
     let base = s2.stats().table_pages;
     let mut set = |s2: &mut keel_mm::Stage2<RecordingTlb>, k: u64, state| {
         change(s2, &mut tp.pool, G1 + k * K4, keel_mm::Change::State(state));
@@ -261,8 +244,7 @@ fn page_path_merges_a_table_whose_count_saturated() {
 /// block and the 511 others each hold a level-3 table (511 breaks, an
 /// unknown count, over subtables).
 fn map_1g_with_511_subtables(s2: &mut keel_mm::Stage2<RecordingTlb>, pool: &mut PagePool) {
-    s2.map(pool, G1, G1, RAM, S2Attrs::NORMAL_RWX, PageState::Owned)
-        .unwrap();
+    map_ram(s2, pool, G1, G1);
     for k in 1..512 {
         s2.set_state(pool, G1 + k * M2 + K4, K4, PageState::SharedOwned)
             .unwrap();
@@ -304,15 +286,7 @@ fn a_table_past_the_count_with_subtables_is_freed_whole() {
 fn unmap_records_annotation_and_merges_upwards() {
     let mut tp = TestPool::new(64);
     let mut s2 = new_stage2(&mut tp, 48, 1);
-    s2.map(
-        &mut tp.pool,
-        0,
-        2 * G1,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
+    map_ram(&mut s2, &mut tp.pool, 0, 2 * G1);
     s2.unmap(&mut tp.pool, M2, K4, Annotation(9)).unwrap();
     let l = s2.lookup(&tp.pool, M2).unwrap();
     assert_eq!((l.level, l.kind), (3, LeafKind::Unmapped(Annotation(9))));
@@ -335,15 +309,7 @@ fn unmap_records_annotation_and_merges_upwards() {
 fn bad_ranges_are_refused_and_change_nothing() {
     let mut tp = TestPool::new(64);
     let mut s2 = new_stage2(&mut tp, 40, 1);
-    s2.map(
-        &mut tp.pool,
-        0,
-        M2,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
+    map_ram(&mut s2, &mut tp.pool, 0, M2);
     s2.tlb_mut().events.clear();
     let before = (s2.stats(), tp.pool.free_pages());
     let top = 1u64 << 40;
@@ -410,15 +376,7 @@ fn no_memory_changes_nothing() {
         LeafKind::Unmapped(Annotation(0))
     );
     // A 2M block needs only one.
-    s2.map(
-        &mut tp.pool,
-        G1,
-        M2,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
+    map_ram(&mut s2, &mut tp.pool, G1, M2);
     check_accounting(&s2, &tp.pool).unwrap();
 }
 
@@ -426,15 +384,7 @@ fn no_memory_changes_nothing() {
 fn attrs_change_every_level() {
     let mut tp = TestPool::new(64);
     let mut s2 = new_stage2(&mut tp, 40, 1);
-    s2.map(
-        &mut tp.pool,
-        0,
-        2 * G1,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
+    map_ram(&mut s2, &mut tp.pool, 0, 2 * G1);
     for (ipa, len) in [(0, G1), (G1, M2), (G1 + M2, K4), (G1 + 3 * M2 - K4, 2 * K4)] {
         s2.tlb_mut().events.clear();
         s2.set_attrs(&mut tp.pool, ipa, len, S2Attrs::DEVICE_RW)
@@ -685,15 +635,7 @@ fn page_path_merges_a_whole_path_with_one_tlb_sequence() {
     let mut tp = TestPool::new(64);
     let mut s2 = new_stage2(&mut tp, 40, 5);
     let page = G1 + 0x1234_5000;
-    s2.map(
-        &mut tp.pool,
-        G1,
-        G1,
-        RAM,
-        S2Attrs::NORMAL_RWX,
-        PageState::Owned,
-    )
-    .unwrap();
+    map_ram(&mut s2, &mut tp.pool, G1, G1);
     s2.unmap(&mut tp.pool, 2 * G1, G1, Annotation(3)).unwrap();
     let base = s2.stats();
     let maintenance = |events: &[TlbEvent]| -> Vec<TlbEvent> {
