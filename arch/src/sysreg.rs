@@ -101,3 +101,31 @@ pub fn pa_bits() -> u32 {
         _ => 52,
     }
 }
+
+/// The AArch64 ID registers, Op0 = 3, Op1 = 0, CRn = 0, CRm = 4 to 7,
+/// Op2 = 0 to 7, in that order (unallocated encodings read as zero).
+pub fn aa64_id_regs() -> [u64; 32] {
+    macro_rules! read_all {
+        ($($crm:literal: [$($op2:literal),*]),*) => {
+            [$($({
+                let v: u64;
+                // SAFETY: reading an ID register has no side effects; the
+                // unallocated encodings of this space are RAZ.
+                unsafe {
+                    core::arch::asm!(
+                        concat!("mrs {}, s3_0_c0_c", $crm, "_", $op2),
+                        out(reg) v,
+                        options(nomem, nostack, preserves_flags)
+                    )
+                };
+                v
+            }),*),*]
+        };
+    }
+    read_all!(
+        4: [0, 1, 2, 3, 4, 5, 6, 7],
+        5: [0, 1, 2, 3, 4, 5, 6, 7],
+        6: [0, 1, 2, 3, 4, 5, 6, 7],
+        7: [0, 1, 2, 3, 4, 5, 6, 7]
+    )
+}

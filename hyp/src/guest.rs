@@ -9,6 +9,7 @@ use keel_mm::TlbMaintenance;
 use crate::host::Hyp;
 use crate::hvc::{self, Call, Return};
 use crate::mem::{CallError, HypMmu};
+use crate::sysreg::{self, SysregAccess};
 use crate::vm::{Pending, Slot, Vcpu, VcpuState, VmOps};
 
 /// What trapped.
@@ -119,6 +120,17 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 // Caches are coherent for everything keel maps, and a guest
                 // must not invalidate lines by set/way that could hold the
                 // host's data: done, as far as the guest can tell.
+                vcpu.pc += 4;
+                Action::Resume
+            }
+            ec::SYSREG => {
+                let access = SysregAccess::from_esr(trap.esr);
+                let Some(value) = sysreg::emulate(&self.guest_ids, &access) else {
+                    return self.fault(vcpu, trap.esr);
+                };
+                if access.read && access.rt < 31 {
+                    x[usize::from(access.rt)] = value;
+                }
                 vcpu.pc += 4;
                 Action::Resume
             }

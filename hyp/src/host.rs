@@ -9,12 +9,15 @@ use spin::Mutex;
 use crate::hvc::{self, Call, Caller, Limits, Return};
 use crate::mem::{CallError, Guests, HypMmu, Memory};
 use crate::stats::Stats;
+use crate::sysreg::GuestIdRegs;
 use crate::vm::{GuestTlb, Slot, Vcpu, VcpuState, VmOps, Vms, MAX_VCPUS, MAX_VMS};
 
 /// Everything the hypervisor keeps.
 pub struct Hyp<T: TlbMaintenance, M: HypMmu, G: GuestTlb> {
     pub limits: Limits,
     pub stats: Stats,
+    /// The ID registers guests read (set once at boot, from the CPU's).
+    pub guest_ids: GuestIdRegs,
     pub vms: &'static Mutex<Vms<G>>,
     pub mem: Mutex<Memory<T, M>>,
 }
@@ -50,6 +53,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
                 max_vcpus: MAX_VCPUS as u64,
             },
             stats: Stats::new(),
+            guest_ids: GuestIdRegs::default(),
             vms,
             mem: Mutex::new(mem),
         }

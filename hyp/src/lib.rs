@@ -10,4 +10,5 @@ pub mod hvc;
 pub mod lent;
 pub mod mem;
 pub mod stats;
+pub mod sysreg;
 pub mod vm;

@@ -24,14 +24,16 @@ use super::{this_cpu, Hyp, HYP};
 /// domain (FB, BSU), since its vCPUs may move between CPUs; cache
 /// maintenance by set/way (TSW: it could discard the host's dirty lines),
 /// ACTLR (TACR) and implementation-defined registers (TIDCP) trapped; SMC
-/// trapped (TSC); EL1 is AArch64 (RW); pointer authentication untrapped
-/// (APK, API).
+/// trapped (TSC); ID registers trapped (TID3: keel_hyp::sysreg answers
+/// them, without the features keel does not switch); EL1 is AArch64 (RW);
+/// pointer authentication untrapped (APK, API).
 const HCR_GUEST: u64 = 1
     | (1 << 3)
     | (1 << 4)
     | (1 << 5)
     | (1 << 9)
     | (1 << 10)
+    | (1 << 18)
     | (1 << 19)
     | (1 << 20)
     | (1 << 21)

@@ -53,6 +53,8 @@ keel_guest_start:
     b.eq    110f
     cmp     x10, #12
     b.eq    120f
+    cmp     x10, #13
+    b.eq    130f
     /* unknown: report (-1, op) */
     mov     x1, #-1
     mov     x2, x10
@@ -251,6 +253,37 @@ keel_guest_start:
 121: mov    x2, x1
     mov     x1, #1
     bl      99f
+    b       1b
+
+130: /* SYSREGS, by a1: 0 (ID_AA64PFR0_EL1, ID_AA64PFR1_EL1),
+      * 1 (ID_AA64DFR0_EL1, ID_AA64ZFR0_EL1), 2 (ID_AA64ISAR0_EL1,
+      * ID_AA64MMFR0_EL1), 3 (ID_PFR0_EL1, ID_AA64SMFR0_EL1), 4: writes a2
+      * to MDSCR_EL1 and PMCR_EL0, then (MDSCR_EL1, PMCR_EL0) */
+    cmp     x11, #1
+    b.eq    131f
+    cmp     x11, #2
+    b.eq    132f
+    cmp     x11, #3
+    b.eq    133f
+    cmp     x11, #4
+    b.eq    134f
+    mrs     x1, s3_0_c0_c4_0
+    mrs     x2, s3_0_c0_c4_1
+    b       135f
+131: mrs    x1, s3_0_c0_c5_0
+    mrs     x2, s3_0_c0_c4_4
+    b       135f
+132: mrs    x1, s3_0_c0_c6_0
+    mrs     x2, s3_0_c0_c7_0
+    b       135f
+133: mrs    x1, s3_0_c0_c1_0
+    mrs     x2, s3_0_c0_c4_5
+    b       135f
+134: msr    mdscr_el1, x12
+    msr     pmcr_el0, x12
+    mrs     x1, mdscr_el1
+    mrs     x2, pmcr_el0
+135: bl     99f
     b       1b
 
 99: /* REPORT (x1, x2); returns with x0 = the host's completion value */

@@ -114,6 +114,25 @@ pub fn current_el() -> u64 {
     (el >> 2) & 3
 }
 
+macro_rules! id_reg {
+    ($($name:ident => $reg:literal),*) => {$(
+        #[doc = concat!("The host's ", $reg, " (EL1 reads it untrapped).")]
+        pub fn $name() -> u64 {
+            let v: u64;
+            // SAFETY: reading an ID register has no side effects.
+            unsafe { core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) v, options(nomem, nostack)) };
+            v
+        }
+    )*};
+}
+
+id_reg! {
+    id_aa64pfr0 => "id_aa64pfr0_el1",
+    id_aa64dfr0 => "id_aa64dfr0_el1",
+    id_aa64isar0 => "id_aa64isar0_el1",
+    id_aa64mmfr0 => "id_aa64mmfr0_el1"
+}
+
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     // One line, so the runner's tail and the FAILED reason both carry it.

@@ -43,6 +43,10 @@ pub static SUITE: Suite = Suite {
             run: discovery_and_psci,
         },
         Test {
+            name: "guest_id_registers",
+            run: guest_id_registers,
+        },
+        Test {
             name: "one_gib_guest",
             run: one_gib_guest,
         },
@@ -131,6 +135,7 @@ pub enum Op {
     Console = 10,
     Fault = 11,
     Regs = 12,
+    Sysregs = 13,
 }
 
 // ---- hypercalls ----
@@ -782,6 +787,70 @@ fn discovery_and_psci(_: &BootInfo) -> TestResult {
         -1,
         "PSCI CPU_ON from the guest"
     );
+    g.teardown()
+}
+
+/// A 4-bit ID register field.
+fn id_field(v: u64, lsb: u32) -> u64 {
+    (v >> lsb) & 0xf
+}
+
+/// What a guest reads of the ID registers: the features keel does not
+/// switch for guests (SVE, SME, the PMU, EL2, AArch32) are gone, what runs
+/// without keel is as the host sees it; debug and PMU registers read as
+/// zero and ignore writes, and the vCPU runs on.
+fn guest_id_registers(_: &BootInfo) -> TestResult {
+    let mut g = Guest::new(slot(1), IPA, 16, 2)?;
+    let host_pfr0 = crate::kernel::id_aa64pfr0();
+    let host_dfr0 = crate::kernel::id_aa64dfr0();
+    let (pfr0, pfr1) = g.op(Op::Sysregs, 0, 0, 0)?;
+    // The CPU must have what the guest should not see, or this proves
+    // nothing (QEMU's -cpu max has SVE and a PMU).
+    ensure!(
+        id_field(host_pfr0, 32) != 0 && id_field(host_dfr0, 8) != 0,
+        "the host sees SVE and a PMU (PFR0 {:#x}, DFR0 {:#x})",
+        host_pfr0,
+        host_dfr0
+    );
+    ensure_eq!(id_field(pfr0, 32), 0, "guest ID_AA64PFR0_EL1.SVE");
+    ensure_eq!(id_field(pfr0, 8), 0, "guest ID_AA64PFR0_EL1.EL2");
+    ensure_eq!(
+        (id_field(pfr0, 0), id_field(pfr0, 4)),
+        (1, 1),
+        "guest ID_AA64PFR0_EL1.EL0, EL1 (AArch64 only)"
+    );
+    ensure_eq!(
+        (id_field(pfr0, 16), id_field(pfr0, 20)),
+        (id_field(host_pfr0, 16), id_field(host_pfr0, 20)),
+        "guest ID_AA64PFR0_EL1.FP, AdvSIMD"
+    );
+    ensure_eq!(id_field(pfr1, 24), 0, "guest ID_AA64PFR1_EL1.SME");
+    ensure_eq!(id_field(pfr1, 8), 0, "guest ID_AA64PFR1_EL1.MTE");
+    let (dfr0, zfr0) = g.op(Op::Sysregs, 1, 0, 0)?;
+    ensure_eq!(
+        dfr0,
+        id_field(host_dfr0, 0).max(6),
+        "guest ID_AA64DFR0_EL1 (DebugVer alone)"
+    );
+    ensure_eq!(zfr0, 0, "guest ID_AA64ZFR0_EL1");
+    let (isar0, mmfr0) = g.op(Op::Sysregs, 2, 0, 0)?;
+    ensure_eq!(
+        [isar0, mmfr0],
+        [crate::kernel::id_aa64isar0(), crate::kernel::id_aa64mmfr0()],
+        "guest ID_AA64ISAR0_EL1, ID_AA64MMFR0_EL1 (as the host's)"
+    );
+    ensure_eq!(
+        g.op(Op::Sysregs, 3, 0, 0)?,
+        (0, 0),
+        "guest ID_PFR0_EL1 (AArch32), ID_AA64SMFR0_EL1"
+    );
+    ensure_eq!(
+        g.op(Op::Sysregs, 4, 0x8001, 0)?,
+        (0, 0),
+        "guest MDSCR_EL1, PMCR_EL0 after writing them"
+    );
+    // Still running: a call answers.
+    ensure_eq!(g.call(func::REVISION, 0, 0)?, (1, 0), "REVISION afterwards");
     g.teardown()
 }
 

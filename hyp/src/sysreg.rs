@@ -1,0 +1,371 @@
+//! What a protected guest sees of the CPU's system registers.
+//!
+//! keel switches a guest's general, FP/SIMD, EL1 and timer state, and
+//! nothing else: SVE and SME state, the PMU, debug and trace, MTE tags,
+//! the GIC's CPU interface and every EL2 feature stay the host's (or
+//! nobody's). A guest must not be told they exist. So guests run with
+//! HCR_EL2.TID3, and their reads of the AArch64 ID registers are answered
+//! here from the CPU's values with those features taken out; AArch32 and
+//! unallocated ID encodings read as zero (guests are AArch64 only).
+//!
+//! The registers of the features taken out (debug and trace: Op0 = 2; the
+//! PMU) are trapped by MDCR_EL2 and read as zero, writes ignored (RAZ/WI),
+//! as for a CPU that has none of them to program. Everything else a guest
+//! traps still ends its run as a FAULT exit.
+
+/// A trapped MSR/MRS (ESR_EL2 EC 0x18), decoded from its ISS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SysregAccess {
+    pub op0: u8,
+    pub op1: u8,
+    pub crn: u8,
+    pub crm: u8,
+    pub op2: u8,
+    /// The general register (31: XZR).
+    pub rt: u8,
+    /// MRS (a read) rather than MSR.
+    pub read: bool,
+}
+
+impl SysregAccess {
+    /// Decodes the ISS of an EC 0x18 syndrome.
+    pub fn from_esr(esr: u64) -> Self {
+        let f = |shift: u32, bits: u32| ((esr >> shift) & ((1 << bits) - 1)) as u8;
+        Self {
+            op0: f(20, 2),
+            op2: f(17, 3),
+            op1: f(14, 3),
+            crn: f(10, 4),
+            rt: f(5, 5),
+            crm: f(1, 4),
+            read: esr & 1 != 0,
+        }
+    }
+
+    /// An ID register (Op0 = 3, Op1 = 0, CRn = 0, CRm = 1..7), the space
+    /// HCR_EL2.TID3 traps: `(crm, op2)`.
+    fn id_space(&self) -> Option<(u8, u8)> {
+        (self.op0 == 3 && self.op1 == 0 && self.crn == 0 && (1..=7).contains(&self.crm))
+            .then_some((self.crm, self.op2))
+    }
+
+    /// A debug or trace register (all of Op0 = 2) or a PMU register: what
+    /// MDCR_EL2 traps for guests, which see neither.
+    fn debug_or_pmu(&self) -> bool {
+        let pmu = match (self.op1, self.crn, self.crm) {
+            // PMCR_EL0 .. PMUSERENR_EL0, PMOVSSET_EL0.
+            (3, 9, 12..=14) => true,
+            // PMEVCNTR<n>_EL0, PMEVTYPER<n>_EL0, PMCCFILTR_EL0.
+            (3, 14, 8..=15) => true,
+            // PMINTENSET_EL1, PMINTENCLR_EL1, PMMIR_EL1.
+            (0, 9, 14) => matches!(self.op2, 1 | 2 | 6),
+            _ => false,
+        };
+        self.op0 == 2 || (self.op0 == 3 && pmu)
+    }
+}
+
+/// The AArch64 ID registers: CRm 4 to 7 of the ID space, eight each.
+pub const AA64_ID_REGS: usize = 32;
+
+/// Index in a `[u64; AA64_ID_REGS]` of AArch64 ID register (`crm`, `op2`).
+pub const fn aa64_index(crm: u8, op2: u8) -> usize {
+    (crm as usize - 4) * 8 + op2 as usize
+}
+
+/// Named indices of the registers whose values change.
+mod reg {
+    use super::aa64_index;
+    pub const PFR0: usize = aa64_index(4, 0);
+    pub const PFR1: usize = aa64_index(4, 1);
+    pub const DFR0: usize = aa64_index(5, 0);
+    pub const ISAR1: usize = aa64_index(6, 1);
+    pub const ISAR2: usize = aa64_index(6, 2);
+    pub const MMFR0: usize = aa64_index(7, 0);
+    pub const MMFR1: usize = aa64_index(7, 1);
+    pub const MMFR2: usize = aa64_index(7, 2);
+}
+
+/// Mask of 4-bit ID fields at the given bit positions.
+const fn fields(lsbs: &[u32]) -> u64 {
+    let mut m = 0;
+    let mut i = 0;
+    while i < lsbs.len() {
+        m |= 0xf << lsbs[i];
+        i += 1;
+    }
+    m
+}
+
+/// The guest's view of the AArch64 ID registers, computed once from the
+/// CPU's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestIdRegs {
+    aa64: [u64; AA64_ID_REGS],
+}
+
+impl Default for GuestIdRegs {
+    /// For a CPU whose registers were not read: every ID register zero
+    /// except that EL0 and EL1 run AArch64.
+    fn default() -> Self {
+        Self::from_cpu(&[0; AA64_ID_REGS])
+    }
+}
+
+impl GuestIdRegs {
+    /// The guest's view of a CPU whose AArch64 ID registers are `cpu`
+    /// (index [`aa64_index`]). Fields are kept by allow-list where a
+    /// register describes features keel does not switch, so a feature a
+    /// later architecture adds stays hidden until keel supports it.
+    pub fn from_cpu(cpu: &[u64; AA64_ID_REGS]) -> Self {
+        let mut aa64 = [0u64; AA64_ID_REGS];
+        // ID_AA64PFR0_EL1: FP, AdvSIMD, RAS, CSV2, CSV3, DIT kept; EL0 and
+        // EL1 AArch64 only (1); EL2, EL3, GIC (no vGIC), SVE, MPAM, AMU,
+        // SEL2, RME hidden.
+        aa64[reg::PFR0] = (cpu[reg::PFR0] & fields(&[16, 20, 28, 48, 56, 60])) | 0x11;
+        // ID_AA64PFR1_EL1: BT, SSBS, RAS_frac, CSV2_frac kept; MTE (tags
+        // need HCR_EL2.ATA), SME, MPAM_frac, NMI, GCS and the rest hidden.
+        aa64[reg::PFR1] = cpu[reg::PFR1] & fields(&[0, 4, 12, 32]);
+        // ID_AA64DFR0_EL1: the debug architecture version alone (at least
+        // Armv8.0's); no PMU, trace, SPE, BRBE; the minimum of one
+        // breakpoint and watchpoint (fields 0).
+        aa64[reg::DFR0] = (cpu[reg::DFR0] & 0xf).max(6);
+        // ID_AA64ISAR0_EL1, ISAR3: instructions EL1 and EL0 run without EL2.
+        for i in [aa64_index(6, 0), aa64_index(6, 3)] {
+            aa64[i] = cpu[i];
+        }
+        // ID_AA64ISAR1_EL1 without LS64 (needs HCRX_EL2.EnALS/EnAS0).
+        aa64[reg::ISAR1] = cpu[reg::ISAR1] & !fields(&[60]);
+        // ID_AA64ISAR2_EL1 without MOPS (HCRX_EL2.MSCEn) and SYSREG_128
+        // (HCRX_EL2.D128En).
+        aa64[reg::ISAR2] = cpu[reg::ISAR2] & !fields(&[16, 32]);
+        // ID_AA64MMFR0_EL1: the guest's stage 1 is its own; all kept.
+        aa64[reg::MMFR0] = cpu[reg::MMFR0];
+        // ID_AA64MMFR1_EL1 without VH, TWED, HCX (EL2 features).
+        aa64[reg::MMFR1] = cpu[reg::MMFR1] & !fields(&[8, 32, 40]);
+        // ID_AA64MMFR2_EL1 without NV and EVT (EL2 features).
+        aa64[reg::MMFR2] = cpu[reg::MMFR2] & !fields(&[24, 56]);
+        // Everything else (PFR2, ZFR0, SMFR0, FPFR0, DFR1, AFR0/1, MMFR3
+        // whose features need HCRX_EL2 enables, MMFR4, unallocated): zero.
+        Self { aa64 }
+    }
+
+    /// What a guest reads from ID register (`crm`, `op2`) of the ID space.
+    pub fn read(&self, crm: u8, op2: u8) -> u64 {
+        if (4..=7).contains(&crm) && op2 < 8 {
+            self.aa64[aa64_index(crm, op2)]
+        } else {
+            0
+        }
+    }
+}
+
+/// What keel does with a trapped guest MSR/MRS: `Some(value)` to give
+/// an MRS (and to ignore an MSR), `None` if the access is not emulated.
+pub fn emulate(ids: &GuestIdRegs, access: &SysregAccess) -> Option<u64> {
+    if let Some((crm, op2)) = access.id_space() {
+        // The ID registers are read-only: an MSR is not emulated.
+        return access.read.then(|| ids.read(crm, op2));
+    }
+    access.debug_or_pmu().then_some(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn esr(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64, rt: u64, read: bool) -> u64 {
+        (0x18 << 26)
+            | (1 << 25)
+            | (op0 << 20)
+            | (op2 << 17)
+            | (op1 << 14)
+            | (crn << 10)
+            | (rt << 5)
+            | (crm << 1)
+            | u64::from(read)
+    }
+
+    fn place(f: &[(u32, u64)]) -> u64 {
+        f.iter().map(|&(lsb, v)| v << lsb).sum()
+    }
+
+    /// AArch64 ID registers of a CPU like QEMU's `-cpu max`, with every
+    /// feature this module hides.
+    fn max_cpu() -> [u64; AA64_ID_REGS] {
+        let mut c = [0; AA64_ID_REGS];
+        // EL0-EL3 with AArch32, FP, AdvSIMD, GIC, RAS 2, SVE, SEL2, AMU,
+        // DIT, CSV2 2, CSV3.
+        c[reg::PFR0] = place(&[
+            (0, 2),
+            (4, 2),
+            (8, 2),
+            (12, 2),
+            (16, 1),
+            (20, 1),
+            (24, 1),
+            (28, 2),
+            (32, 1),
+            (36, 1),
+            (44, 1),
+            (48, 1),
+            (56, 2),
+            (60, 1),
+        ]);
+        // BT, SSBS 2, MTE 2, SME.
+        c[reg::PFR1] = place(&[(0, 1), (4, 2), (8, 2), (24, 1)]);
+        // DebugVer 9, PMUVer 5, BRPs 5, WRPs 3, PMSVer, DoubleLock 0xf.
+        c[reg::DFR0] = place(&[(0, 9), (8, 5), (12, 5), (20, 3), (32, 1), (36, 0xf)]);
+        c[aa64_index(4, 4)] = place(&[(0, 1), (20, 1)]); // ZFR0
+        c[aa64_index(4, 5)] = place(&[(32, 1), (60, 8)]); // SMFR0
+        c[aa64_index(6, 0)] = place(&[(4, 2), (8, 1), (12, 1), (16, 2), (28, 1)]);
+        c[reg::ISAR1] = place(&[(0, 1), (4, 1), (20, 1), (60, 1)]); // LS64
+        c[reg::ISAR2] = place(&[(0, 2), (16, 1)]); // WFxT 2, MOPS
+        c[reg::MMFR0] = place(&[(0, 6), (4, 2), (20, 1), (24, 0xf)]);
+        c[reg::MMFR1] = place(&[(0, 2), (8, 1), (40, 1)]); // HAFDBS 2, VH, HCX
+        c[reg::MMFR2] = place(&[(0, 1), (24, 1), (56, 2)]); // CnP, NV, EVT
+        c
+    }
+
+    fn field(v: u64, lsb: u32) -> u64 {
+        (v >> lsb) & 0xf
+    }
+
+    #[test]
+    fn decodes_the_syndrome() {
+        let a = SysregAccess::from_esr(esr(3, 0, 0, 4, 4, 7, true));
+        assert_eq!(
+            a,
+            SysregAccess {
+                op0: 3,
+                op1: 0,
+                crn: 0,
+                crm: 4,
+                op2: 4,
+                rt: 7,
+                read: true
+            }
+        );
+        assert!(!SysregAccess::from_esr(esr(2, 0, 0, 2, 2, 31, false)).read);
+        assert_eq!(SysregAccess::from_esr(esr(2, 0, 0, 2, 2, 31, false)).rt, 31);
+    }
+
+    #[test]
+    fn hides_what_keel_does_not_switch() {
+        let cpu = max_cpu();
+        let g = GuestIdRegs::from_cpu(&cpu);
+        let pfr0 = g.read(4, 0);
+        assert_eq!(field(cpu[reg::PFR0], 32), 1, "the test's CPU has SVE");
+        assert_eq!(field(pfr0, 32), 0, "SVE");
+        assert_eq!(field(pfr0, 24), 0, "GIC");
+        assert_eq!(field(pfr0, 8), 0, "EL2");
+        assert_eq!(field(pfr0, 12), 0, "EL3");
+        assert_eq!(
+            (field(pfr0, 0), field(pfr0, 4)),
+            (1, 1),
+            "EL0/EL1 AArch64 only"
+        );
+        assert_eq!(field(pfr0, 16), field(cpu[reg::PFR0], 16), "FP kept");
+        assert_eq!(field(pfr0, 20), field(cpu[reg::PFR0], 20), "AdvSIMD kept");
+        assert_eq!(field(pfr0, 28), 2, "RAS kept");
+        assert_eq!(
+            (field(pfr0, 56), field(pfr0, 60)),
+            (2, 1),
+            "CSV2, CSV3 kept"
+        );
+        assert_eq!((field(pfr0, 36), field(pfr0, 44)), (0, 0), "SEL2, AMU");
+        let pfr1 = g.read(4, 1);
+        assert_eq!(field(pfr1, 24), 0, "SME");
+        assert_eq!(field(pfr1, 8), 0, "MTE");
+        assert_eq!(field(pfr1, 0), 1, "BT kept");
+        assert_eq!(field(pfr1, 4), 2, "SSBS kept");
+        assert_eq!(g.read(5, 0), 9, "DFR0: DebugVer alone");
+        assert_eq!(g.read(4, 4), 0, "ZFR0");
+        assert_eq!(g.read(4, 5), 0, "SMFR0");
+        assert_eq!(g.read(6, 0), cpu[aa64_index(6, 0)], "ISAR0 kept");
+        assert_eq!(field(g.read(6, 2), 16), 0, "MOPS");
+        assert_eq!(field(g.read(6, 1), 60), 0, "LS64");
+        assert_eq!(
+            g.read(6, 1) & 0xfff_ffff,
+            cpu[reg::ISAR1] & 0xfff_ffff,
+            "ISAR1 kept"
+        );
+        assert_eq!(field(g.read(6, 2), 0), 2, "WFxT kept");
+        assert_eq!(g.read(7, 0), cpu[reg::MMFR0], "MMFR0 kept");
+        assert_eq!(
+            (field(g.read(7, 1), 8), field(g.read(7, 1), 40)),
+            (0, 0),
+            "VH, HCX"
+        );
+        assert_eq!(field(g.read(7, 1), 0), 2, "HAFDBS kept");
+        assert_eq!(
+            (field(g.read(7, 2), 24), field(g.read(7, 2), 56)),
+            (0, 0),
+            "NV, EVT"
+        );
+        // AArch32, unallocated, out of range.
+        for (crm, op2) in [
+            (1, 0),
+            (2, 0),
+            (3, 0),
+            (3, 7),
+            (4, 7),
+            (5, 4),
+            (7, 7),
+            (8, 0),
+        ] {
+            assert_eq!(g.read(crm, op2), 0, "({crm}, {op2})");
+        }
+        // An old CPU with a zero DebugVer field still reports Armv8.0 debug.
+        assert_eq!(GuestIdRegs::default().read(5, 0), 6);
+        assert_eq!(GuestIdRegs::default().read(4, 0), 0x11);
+    }
+
+    #[test]
+    fn emulates_id_reads_and_debug_and_pmu_as_raz_wi() {
+        let g = GuestIdRegs::from_cpu(&max_cpu());
+        let run = |e| emulate(&g, &SysregAccess::from_esr(e));
+        assert_eq!(run(esr(3, 0, 0, 4, 0, 1, true)), Some(g.read(4, 0)));
+        assert_eq!(run(esr(3, 0, 0, 1, 0, 1, true)), Some(0), "ID_PFR0_EL1");
+        assert_eq!(
+            run(esr(3, 0, 0, 4, 0, 1, false)),
+            None,
+            "MSR to an ID register"
+        );
+        // Debug: MDSCR_EL1, OSLAR_EL1, OSLSR_EL1, DBGBCR0_EL1, MDCCSR_EL0.
+        for e in [
+            esr(2, 0, 0, 2, 2, 3, true),
+            esr(2, 0, 0, 2, 2, 3, false),
+            esr(2, 0, 1, 0, 4, 3, false),
+            esr(2, 0, 1, 1, 4, 3, true),
+            esr(2, 0, 0, 0, 5, 3, true),
+            esr(2, 3, 0, 1, 0, 3, true),
+        ] {
+            assert_eq!(run(e), Some(0), "{e:#x}");
+        }
+        // PMU: PMCR_EL0, PMCCNTR_EL0, PMEVTYPER3_EL0, PMCCFILTR_EL0,
+        // PMINTENSET_EL1, PMUSERENR_EL0.
+        for e in [
+            esr(3, 3, 9, 12, 0, 2, true),
+            esr(3, 3, 9, 13, 0, 2, true),
+            esr(3, 3, 14, 12, 3, 2, false),
+            esr(3, 3, 14, 15, 7, 2, true),
+            esr(3, 0, 9, 14, 1, 2, false),
+            esr(3, 3, 9, 14, 0, 2, true),
+        ] {
+            assert_eq!(run(e), Some(0), "{e:#x}");
+        }
+        // Not emulated: ACTLR_EL1 (TACR), an IMPLEMENTATION DEFINED
+        // register (TIDCP), DC ISW, MIDR_EL1 (not trapped), CNTP_CTL_EL0.
+        for e in [
+            esr(3, 0, 1, 0, 1, 0, true),
+            esr(3, 0, 15, 0, 0, 0, true),
+            esr(1, 0, 7, 6, 2, 0, false),
+            esr(3, 0, 0, 0, 0, 0, true),
+            esr(3, 3, 14, 2, 1, 0, true),
+            esr(3, 0, 9, 14, 3, 0, true),
+        ] {
+            assert_eq!(run(e), None, "{e:#x}");
+        }
+    }
+}
