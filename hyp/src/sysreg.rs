@@ -9,8 +9,9 @@
 //! unallocated ID encodings read as zero (guests are AArch64 only).
 //!
 //! The registers of the features taken out (debug and trace: Op0 = 2; the
-//! PMU) are trapped by MDCR_EL2 and read as zero, writes ignored (RAZ/WI),
-//! as for a CPU that has none of them to program. Everything else a guest
+//! PMU; RAS error records, whose contents describe the host's errors) are
+//! trapped (MDCR_EL2, HCR_EL2.TERR) and read as zero, writes ignored
+//! (RAZ/WI), as for a CPU that has none of them to program. Everything else a guest
 //! traps still ends its run as a FAULT exit.
 
 /// A trapped MSR/MRS (ESR_EL2 EC 0x18), decoded from its ISS.
@@ -49,9 +50,10 @@ impl SysregAccess {
             .then_some((self.crm, self.op2))
     }
 
-    /// A debug or trace register (all of Op0 = 2) or a PMU register: what
-    /// MDCR_EL2 traps for guests, which see neither.
-    fn debug_or_pmu(&self) -> bool {
+    /// A debug or trace register (all of Op0 = 2), a PMU register or a
+    /// RAS error record register (ERRIDR_EL1 .. ERXMISC3_EL1): what
+    /// MDCR_EL2 and HCR_EL2.TERR trap for guests, which see none of them.
+    fn hidden_feature(&self) -> bool {
         let pmu = match (self.op1, self.crn, self.crm) {
             // PMCR_EL0 .. PMUSERENR_EL0, PMOVSSET_EL0.
             (3, 9, 12..=14) => true,
@@ -59,6 +61,8 @@ impl SysregAccess {
             (3, 14, 8..=15) => true,
             // PMINTENSET_EL1, PMINTENCLR_EL1, PMMIR_EL1.
             (0, 9, 14) => matches!(self.op2, 1 | 2 | 6),
+            // ERRIDR_EL1, ERRSELR_EL1, ERX*_EL1.
+            (0, 5, 3..=5) => true,
             _ => false,
         };
         self.op0 == 2 || (self.op0 == 3 && pmu)
@@ -119,13 +123,14 @@ impl GuestIdRegs {
     /// later architecture adds stays hidden until keel supports it.
     pub fn from_cpu(cpu: &[u64; AA64_ID_REGS]) -> Self {
         let mut aa64 = [0u64; AA64_ID_REGS];
-        // ID_AA64PFR0_EL1: FP, AdvSIMD, RAS, CSV2, CSV3, DIT kept; EL0 and
-        // EL1 AArch64 only (1); EL2, EL3, GIC (no vGIC), SVE, MPAM, AMU,
+        // ID_AA64PFR0_EL1: FP, AdvSIMD, CSV2, CSV3, DIT kept; EL0 and EL1
+        // AArch64 only (1); EL2, EL3, GIC (no vGIC), RAS, SVE, MPAM, AMU,
         // SEL2, RME hidden.
-        aa64[reg::PFR0] = (cpu[reg::PFR0] & fields(&[16, 20, 28, 48, 56, 60])) | 0x11;
-        // ID_AA64PFR1_EL1: BT, SSBS, RAS_frac, CSV2_frac kept; MTE (tags
-        // need HCR_EL2.ATA), SME, MPAM_frac, NMI, GCS and the rest hidden.
-        aa64[reg::PFR1] = cpu[reg::PFR1] & fields(&[0, 4, 12, 32]);
+        aa64[reg::PFR0] = (cpu[reg::PFR0] & fields(&[16, 20, 48, 56, 60])) | 0x11;
+        // ID_AA64PFR1_EL1: BT, SSBS, CSV2_frac kept; MTE (tags need
+        // HCR_EL2.ATA), SME, RAS_frac, MPAM_frac, NMI, GCS and the rest
+        // hidden.
+        aa64[reg::PFR1] = cpu[reg::PFR1] & fields(&[0, 4, 32]);
         // ID_AA64DFR0_EL1: the debug architecture version alone (at least
         // Armv8.0's); no PMU, trace, SPE, BRBE; the minimum of one
         // breakpoint and watchpoint (fields 0).
@@ -167,7 +172,7 @@ pub fn emulate(ids: &GuestIdRegs, access: &SysregAccess) -> Option<u64> {
         // The ID registers are read-only: an MSR is not emulated.
         return access.read.then(|| ids.read(crm, op2));
     }
-    access.debug_or_pmu().then_some(0)
+    access.hidden_feature().then_some(0)
 }
 
 #[cfg(test)]
@@ -267,7 +272,7 @@ mod tests {
         );
         assert_eq!(field(pfr0, 16), field(cpu[reg::PFR0], 16), "FP kept");
         assert_eq!(field(pfr0, 20), field(cpu[reg::PFR0], 20), "AdvSIMD kept");
-        assert_eq!(field(pfr0, 28), 2, "RAS kept");
+        assert_eq!(field(pfr0, 28), 0, "RAS");
         assert_eq!(
             (field(pfr0, 56), field(pfr0, 60)),
             (2, 1),
@@ -355,8 +360,18 @@ mod tests {
         ] {
             assert_eq!(run(e), Some(0), "{e:#x}");
         }
+        // RAS: ERRIDR_EL1, ERRSELR_EL1, ERXSTATUS_EL1, ERXMISC3_EL1.
+        for e in [
+            esr(3, 0, 5, 3, 0, 4, true),
+            esr(3, 0, 5, 3, 1, 4, false),
+            esr(3, 0, 5, 4, 2, 4, true),
+            esr(3, 0, 5, 5, 3, 4, true),
+        ] {
+            assert_eq!(run(e), Some(0), "{e:#x}");
+        }
         // Not emulated: ACTLR_EL1 (TACR), an IMPLEMENTATION DEFINED
-        // register (TIDCP), DC ISW, MIDR_EL1 (not trapped), CNTP_CTL_EL0.
+        // register (TIDCP), DC ISW, MIDR_EL1 (not trapped), CNTP_CTL_EL0,
+        // the unallocated encoding after PMINTENCLR_EL1, ESR_EL1.
         for e in [
             esr(3, 0, 1, 0, 1, 0, true),
             esr(3, 0, 15, 0, 0, 0, true),
@@ -364,6 +379,7 @@ mod tests {
             esr(3, 0, 0, 0, 0, 0, true),
             esr(3, 3, 14, 2, 1, 0, true),
             esr(3, 0, 9, 14, 3, 0, true),
+            esr(3, 0, 5, 2, 0, 0, true),
         ] {
             assert_eq!(run(e), None, "{e:#x}");
         }

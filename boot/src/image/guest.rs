@@ -25,8 +25,9 @@ use super::{this_cpu, Hyp, HYP};
 /// maintenance by set/way (TSW: it could discard the host's dirty lines),
 /// ACTLR (TACR) and implementation-defined registers (TIDCP) trapped; SMC
 /// trapped (TSC); ID registers trapped (TID3: keel_hyp::sysreg answers
-/// them, without the features keel does not switch); EL1 is AArch64 (RW);
-/// pointer authentication untrapped (APK, API).
+/// them, without the features keel does not switch); RAS error records
+/// trapped (TERR: they describe the host's errors; read as zero); EL1 is
+/// AArch64 (RW); pointer authentication untrapped (APK, API).
 const HCR_GUEST: u64 = 1
     | (1 << 3)
     | (1 << 4)
@@ -39,6 +40,7 @@ const HCR_GUEST: u64 = 1
     | (1 << 21)
     | (1 << 22)
     | (1 << 31)
+    | (1 << 36)
     | (1 << 40)
     | (1 << 41);
 /// CPTR_EL2 (non-VHE) for guests: FP/SIMD untrapped (keel switches it);

@@ -814,6 +814,7 @@ fn guest_id_registers(_: &BootInfo) -> TestResult {
     );
     ensure_eq!(id_field(pfr0, 32), 0, "guest ID_AA64PFR0_EL1.SVE");
     ensure_eq!(id_field(pfr0, 8), 0, "guest ID_AA64PFR0_EL1.EL2");
+    ensure_eq!(id_field(pfr0, 28), 0, "guest ID_AA64PFR0_EL1.RAS");
     ensure_eq!(
         (id_field(pfr0, 0), id_field(pfr0, 4)),
         (1, 1),
