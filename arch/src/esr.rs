@@ -8,6 +8,10 @@ pub mod ec {
     pub const HVC64: u64 = 0x16;
     pub const SMC64: u64 = 0x17;
     pub const SYSREG: u64 = 0x18;
+    /// SVE access trapped (CPTR_EL2.TZ).
+    pub const SVE: u64 = 0x19;
+    /// SME access trapped (CPTR_EL2.TSM).
+    pub const SME: u64 = 0x1d;
     pub const IABT_LOWER: u64 = 0x20;
     pub const IABT_CUR: u64 = 0x21;
     pub const PC_ALIGN: u64 = 0x22;

@@ -37,6 +37,11 @@ pub enum Action {
     Resume,
     /// Return to the host from VCPU_RUN with x1..x4.
     Exit([u64; 4]),
+    /// Enter the guest's own undefined-instruction exception (EC 0) for
+    /// the instruction at `vcpu.pc`, which keel does not emulate: what a
+    /// CPU without the feature would do. The ESR is the trap's, for a
+    /// FAULT exit if the guest's state allows no injection.
+    Undefined(u64),
 }
 
 /// PSCI function IDs a guest may use.
@@ -126,7 +131,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             ec::SYSREG => {
                 let access = SysregAccess::from_esr(trap.esr);
                 let Some(value) = sysreg::emulate(&self.guest_ids, &access) else {
-                    return self.fault(vcpu, trap.esr);
+                    return Action::Undefined(trap.esr);
                 };
                 if access.read && access.rt < 31 {
                     x[usize::from(access.rt)] = value;
@@ -134,11 +139,15 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 vcpu.pc += 4;
                 Action::Resume
             }
+            // Features guests are told they do not have (keel_hyp::sysreg).
+            ec::SVE | ec::SME => Action::Undefined(trap.esr),
             _ => self.fault(vcpu, trap.esr),
         }
     }
 
-    fn fault(&self, vcpu: &mut Vcpu, esr: u64) -> Action {
+    /// Ends the vCPU's run for good: a FAULT exit with `esr`, and every
+    /// later VCPU_RUN exits the same way until VCPU_INIT.
+    pub fn fault(&self, vcpu: &mut Vcpu, esr: u64) -> Action {
         vcpu.state = VcpuState::Failed(esr);
         Action::Exit([exit::FAULT, esr, 0, 0])
     }

@@ -11,8 +11,10 @@
 //! The registers of the features taken out (debug and trace: Op0 = 2; the
 //! PMU; RAS error records, whose contents describe the host's errors) are
 //! trapped (MDCR_EL2, HCR_EL2.TERR) and read as zero, writes ignored
-//! (RAZ/WI), as for a CPU that has none of them to program. Everything else a guest
-//! traps still ends its run as a FAULT exit.
+//! (RAZ/WI), as for a CPU that has none of them to program. Any other
+//! trapped MSR/MRS (ACTLR_EL1, IMPLEMENTATION DEFINED registers, writes to
+//! ID registers), and SVE and SME instructions, are undefined instructions
+//! for the guest: it takes its own EL1 exception and runs on.
 
 /// A trapped MSR/MRS (ESR_EL2 EC 0x18), decoded from its ISS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,7 +168,8 @@ impl GuestIdRegs {
 }
 
 /// What keel does with a trapped guest MSR/MRS: `Some(value)` to give
-/// an MRS (and to ignore an MSR), `None` if the access is not emulated.
+/// an MRS (and to ignore an MSR), `None` if the access is not emulated
+/// (the guest gets an undefined-instruction exception).
 pub fn emulate(ids: &GuestIdRegs, access: &SysregAccess) -> Option<u64> {
     if let Some((crm, op2)) = access.id_space() {
         // The ID registers are read-only: an MSR is not emulated.

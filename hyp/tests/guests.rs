@@ -12,7 +12,7 @@ use keel_abi::{exit, func, stat, status};
 use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::hvc::Return;
 use keel_hyp::mem::PAGE;
-use keel_hyp::vm::{Vcpu, MAX_VCPUS, MAX_VMS};
+use keel_hyp::vm::{Vcpu, VcpuState, MAX_VCPUS, MAX_VMS};
 
 const OWNED: u64 = 0;
 const SHARED_OWNED: u64 = 1;
@@ -1217,4 +1217,69 @@ fn reclaim_never_hands_the_host_a_table_it_allocates() {
     }
     drop(mem);
     m.assert_invariants("after freeing the held pages");
+}
+
+/// A trapped MSR/MRS: ID registers answered from the sanitized copy, debug
+/// and PMU registers RAZ/WI, anything else an undefined instruction for
+/// the guest (not a FAULT); SVE and SME traps too. The vCPU never fails.
+#[test]
+fn guest_system_register_traps() {
+    let m = Machine::small();
+    let h = m.create(1);
+    let sysreg = |op0: u64, op1: u64, crn: u64, crm: u64, op2: u64, rt: u64, read: bool| {
+        (0x18 << 26)
+            | (1 << 25)
+            | (op0 << 20)
+            | (op2 << 17)
+            | (op1 << 14)
+            | (crn << 10)
+            | (rt << 5)
+            | (crm << 1)
+            | u64::from(read)
+    };
+    let trap = |esr: u64| {
+        let mut vcpu = Vcpu::new();
+        vcpu.pc = 0x1000;
+        vcpu.x[3] = 0xdead;
+        vcpu.state = VcpuState::Running;
+        let a = m.hyp.guest_trap(
+            slot(h),
+            &mut vcpu,
+            &Trap {
+                kind: TrapKind::Sync,
+                esr,
+                far: 0,
+                hpfar: 0,
+            },
+        );
+        assert_eq!(vcpu.state, VcpuState::Running, "ESR {esr:#x}");
+        (a, vcpu.pc, vcpu.x[3])
+    };
+    // MRS x3, ID_AA64PFR0_EL1: the guest's view (the machine's CPU
+    // registers were never read: AArch64 EL0/EL1 alone).
+    assert_eq!(
+        trap(sysreg(3, 0, 0, 4, 0, 3, true)),
+        (Action::Resume, 0x1004, m.hyp.guest_ids.read(4, 0))
+    );
+    assert_eq!(m.hyp.guest_ids.read(4, 0), 0x11);
+    // MRS x3, PMCR_EL0 and MDSCR_EL1: zero; MSR MDSCR_EL1, x3: ignored.
+    assert_eq!(
+        trap(sysreg(3, 3, 9, 12, 0, 3, true)),
+        (Action::Resume, 0x1004, 0)
+    );
+    assert_eq!(
+        trap(sysreg(2, 0, 0, 2, 2, 3, true)),
+        (Action::Resume, 0x1004, 0)
+    );
+    assert_eq!(
+        trap(sysreg(2, 0, 0, 2, 2, 3, false)),
+        (Action::Resume, 0x1004, 0xdead)
+    );
+    // MRS x3, ACTLR_EL1: an undefined instruction, at the same PC.
+    let actlr = sysreg(3, 0, 1, 0, 1, 3, true);
+    assert_eq!(trap(actlr), (Action::Undefined(actlr), 0x1000, 0xdead));
+    // SVE and SME instructions (EC 0x19, 0x1D).
+    for esr in [(0x19 << 26) | (1 << 25), (0x1d << 26) | (1 << 25)] {
+        assert_eq!(trap(esr), (Action::Undefined(esr), 0x1000, 0xdead));
+    }
 }

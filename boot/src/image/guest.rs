@@ -10,7 +10,7 @@
 
 use keel_arch::exception::kind;
 use keel_arch::guest::{self as world, el1, El1Regs, FpRegs, HostSave};
-use keel_arch::{barrier, sysreg, TrapFrame};
+use keel_arch::{barrier, inject, sysreg, TrapFrame};
 use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::host::RunTicket;
 use keel_hyp::hvc::Return;
@@ -209,20 +209,44 @@ pub fn trap(k: u64, frame: &mut TrapFrame) {
         hpfar: sysreg::hpfar_el2(),
     };
     let hyp = HYP.get().expect("a guest runs only after boot");
-    match hyp.guest_trap_in(run.slot, vcpu, &mut frame.x, &trap) {
-        Action::Resume => {
-            // SAFETY: the guest continues where its registers say.
-            unsafe {
-                sysreg::set_elr_el2(vcpu.pc);
-                sysreg::set_spsr_el2(vcpu.pstate);
+    let mut action = hyp.guest_trap_in(run.slot, vcpu, &mut frame.x, &trap);
+    loop {
+        match action {
+            Action::Resume => {
+                // SAFETY: the guest continues where its registers say.
+                unsafe {
+                    sysreg::set_elr_el2(vcpu.pc);
+                    sysreg::set_spsr_el2(vcpu.pstate);
+                }
+                return;
             }
-        }
-        Action::Exit(exit) => {
-            vcpu.x = frame.x;
-            run.exit = exit;
-            // SAFETY: called from the trap handler of the guest that
-            // vcpu_run entered on this CPU; the stack below is dropped.
-            unsafe { world::leave(&run.save, 0) }
+            Action::Exit(exit) => {
+                vcpu.x = frame.x;
+                run.exit = exit;
+                // SAFETY: called from the trap handler of the guest that
+                // vcpu_run entered on this CPU; the stack below is dropped.
+                unsafe { world::leave(&run.save, 0) }
+            }
+            Action::Undefined(esr) => {
+                let i = inject::undefined(vcpu.pstate, sysreg::sctlr_el1(), sysreg::vbar_el1());
+                let Some(i) = i else {
+                    action = hyp.fault(vcpu, esr);
+                    continue;
+                };
+                // SAFETY: the guest's EL1 registers are the CPU's while it
+                // traps; this is the architecture's exception entry to its
+                // EL1: the interrupted PC and PSTATE to ELR_EL1/SPSR_EL1,
+                // the syndrome to ESR_EL1, and the guest resumes at its own
+                // vector.
+                unsafe {
+                    sysreg::set_elr_el1(vcpu.pc);
+                    sysreg::set_spsr_el1(vcpu.pstate);
+                    sysreg::set_esr_el1(i.esr);
+                }
+                vcpu.pc = i.vector;
+                vcpu.pstate = i.spsr;
+                action = Action::Resume;
+            }
         }
     }
 }

@@ -3,7 +3,8 @@
  * donated pages and runs at guest EL1, MMU off, at its first byte.
  * Position independent (only PC-relative branches and `adr`), no stack, no
  * FP/SIMD (CPACR_EL1 is 0 in a fresh vCPU), aligned 8-byte accesses only
- * (with the MMU off data accesses are Device memory).
+ * (with the MMU off data accesses are Device memory). Offset 0x200 holds
+ * an exception vector (op 14), so the guest runs from a page boundary.
  *
  * Protocol (tests/hostkernel/src/suites/guests.rs, `Guest`):
  *   - at entry it reports (HELLO, x0): x0 is the VCPU_INIT argument;
@@ -18,7 +19,19 @@
     .global keel_guest_start
     .global keel_guest_end
 keel_guest_start:
-    mov     x20, x0
+    b       2f
+
+    /* The EL1h synchronous vector while op 14 runs (VBAR_EL1 is then the
+     * guest's first byte, page aligned): records ESR_EL1 in x5 and skips
+     * the instruction that raised it. */
+    .org    0x200
+    mrs     x5, esr_el1
+    mrs     x6, elr_el1
+    add     x6, x6, #4
+    msr     elr_el1, x6
+    eret
+
+2:  mov     x20, x0
     movz    x19, #0x0a00, lsl #16           /* MBOX IPA 0x0a000000 */
     mov     x1, x20
     movz    x2, #0x4845                     /* "HE": hello */
@@ -55,6 +68,8 @@ keel_guest_start:
     b.eq    120f
     cmp     x10, #13
     b.eq    130f
+    cmp     x10, #14
+    b.eq    140f
     /* unknown: report (-1, op) */
     mov     x1, #-1
     mov     x2, x10
@@ -284,6 +299,30 @@ keel_guest_start:
     mrs     x1, mdscr_el1
     mrs     x2, pmcr_el0
 135: bl     99f
+    b       1b
+
+140: /* UNDEF, by a1: 0 MRS ACTLR_EL1 (trapped by keel, not emulated),
+      * 1 SVE's RDVL with CPACR_EL1 letting SVE and FP through (so keel's
+      * CPTR_EL2 trap takes it); report (ESR_EL1 the vector saw, or -1 if
+      * it did not run, 0) */
+    mov     x5, #-1
+    adr     x9, keel_guest_start
+    msr     vbar_el1, x9
+    isb
+    cmp     x11, #1
+    b.eq    141f
+    mrs     x1, actlr_el1
+    b       142f
+141: movz   x9, #0x33, lsl #16
+    msr     cpacr_el1, x9
+    isb
+    .inst   0x04bf5021                      /* rdvl x1, #1 */
+    msr     cpacr_el1, xzr
+142: msr    vbar_el1, xzr
+    isb
+    mov     x1, x5
+    mov     x2, #0
+    bl      99f
     b       1b
 
 99: /* REPORT (x1, x2); returns with x0 = the host's completion value */

@@ -43,8 +43,8 @@ pub static SUITE: Suite = Suite {
             run: discovery_and_psci,
         },
         Test {
-            name: "guest_id_registers",
-            run: guest_id_registers,
+            name: "guest_system_registers",
+            run: guest_system_registers,
         },
         Test {
             name: "one_gib_guest",
@@ -117,7 +117,7 @@ pub const REPORT: u64 = 0xC600_0FF0;
 const HELLO: u64 = 0x4845;
 const IPA_LIMIT: u64 = 1 << 39;
 /// The guest's code fits in this many bytes at the start of its memory.
-const CODE: u64 = 1024;
+const CODE: u64 = 2048;
 
 /// The guest's commands (guest.S).
 #[derive(Clone, Copy)]
@@ -136,6 +136,7 @@ pub enum Op {
     Fault = 11,
     Regs = 12,
     Sysregs = 13,
+    Undef = 14,
 }
 
 // ---- hypercalls ----
@@ -798,8 +799,9 @@ fn id_field(v: u64, lsb: u32) -> u64 {
 /// What a guest reads of the ID registers: the features keel does not
 /// switch for guests (SVE, SME, the PMU, EL2, AArch32) are gone, what runs
 /// without keel is as the host sees it; debug and PMU registers read as
-/// zero and ignore writes, and the vCPU runs on.
-fn guest_id_registers(_: &BootInfo) -> TestResult {
+/// zero and ignore writes; what keel traps and does not emulate is an
+/// undefined instruction for the guest; and the vCPU runs on.
+fn guest_system_registers(_: &BootInfo) -> TestResult {
     let mut g = Guest::new(slot(1), IPA, 16, 2)?;
     let host_pfr0 = crate::kernel::id_aa64pfr0();
     let host_dfr0 = crate::kernel::id_aa64dfr0();
@@ -849,6 +851,19 @@ fn guest_id_registers(_: &BootInfo) -> TestResult {
         g.op(Op::Sysregs, 4, 0x8001, 0)?,
         (0, 0),
         "guest MDSCR_EL1, PMCR_EL0 after writing them"
+    );
+    // What keel traps and does not emulate is the guest's own undefined
+    // instruction (EC 0, IL), and it runs on; before, the vCPU failed.
+    const UNDEF_ESR: u64 = 1 << 25;
+    ensure_eq!(
+        g.op(Op::Undef, 0, 0, 0)?.0,
+        UNDEF_ESR,
+        "ESR_EL1 after MRS ACTLR_EL1 (TACR)"
+    );
+    ensure_eq!(
+        g.op(Op::Undef, 1, 0, 0)?.0,
+        UNDEF_ESR,
+        "ESR_EL1 after SVE's RDVL (hidden from the guest)"
     );
     // Still running: a call answers.
     ensure_eq!(g.call(func::REVISION, 0, 0)?, (1, 0), "REVISION afterwards");
