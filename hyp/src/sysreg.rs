@@ -52,22 +52,41 @@ impl SysregAccess {
             .then_some((self.crm, self.op2))
     }
 
-    /// A debug or trace register (all of Op0 = 2), a PMU register or a
-    /// RAS error record register (ERRIDR_EL1 .. ERXMISC3_EL1): what
-    /// MDCR_EL2 and HCR_EL2.TERR trap for guests, which see none of them.
+    /// A register of a feature guests are not given, which keel traps:
+    /// debug and trace (all of Op0 = 2: MDCR_EL2.TDA/TDOSA/TDRA,
+    /// CPTR_EL2.TTA), the PMU (MDCR_EL2.TPM/TPMCR), SPE and TRBE
+    /// (MDCR_EL2.TPMS, E2PB and E2TB 0), TRFCR_EL1 (MDCR_EL2.TTRF), RAS
+    /// error records (HCR_EL2.TERR), the activity monitors (CPTR_EL2.TAM)
+    /// and LORegions (HCR_EL2.TLOR).
     fn hidden_feature(&self) -> bool {
         let pmu = match (self.op1, self.crn, self.crm) {
             // PMCR_EL0 .. PMUSERENR_EL0, PMOVSSET_EL0.
             (3, 9, 12..=14) => true,
             // PMEVCNTR<n>_EL0, PMEVTYPER<n>_EL0, PMCCFILTR_EL0.
             (3, 14, 8..=15) => true,
-            // PMINTENSET_EL1, PMINTENCLR_EL1, PMMIR_EL1.
-            (0, 9, 14) => matches!(self.op2, 1 | 2 | 6),
-            // ERRIDR_EL1, ERRSELR_EL1, ERX*_EL1.
-            (0, 5, 3..=5) => true,
+            // PMINTENSET_EL1, PMINTENCLR_EL1, PMUACR_EL1, PMECR_EL1,
+            // PMMIR_EL1, PMIAR_EL1.
+            (0, 9, 14) => self.op2 != 0 && self.op2 != 3,
+            // PMICNTR_EL0, PMICFILTR_EL0 (FEAT_PMUv3_ICNTR).
+            (3, 9, 4 | 6) => self.op2 == 0,
+            // PMSSCR_EL1 (FEAT_PMUv3_SS).
+            (0, 9, 13) => self.op2 == 3,
             _ => false,
         };
-        self.op0 == 2 || (self.op0 == 3 && pmu)
+        let other = match (self.op1, self.crn, self.crm) {
+            // SPE (PMS*_EL1, PMB*_EL1) and TRBE (TRB*_EL1).
+            (0, 9, 9..=11) => true,
+            // TRFCR_EL1.
+            (0, 1, 2) => self.op2 == 1,
+            // ERRIDR_EL1, ERRSELR_EL1, ERX*_EL1.
+            (0, 5, 3..=5) => true,
+            // The activity monitors (AMCR_EL0 .. AMEVTYPER1<n>_EL0).
+            (3, 13, 2..=15) => true,
+            // LORSA_EL1, LOREA_EL1, LORN_EL1, LORC_EL1, LORID_EL1.
+            (0, 10, 4) => matches!(self.op2, 0..=3 | 7),
+            _ => false,
+        };
+        self.op0 == 2 || (self.op0 == 3 && (pmu || other))
     }
 }
 
@@ -91,6 +110,26 @@ mod reg {
     pub const MMFR1: usize = aa64_index(7, 1);
     pub const MMFR2: usize = aa64_index(7, 2);
 }
+
+/// `v` with its unsigned 4-bit field at `lsb` at most `max`.
+const fn cap(v: u64, lsb: u32, max: u64) -> u64 {
+    if (v >> lsb) & 0xf > max {
+        (v & !(0xf << lsb)) | (max << lsb)
+    } else {
+        v
+    }
+}
+
+/// ID_AA64MMFR0_EL1.PARange of the guests' IPA size (the smallest that
+/// holds it).
+const GUEST_PARANGE: u64 = match crate::vm::GUEST_IPA_BITS {
+    0..=32 => 0,
+    33..=36 => 1,
+    37..=40 => 2,
+    41..=42 => 3,
+    43..=44 => 4,
+    _ => 5,
+};
 
 /// Mask of 4-bit ID fields at the given bit positions.
 const fn fields(lsbs: &[u32]) -> u64 {
@@ -127,29 +166,35 @@ impl GuestIdRegs {
         let mut aa64 = [0u64; AA64_ID_REGS];
         // ID_AA64PFR0_EL1: FP, AdvSIMD, CSV2, CSV3, DIT kept; EL0 and EL1
         // AArch64 only (1); EL2, EL3, GIC (no vGIC), RAS, SVE, MPAM, AMU,
-        // SEL2, RME hidden.
-        aa64[reg::PFR0] = (cpu[reg::PFR0] & fields(&[16, 20, 48, 56, 60])) | 0x11;
-        // ID_AA64PFR1_EL1: BT, SSBS, CSV2_frac kept; MTE (tags need
-        // HCR_EL2.ATA), SME, RAS_frac, MPAM_frac, NMI, GCS and the rest
-        // hidden.
-        aa64[reg::PFR1] = cpu[reg::PFR1] & fields(&[0, 4, 32]);
+        // SEL2, RME hidden. CSV2 at most 1: SCXTNUM_ELx (CSV2_2) is not
+        // switched (HCR_EL2.EnSCXT clear traps it).
+        let pfr0 = cpu[reg::PFR0] & fields(&[16, 20, 48, 56, 60]);
+        aa64[reg::PFR0] = cap(pfr0, 56, 1) | 0x11;
+        // ID_AA64PFR1_EL1: BT, SSBS, CSV2_frac (at most 1, as CSV2) kept;
+        // MTE (tags need HCR_EL2.ATA), SME, RAS_frac, MPAM_frac, NMI, GCS
+        // and the rest hidden.
+        aa64[reg::PFR1] = cap(cpu[reg::PFR1] & fields(&[0, 4, 32]), 32, 1);
         // ID_AA64DFR0_EL1: the debug architecture version alone (at least
-        // Armv8.0's); no PMU, trace, SPE, BRBE; the minimum of one
-        // breakpoint and watchpoint (fields 0).
+        // Armv8.0's). No PMU, trace, SPE, BRBE; the breakpoint and
+        // watchpoint counts read 0, and every debug register (MDSCR_EL1
+        // too) reads as zero and ignores writes: guests have no
+        // self-hosted debug, as pKVM's protected guests have none.
         aa64[reg::DFR0] = (cpu[reg::DFR0] & 0xf).max(6);
-        // ID_AA64ISAR0_EL1, ISAR3: instructions EL1 and EL0 run without EL2.
-        for i in [aa64_index(6, 0), aa64_index(6, 3)] {
-            aa64[i] = cpu[i];
-        }
+        // ID_AA64ISAR0_EL1 without TME (needs HCR_EL2.TME); ISAR3: both
+        // instructions EL1 and EL0 run without EL2.
+        aa64[aa64_index(6, 0)] = cpu[aa64_index(6, 0)] & !fields(&[24]);
+        aa64[aa64_index(6, 3)] = cpu[aa64_index(6, 3)];
         // ID_AA64ISAR1_EL1 without LS64 (needs HCRX_EL2.EnALS/EnAS0).
         aa64[reg::ISAR1] = cpu[reg::ISAR1] & !fields(&[60]);
         // ID_AA64ISAR2_EL1 without MOPS (HCRX_EL2.MSCEn) and SYSREG_128
         // (HCRX_EL2.D128En).
         aa64[reg::ISAR2] = cpu[reg::ISAR2] & !fields(&[16, 32]);
-        // ID_AA64MMFR0_EL1: the guest's stage 1 is its own; all kept.
-        aa64[reg::MMFR0] = cpu[reg::MMFR0];
-        // ID_AA64MMFR1_EL1 without VH, TWED, HCX (EL2 features).
-        aa64[reg::MMFR1] = cpu[reg::MMFR1] & !fields(&[8, 32, 40]);
+        // ID_AA64MMFR0_EL1: the guest's stage 1 is its own; all kept but
+        // PARange, which is the guest's IPA size (at most).
+        aa64[reg::MMFR0] = cap(cpu[reg::MMFR0], 0, GUEST_PARANGE);
+        // ID_AA64MMFR1_EL1 without VH, TWED, HCX (EL2 features) and LO
+        // (LORegions: HCR_EL2.TLOR traps them, read as zero).
+        aa64[reg::MMFR1] = cpu[reg::MMFR1] & !fields(&[8, 16, 32, 40]);
         // ID_AA64MMFR2_EL1 without NV and EVT (EL2 features).
         aa64[reg::MMFR2] = cpu[reg::MMFR2] & !fields(&[24, 56]);
         // Everything else (PFR2, ZFR0, SMFR0, FPFR0, DFR1, AFR0/1, MMFR3
@@ -229,8 +274,8 @@ mod tests {
         c[aa64_index(6, 0)] = place(&[(4, 2), (8, 1), (12, 1), (16, 2), (28, 1)]);
         c[reg::ISAR1] = place(&[(0, 1), (4, 1), (20, 1), (60, 1)]); // LS64
         c[reg::ISAR2] = place(&[(0, 2), (16, 1)]); // WFxT 2, MOPS
-        c[reg::MMFR0] = place(&[(0, 6), (4, 2), (20, 1), (24, 0xf)]);
-        c[reg::MMFR1] = place(&[(0, 2), (8, 1), (40, 1)]); // HAFDBS 2, VH, HCX
+        c[reg::MMFR0] = place(&[(0, 6), (4, 2), (20, 1), (24, 0xf)]); // PARange 52 bits
+        c[reg::MMFR1] = place(&[(0, 2), (8, 1), (16, 1), (40, 1)]); // HAFDBS 2, VH, LO, HCX
         c[reg::MMFR2] = place(&[(0, 1), (24, 1), (56, 2)]); // CnP, NV, EVT
         c
     }
@@ -278,8 +323,8 @@ mod tests {
         assert_eq!(field(pfr0, 28), 0, "RAS");
         assert_eq!(
             (field(pfr0, 56), field(pfr0, 60)),
-            (2, 1),
-            "CSV2, CSV3 kept"
+            (1, 1),
+            "CSV2 (at most 1), CSV3"
         );
         assert_eq!((field(pfr0, 36), field(pfr0, 44)), (0, 0), "SEL2, AMU");
         let pfr1 = g.read(4, 1);
@@ -291,6 +336,14 @@ mod tests {
         assert_eq!(g.read(4, 4), 0, "ZFR0");
         assert_eq!(g.read(4, 5), 0, "SMFR0");
         assert_eq!(g.read(6, 0), cpu[aa64_index(6, 0)], "ISAR0 kept");
+        let tme = {
+            let mut c = cpu;
+            c[aa64_index(6, 0)] |= 1 << 24;
+            c[reg::PFR1] |= 2 << 32;
+            GuestIdRegs::from_cpu(&c)
+        };
+        assert_eq!(tme.read(6, 0), cpu[aa64_index(6, 0)], "TME hidden");
+        assert_eq!(field(tme.read(4, 1), 32), 1, "CSV2_frac at most 1");
         assert_eq!(field(g.read(6, 2), 16), 0, "MOPS");
         assert_eq!(field(g.read(6, 1), 60), 0, "LS64");
         assert_eq!(
@@ -299,13 +352,24 @@ mod tests {
             "ISAR1 kept"
         );
         assert_eq!(field(g.read(6, 2), 0), 2, "WFxT kept");
-        assert_eq!(g.read(7, 0), cpu[reg::MMFR0], "MMFR0 kept");
+        assert_eq!(g.read(7, 0) & !0xf, cpu[reg::MMFR0] & !0xf, "MMFR0 kept");
+        assert_eq!(
+            field(cpu[reg::MMFR0], 0),
+            6,
+            "the test's CPU has 52-bit PAs"
+        );
+        assert_eq!(
+            field(g.read(7, 0), 0),
+            2,
+            "PARange: 40 bits for 39-bit IPAs"
+        );
         assert_eq!(
             (field(g.read(7, 1), 8), field(g.read(7, 1), 40)),
             (0, 0),
             "VH, HCX"
         );
         assert_eq!(field(g.read(7, 1), 0), 2, "HAFDBS kept");
+        assert_eq!(field(g.read(7, 1), 16), 0, "LO");
         assert_eq!(
             (field(g.read(7, 2), 24), field(g.read(7, 2), 56)),
             (0, 0),
@@ -363,6 +427,29 @@ mod tests {
         ] {
             assert_eq!(run(e), Some(0), "{e:#x}");
         }
+        // PMUACR_EL1, PMIAR_EL1, PMICNTR_EL0, PMICFILTR_EL0, PMSSCR_EL1;
+        // SPE: PMSCR_EL1, PMBLIMITR_EL1; TRBE: TRBLIMITR_EL1; TRFCR_EL1;
+        // AMU: AMCR_EL0, AMEVCNTR00_EL0, AMEVTYPER1<15>_EL0; LOR: LORC_EL1,
+        // LORID_EL1; trace: TRCPRGCTLR (Op0 2, Op1 1).
+        for e in [
+            esr(3, 0, 9, 14, 4, 4, true),
+            esr(3, 0, 9, 14, 7, 4, true),
+            esr(3, 3, 9, 4, 0, 4, true),
+            esr(3, 3, 9, 6, 0, 4, false),
+            esr(3, 0, 9, 13, 3, 4, true),
+            esr(3, 0, 9, 9, 0, 4, false),
+            esr(3, 0, 9, 10, 0, 4, true),
+            esr(3, 0, 9, 11, 0, 4, true),
+            esr(3, 0, 1, 2, 1, 4, false),
+            esr(3, 3, 13, 2, 0, 4, true),
+            esr(3, 3, 13, 4, 0, 4, true),
+            esr(3, 3, 13, 15, 7, 4, false),
+            esr(3, 0, 10, 4, 3, 4, false),
+            esr(3, 0, 10, 4, 7, 4, true),
+            esr(2, 1, 0, 1, 0, 4, true),
+        ] {
+            assert_eq!(run(e), Some(0), "{e:#x}");
+        }
         // RAS: ERRIDR_EL1, ERRSELR_EL1, ERXSTATUS_EL1, ERXMISC3_EL1.
         for e in [
             esr(3, 0, 5, 3, 0, 4, true),
@@ -383,6 +470,13 @@ mod tests {
             esr(3, 3, 14, 2, 1, 0, true),
             esr(3, 0, 9, 14, 3, 0, true),
             esr(3, 0, 5, 2, 0, 0, true),
+            // TPIDR_EL0 and SCXTNUM_EL0 beside the AMU's; MAIR_EL1 and an
+            // unallocated encoding beside the LOR registers; (0, 9, 14, 0).
+            esr(3, 3, 13, 0, 2, 0, true),
+            esr(3, 3, 13, 0, 7, 0, true),
+            esr(3, 0, 10, 2, 0, 0, true),
+            esr(3, 0, 10, 4, 4, 0, true),
+            esr(3, 0, 9, 14, 0, 0, true),
         ] {
             assert_eq!(run(e), None, "{e:#x}");
         }

@@ -26,8 +26,9 @@ use super::{this_cpu, Hyp, HYP};
 /// ACTLR (TACR) and implementation-defined registers (TIDCP) trapped; SMC
 /// trapped (TSC); ID registers trapped (TID3: keel_hyp::sysreg answers
 /// them, without the features keel does not switch); RAS error records
-/// trapped (TERR: they describe the host's errors; read as zero); EL1 is
-/// AArch64 (RW); pointer authentication untrapped (APK, API).
+/// trapped (TERR: they describe the host's errors; read as zero);
+/// LORegions trapped (TLOR: not switched; read as zero); EL1 is AArch64
+/// (RW); pointer authentication untrapped (APK, API).
 const HCR_GUEST: u64 = 1
     | (1 << 3)
     | (1 << 4)
@@ -40,16 +41,22 @@ const HCR_GUEST: u64 = 1
     | (1 << 21)
     | (1 << 22)
     | (1 << 31)
+    | (1 << 35)
     | (1 << 36)
     | (1 << 40)
     | (1 << 41);
 /// CPTR_EL2 (non-VHE) for guests: FP/SIMD untrapped (keel switches it);
-/// SVE (TZ) and SME (TSM) trapped, as keel does not switch their state.
-const CPTR_GUEST: u64 = 0x32ff | (1 << 8) | (1 << 12);
+/// SVE (TZ), SME (TSM), trace registers (TTA) and the activity monitors
+/// (TAM) trapped, as keel does not switch their state (keel_hyp::sysreg
+/// answers them).
+const CPTR_GUEST: u64 = 0x32ff | (1 << 8) | (1 << 12) | (1 << 20) | (1 << 30);
 /// CNTHCTL_EL2: guests read the counter, but the physical timer is the host's.
 const CNTHCTL_GUEST: u64 = 1;
-/// MDCR_EL2 traps for guests: PMU (TPMCR, TPM) and debug (TDA, TDOSA, TDRA).
-const MDCR_GUEST_TRAPS: u64 = (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
+/// MDCR_EL2 traps for guests: PMU (TPMCR, TPM), debug (TDA, TDOSA, TDRA),
+/// SPE (TPMS; E2PB 0 traps its buffer, E2TB 0 the trace buffer's) and the
+/// trace filter (TTRF).
+const MDCR_GUEST_TRAPS: u64 =
+    (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 14) | (1 << 19);
 /// VTCR_EL2 RES1 bit.
 const VTCR_RES1: u64 = 1 << 31;
 

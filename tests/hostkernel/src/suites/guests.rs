@@ -836,12 +836,18 @@ fn guest_system_registers(_: &BootInfo) -> TestResult {
         "guest ID_AA64DFR0_EL1 (DebugVer alone)"
     );
     ensure_eq!(zfr0, 0, "guest ID_AA64ZFR0_EL1");
+    // ISAR0 less TME; MMFR0 with PARange the guest's 40 bits (2).
     let (isar0, mmfr0) = g.op(Op::Sysregs, 2, 0, 0)?;
+    let host_mmfr0 = crate::kernel::id_aa64mmfr0();
     ensure_eq!(
         [isar0, mmfr0],
-        [crate::kernel::id_aa64isar0(), crate::kernel::id_aa64mmfr0()],
-        "guest ID_AA64ISAR0_EL1, ID_AA64MMFR0_EL1 (as the host's)"
+        [
+            crate::kernel::id_aa64isar0() & !(0xf << 24),
+            (host_mmfr0 & !0xf) | (host_mmfr0 & 0xf).min(2)
+        ],
+        "guest ID_AA64ISAR0_EL1, ID_AA64MMFR0_EL1"
     );
+    ensure!(id_field(pfr0, 56) <= 1, "guest CSV2 {}", id_field(pfr0, 56));
     ensure_eq!(
         g.op(Op::Sysregs, 3, 0, 0)?,
         (0, 0),
