@@ -10,7 +10,7 @@
 
 use keel_arch::exception::kind;
 use keel_arch::guest::{self as world, el1, El1Regs, FpRegs, HostSave};
-use keel_arch::{barrier, inject, sysreg, TrapFrame};
+use keel_arch::{barrier, features, inject, sysreg, TrapFrame};
 use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::host::RunTicket;
 use keel_hyp::hvc::Return;
@@ -81,6 +81,8 @@ struct HostState {
     mdcr: u64,
     cnthctl: u64,
     vmpidr: u64,
+    /// HCRX_EL2, if the CPU has it (FEAT_HCX).
+    hcrx: Option<u64>,
 }
 
 fn save_host() -> HostState {
@@ -98,6 +100,7 @@ fn save_host() -> HostState {
         mdcr: sysreg::mdcr_el2(),
         cnthctl: sysreg::cnthctl_el2(),
         vmpidr: sysreg::vmpidr_el2(),
+        hcrx: features::has_hcx(sysreg::id_aa64mmfr1_el1()).then(sysreg::hcrx_el2),
     }
 }
 
@@ -111,6 +114,9 @@ fn restore_host(h: &HostState) {
         sysreg::set_mdcr_el2(h.mdcr);
         sysreg::set_cnthctl_el2(h.cnthctl);
         sysreg::set_vmpidr_el2(h.vmpidr);
+        if let Some(hcrx) = h.hcrx {
+            sysreg::set_hcrx_el2(hcrx);
+        }
         h.el1.restore();
         sysreg::set_elr_el2(h.elr);
         sysreg::set_spsr_el2(h.spsr);
@@ -119,7 +125,7 @@ fn restore_host(h: &HostState) {
     barrier::isb();
 }
 
-fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host_mdcr: u64) {
+fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
     FpRegs {
         v: vcpu.fp.v,
         fpsr: vcpu.fp.fpsr,
@@ -133,9 +139,14 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host_mdcr: u64) {
         sysreg::set_vttbr_el2(ticket.vttbr);
         sysreg::set_vtcr_el2(ticket.vtcr | VTCR_RES1);
         sysreg::set_cptr_el2(CPTR_GUEST);
-        sysreg::set_mdcr_el2((host_mdcr & 0x1f) | MDCR_GUEST_TRAPS);
+        sysreg::set_mdcr_el2((host.mdcr & 0x1f) | MDCR_GUEST_TRAPS);
         sysreg::set_cnthctl_el2(CNTHCTL_GUEST);
         sysreg::set_vmpidr_el2((1 << 31) | index);
+        // No HCRX_EL2 feature for guests: TCR2_EL1, SCTLR2_EL1 are not
+        // switched (their accesses trap, and are undefined for the guest).
+        if host.hcrx.is_some() {
+            sysreg::set_hcrx_el2(0);
+        }
         sysreg::set_hcr_el2(HCR_GUEST);
         sysreg::set_elr_el2(vcpu.pc);
         sysreg::set_spsr_el2(vcpu.pstate);
@@ -153,7 +164,7 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     // SAFETY: the ticket makes this vCPU ours until end_run.
     let vcpu = unsafe { &mut *ticket.vcpu };
     let host = save_host();
-    load_guest(vcpu, &ticket, index, host.mdcr);
+    load_guest(vcpu, &ticket, index, &host);
     super::timer::arm_for_host(host.el1.r[el1::CNTV_CTL], host.el1.r[el1::CNTV_CVAL]);
     let mut run = GuestRun {
         save: HostSave::default(),

@@ -1,7 +1,7 @@
 //! From the plan to the running host: page pool, host device tree, stage 1
 //! and MMU, the host stage 2, EL2 configuration, and the entry at EL1.
 
-use keel_arch::{barrier, exception, sysreg, tlb, TrapFrame};
+use keel_arch::{barrier, exception, features, sysreg, tlb, TrapFrame};
 use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
 use keel_boot::layout::Layout;
 use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE};
@@ -219,6 +219,11 @@ pub fn configure_el2_for_host(vtcr: u64, vttbr: u64) {
         }
         sysreg::set_mdcr_el2(hpmn);
         sysreg::set_hstr_el2(0);
+        // HCRX_EL2 resets UNKNOWN: the host's EL1 features, nothing else.
+        if features::has_hcx(sysreg::id_aa64mmfr1_el1()) {
+            let hcrx = features::host_hcrx(sysreg::id_aa64isar2_el1(), sysreg::id_aa64mmfr3_el1());
+            sysreg::set_hcrx_el2(hcrx);
+        }
         // EL1 may use the physical counter and timer.
         sysreg::set_cnthctl_el2(0b11);
         sysreg::set_cntvoff_el2(0);
