@@ -4,6 +4,8 @@
 pub mod ec {
     pub const UNKNOWN: u64 = 0x00;
     pub const WFX: u64 = 0x01;
+    /// LD64B/ST64B* trapped (HCRX_EL2.EnALS/EnASR/EnAS0 clear).
+    pub const LS64: u64 = 0x0a;
     pub const SVC64: u64 = 0x15;
     pub const HVC64: u64 = 0x16;
     pub const SMC64: u64 = 0x17;

@@ -13,7 +13,13 @@ const M_MASK: u64 = 0b1111;
 const SPSR_NRW: u64 = 1 << 4;
 const DAIF: u64 = 0b1111 << 6;
 const SPSR_PAN: u64 = 1 << 22;
+/// PSTATE.{N, Z, C, V} and DIT: exception entry leaves them as they were.
+const SPSR_NZCV: u64 = 0b1111 << 28;
+const SPSR_DIT: u64 = 1 << 24;
+const SPSR_SSBS: u64 = 1 << 12;
 const SCTLR_SPAN: u64 = 1 << 23;
+/// SCTLR_EL1.DSSBS: the PSTATE.SSBS an exception to EL1 enters with.
+const SCTLR_DSSBS: u64 = 1 << 44;
 
 /// Where and how to enter the EL1 exception vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,13 +48,22 @@ fn sync_vector_offset(spsr: u64) -> Option<u64> {
     }
 }
 
+/// PSTATE on entry to EL1, as the architecture sets it: EL1h, D, A, I and F
+/// masked; PAN set unless SCTLR_EL1.SPAN says keep it; SSBS from
+/// SCTLR_EL1.DSSBS; NZCV and DIT kept; everything else (UAO, BTYPE, SS,
+/// IL) clear.
 fn target_spsr(old_spsr: u64, sctlr_el1: u64) -> u64 {
     let pan = if sctlr_el1 & SCTLR_SPAN == 0 {
         SPSR_PAN
     } else {
         old_spsr & SPSR_PAN
     };
-    M_EL1H | DAIF | pan
+    let ssbs = if sctlr_el1 & SCTLR_DSSBS != 0 {
+        SPSR_SSBS
+    } else {
+        0
+    };
+    M_EL1H | DAIF | pan | ssbs | (old_spsr & (SPSR_NZCV | SPSR_DIT))
 }
 
 /// A synchronous external abort for the stage-2 fault described by
@@ -116,6 +131,28 @@ mod tests {
         assert!(!Esr(i.esr).is_write());
         // SPAN = 1: PAN keeps its old value (0).
         assert_eq!(i.spsr & SPSR_PAN, 0);
+    }
+
+    #[test]
+    fn entry_pstate_keeps_flags_and_dit_and_takes_ssbs_from_dssbs() {
+        // EL0t with N, C, DIT, SSBS, UAO (bit 23), BTYPE (bits 11:10), SS
+        // (bit 21) set.
+        let old =
+            M_EL0T | (0b1010 << 28) | SPSR_DIT | SPSR_SSBS | (1 << 23) | (0b11 << 10) | (1 << 21);
+        let i = undefined(old, SCTLR_SPAN, VBAR).unwrap();
+        assert_eq!(i.vector, VBAR + 0x400);
+        assert_eq!(i.esr, IL, "EC 0, IL");
+        assert_eq!(i.spsr, M_EL1H | DAIF | (0b1010 << 28) | SPSR_DIT);
+        let i = undefined(old, SCTLR_SPAN | SCTLR_DSSBS, VBAR).unwrap();
+        assert_eq!(
+            i.spsr,
+            M_EL1H | DAIF | (0b1010 << 28) | SPSR_DIT | SPSR_SSBS
+        );
+        // From EL1h with SPAN clear: PAN set.
+        let i = undefined(M_EL1H, 0, VBAR).unwrap();
+        assert_eq!((i.vector, i.spsr), (VBAR + 0x200, M_EL1H | DAIF | SPSR_PAN));
+        // No EL1 entry from an EL2 mode (EL2h, 0b1001).
+        assert_eq!(undefined(0b1001, 0, VBAR), None);
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 Action::Resume
             }
             // Features guests are told they do not have (keel_hyp::sysreg).
-            ec::SVE | ec::SME => Action::Undefined(trap.esr),
+            ec::SVE | ec::SME | ec::LS64 => Action::Undefined(trap.esr),
             _ => self.fault(vcpu, trap.esr),
         }
     }

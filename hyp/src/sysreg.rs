@@ -13,7 +13,7 @@
 //! trapped (MDCR_EL2, HCR_EL2.TERR) and read as zero, writes ignored
 //! (RAZ/WI), as for a CPU that has none of them to program. Any other
 //! trapped MSR/MRS (ACTLR_EL1, IMPLEMENTATION DEFINED registers, writes to
-//! ID registers), and SVE and SME instructions, are undefined instructions
+//! ID registers), and SVE, SME and LS64 instructions, are undefined instructions
 //! for the guest: it takes its own EL1 exception and runs on.
 
 /// A trapped MSR/MRS (ESR_EL2 EC 0x18), decoded from its ISS.

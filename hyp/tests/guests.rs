@@ -1278,8 +1278,8 @@ fn guest_system_register_traps() {
     // MRS x3, ACTLR_EL1: an undefined instruction, at the same PC.
     let actlr = sysreg(3, 0, 1, 0, 1, 3, true);
     assert_eq!(trap(actlr), (Action::Undefined(actlr), 0x1000, 0xdead));
-    // SVE and SME instructions (EC 0x19, 0x1D).
-    for esr in [(0x19 << 26) | (1 << 25), (0x1d << 26) | (1 << 25)] {
+    // SVE, SME and LS64 instructions (EC 0x19, 0x1D, 0x0A).
+    for esr in [0x19u64, 0x1d, 0x0a].map(|ec| (ec << 26) | (1 << 25)) {
         assert_eq!(trap(esr), (Action::Undefined(esr), 0x1000, 0xdead));
     }
 }

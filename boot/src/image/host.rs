@@ -221,8 +221,13 @@ pub fn configure_el2_for_host(vtcr: u64, vttbr: u64) {
         sysreg::set_hstr_el2(0);
         // HCRX_EL2 resets UNKNOWN: the host's EL1 features, nothing else.
         if features::has_hcx(sysreg::id_aa64mmfr1_el1()) {
-            let hcrx = features::host_hcrx(sysreg::id_aa64isar2_el1(), sysreg::id_aa64mmfr3_el1());
-            sysreg::set_hcrx_el2(hcrx);
+            sysreg::set_hcrx_el2(features::host_hcrx(&features::HcrxIds {
+                pfr1: sysreg::id_aa64pfr1_el1(),
+                pfr2: sysreg::id_aa64pfr2_el1(),
+                isar1: sysreg::id_aa64isar1_el1(),
+                isar2: sysreg::id_aa64isar2_el1(),
+                mmfr3: sysreg::id_aa64mmfr3_el1(),
+            }));
         }
         // EL1 may use the physical counter and timer.
         sysreg::set_cnthctl_el2(0b11);
