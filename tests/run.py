@@ -25,13 +25,13 @@ import argparse
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
+
+from qemurun import TAIL_LINES, Boot, run_qemu, show_tail  # noqa: F401  (tests/qemurun.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,21 +125,6 @@ DEFAULT_SUITES = ["boot", "isolation", "host-abi", "guests", "smp", "fuzz", "dem
 
 PLAN_RE = re.compile(r"^plan (\S+):(.*)$")
 RESULT_RE = re.compile(r"^test (\S+)::(\S+) \.\.\. (ok|FAILED(?::\s?(.*))?)$")
-TAIL_LINES = 40
-
-
-@dataclass
-class Boot:
-    """One QEMU run: its exit code (None on timeout) and UART lines."""
-
-    cmd: list
-    rc: object
-    lines: list
-    seconds: float
-
-    @property
-    def timed_out(self):
-        return self.rc is None
 
 
 @dataclass
@@ -230,43 +215,6 @@ def echo_mode(opts):
     return getattr(opts, "echo", None) or ("prefixed" if opts.verbose else None)
 
 
-def run_qemu(cmd, timeout, echo):
-    """Runs QEMU with the UART on stdout; kills its process group on timeout
-    (None: wait for ever)."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    lines = []
-
-    def reader():
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
-            lines.append(line)
-            if echo == "plain":
-                print(line, flush=True)
-            elif echo:
-                print(f"  | {line}", flush=True)
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        rc = None
-    t.join(timeout=5)
-    return Boot(cmd, rc, lines, time.monotonic() - start)
-
-
 def parse(lines):
     """Returns (plan: {suite: [names]}, results: {suite::name: (ok, reason)},
     finished, aborted line or None)."""
@@ -302,13 +250,6 @@ def run_problem(boot, suite, plan, finished, aborted):
     if boot.rc != 0:
         return f"QEMU exited with status {boot.rc}"
     return None
-
-
-def show_tail(boot):
-    print(f"---- last {TAIL_LINES} UART lines of: {shlex.join(boot.cmd)}")
-    for line in boot.lines[-TAIL_LINES:]:
-        print(f"  | {line}")
-    print("----", flush=True)
 
 
 # The default fuzz run: shards of FUZZ_SHARD_CALLS calls, one per host core,

@@ -27,13 +27,13 @@ import argparse
 import os
 import re
 import shlex
-import signal
 import struct
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qemurun import run_qemu, show_tail  # noqa: E402  (tests/qemurun.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -61,7 +61,6 @@ RESULT_RE = re.compile(r"^test (\S+)::(\S+) \.\.\. (ok|FAILED(?::\s?(.*))?)$")
 PLAN_RE = re.compile(r"^plan (\S+):(.*)$")
 RESERVED_RE = re.compile(r"^\[keel\] INFO\s+reserved (0x[0-9a-f]+)\.\.(0x[0-9a-f]+)")
 HOLE_RE = re.compile(r"^linux: iomem hole (0x[0-9a-f]+)\.\.(0x[0-9a-f]+)$")
-TAIL_LINES = 40
 
 
 def info(msg):
@@ -166,57 +165,6 @@ def qemu_cmd(m, image, initrd, extra_bootargs=""):
     else:
         cmd += ["-kernel", image, "-initrd", initrd, "-append", bootargs]
     return cmd
-
-
-@dataclass
-class Boot:
-    cmd: list
-    rc: object  # None: timed out
-    lines: list
-    seconds: float
-
-    @property
-    def timed_out(self):
-        return self.rc is None
-
-
-def run_qemu(cmd, timeout, echo=None):
-    """Runs QEMU with the console on a pipe; kills its process group on
-    timeout. echo: None, "plain" or "prefixed"."""
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    lines = []
-
-    def reader():
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
-            lines.append(line)
-            if echo == "plain":
-                print(line, flush=True)
-            elif echo:
-                print(f"  | {line}", flush=True)
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        rc = None
-    t.join(timeout=5)
-    return Boot(cmd, rc, lines, time.monotonic() - start)
-
-
-def show_tail(boot):
-    print(f"---- last {TAIL_LINES} console lines of: {shlex.join(boot.cmd)}")
-    for line in boot.lines[-TAIL_LINES:]:
-        print(f"  | {line}")
-    print("----", flush=True)
 
 
 def init_test_names():
@@ -333,7 +281,7 @@ def main():
         print(f"test {name} ... ok" if ok else f"test {name} ... FAILED: {reason}", flush=True)
     failed = [r for r in results if not r[1]]
     if failed:
-        show_tail(boot)
+        show_tail(boot, "console")
         print("\nfailures:")
         for name, _, reason in failed:
             print(f"  {name}: {reason}")
