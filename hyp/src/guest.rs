@@ -130,7 +130,8 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             }
             ec::SYSREG => {
                 let access = SysregAccess::from_esr(trap.esr);
-                let Some(value) = sysreg::emulate(&self.guest_ids, &access) else {
+                let emulated = sysreg::emulate(&self.guest_ids.lock(), &access);
+                let Some(value) = emulated else {
                     return Action::Undefined(trap.esr);
                 };
                 if access.read && access.rt < 31 {

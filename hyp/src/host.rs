@@ -16,8 +16,9 @@ use crate::vm::{GuestTlb, Slot, Vcpu, VcpuState, VmOps, Vms, MAX_VCPUS, MAX_VMS}
 pub struct Hyp<T: TlbMaintenance, M: HypMmu, G: GuestTlb> {
     pub limits: Limits,
     pub stats: Stats,
-    /// The ID registers guests read (set once at boot, from the CPU's).
-    pub guest_ids: GuestIdRegs,
+    /// The ID registers guests read: what every CPU up so far has (each
+    /// CPU adds its own as it comes up).
+    pub guest_ids: Mutex<GuestIdRegs>,
     pub vms: &'static Mutex<Vms<G>>,
     pub mem: Mutex<Memory<T, M>>,
 }
@@ -53,7 +54,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
                 max_vcpus: MAX_VCPUS as u64,
             },
             stats: Stats::new(),
-            guest_ids: GuestIdRegs::default(),
+            guest_ids: Mutex::new(GuestIdRegs::default()),
             vms,
             mem: Mutex::new(mem),
         }

@@ -142,18 +142,65 @@ const fn fields(lsbs: &[u32]) -> u64 {
     m
 }
 
-/// The guest's view of the AArch64 ID registers, computed once from the
-/// CPU's.
+/// Signed ID fields among those guests see, as (register index, lsb):
+/// 0xF (-1) is "not implemented", below 0. ID_AA64PFR0_EL1.FP, AdvSIMD;
+/// ID_AA64MMFR0_EL1.TGran64, TGran4.
+const SIGNED_FIELDS: [(usize, u32); 4] = [
+    (reg::PFR0, 16),
+    (reg::PFR0, 20),
+    (reg::MMFR0, 24),
+    (reg::MMFR0, 28),
+];
+
+/// ID fields among those guests see whose higher value is the safe one:
+/// ID_AA64MMFR1_EL1.SpecSEI (speculative reads may raise SErrors).
+const HIGHER_SAFE_FIELDS: [(usize, u32); 1] = [(reg::MMFR1, 24)];
+
+/// The ID register values that hold on every one of CPUs `a` and `b`
+/// (each the CPU's registers, index [`aa64_index`]): per
+/// 4-bit field the lower value (signed where the field is), or the higher
+/// one where that is the safe one.
+pub fn common_ids(a: &[u64; AA64_ID_REGS], b: &[u64; AA64_ID_REGS]) -> [u64; AA64_ID_REGS] {
+    let mut out = [0u64; AA64_ID_REGS];
+    for (i, o) in out.iter_mut().enumerate() {
+        for lsb in (0..64).step_by(4) {
+            let (x, y) = ((a[i] >> lsb) & 0xf, (b[i] >> lsb) & 0xf);
+            let v = if SIGNED_FIELDS.contains(&(i, lsb)) {
+                // Sign-extend the 4-bit fields and take the lower.
+                let sx = |v: u64| ((v as i64) << 60) >> 60;
+                if sx(x) <= sx(y) {
+                    x
+                } else {
+                    y
+                }
+            } else if HIGHER_SAFE_FIELDS.contains(&(i, lsb)) {
+                x.max(y)
+            } else {
+                x.min(y)
+            };
+            *o |= v << lsb;
+        }
+    }
+    out
+}
+
+/// The guest's view of the AArch64 ID registers: the CPUs' common values
+/// (see [`common_ids`]), less what keel does not give guests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestIdRegs {
     aa64: [u64; AA64_ID_REGS],
+    /// The common values of the CPUs added so far.
+    cpus: Option<[u64; AA64_ID_REGS]>,
 }
 
 impl Default for GuestIdRegs {
-    /// For a CPU whose registers were not read: every ID register zero
-    /// except that EL0 and EL1 run AArch64.
+    /// Before any CPU is added: every ID register zero except that EL0
+    /// and EL1 run AArch64 and the debug architecture is Armv8.0's.
     fn default() -> Self {
-        Self::from_cpu(&[0; AA64_ID_REGS])
+        Self {
+            aa64: Self::view(&[0; AA64_ID_REGS]),
+            cpus: None,
+        }
     }
 }
 
@@ -163,6 +210,28 @@ impl GuestIdRegs {
     /// register describes features keel does not switch, so a feature a
     /// later architecture adds stays hidden until keel supports it.
     pub fn from_cpu(cpu: &[u64; AA64_ID_REGS]) -> Self {
+        Self {
+            aa64: Self::view(cpu),
+            cpus: Some(*cpu),
+        }
+    }
+
+    /// Adds a CPU (its AArch64 ID registers, as each CPU comes up): guests
+    /// are told only what every CPU added so far has, as a vCPU may run on
+    /// any of them. A guest that already read the registers keeps what it
+    /// read; CPUs come up before the host starts VMs.
+    pub fn add_cpu(&mut self, cpu: &[u64; AA64_ID_REGS]) {
+        let common = match &self.cpus {
+            Some(c) => common_ids(c, cpu),
+            None => *cpu,
+        };
+        *self = Self {
+            aa64: Self::view(&common),
+            cpus: Some(common),
+        };
+    }
+
+    fn view(cpu: &[u64; AA64_ID_REGS]) -> [u64; AA64_ID_REGS] {
         let mut aa64 = [0u64; AA64_ID_REGS];
         // ID_AA64PFR0_EL1: FP, AdvSIMD, CSV2, CSV3, DIT kept; EL0 and EL1
         // AArch64 only (1); EL2, EL3, GIC (no vGIC), RAS, SVE, MPAM, AMU,
@@ -199,7 +268,7 @@ impl GuestIdRegs {
         aa64[reg::MMFR2] = cpu[reg::MMFR2] & !fields(&[24, 56]);
         // Everything else (PFR2, ZFR0, SMFR0, FPFR0, DFR1, AFR0/1, MMFR3
         // whose features need HCRX_EL2 enables, MMFR4, unallocated): zero.
-        Self { aa64 }
+        aa64
     }
 
     /// What a guest reads from ID register (`crm`, `op2`) of the ID space.
@@ -391,6 +460,51 @@ mod tests {
         // An old CPU with a zero DebugVer field still reports Armv8.0 debug.
         assert_eq!(GuestIdRegs::default().read(5, 0), 6);
         assert_eq!(GuestIdRegs::default().read(4, 0), 0x11);
+    }
+
+    #[test]
+    fn guests_see_what_every_cpu_has() {
+        let big = max_cpu();
+        let mut little = big;
+        // No DIT; AES without PMULL (ISAR0.AES 1, not 2); no 64K granule
+        // (TGran64 0xf, signed: below 0) but the 4K one (TGran4 0); FP
+        // without half precision (0, not 1); SpecSEI 1 (higher is safe).
+        little[reg::PFR0] &= !(0xf << 48);
+        little[aa64_index(6, 0)] = (little[aa64_index(6, 0)] & !0xf0) | 0x10;
+        little[reg::MMFR0] |= 0xf << 24;
+        little[reg::PFR0] &= !(0xf << 16);
+        little[reg::MMFR1] |= 1 << 24;
+        let common = common_ids(&big, &little);
+        assert_eq!(common, common_ids(&little, &big), "order does not matter");
+        assert_eq!(common_ids(&big, &big), big, "one kind of CPU: its values");
+        assert_eq!(field(common[reg::PFR0], 48), 0, "DIT");
+        assert_eq!(field(common[aa64_index(6, 0)], 4), 1, "AES");
+        assert_eq!(field(common[reg::MMFR0], 24), 0xf, "TGran64 (signed)");
+        assert_eq!(field(common[reg::MMFR0], 28), 0, "TGran4");
+        assert_eq!(field(common[reg::PFR0], 16), 0, "FP");
+        assert_eq!(field(common[reg::MMFR1], 24), 1, "SpecSEI (higher safe)");
+        // FP 0xf (none) on one CPU wins over 1.
+        let mut nofp = big;
+        nofp[reg::PFR0] |= 0xf << 16;
+        assert_eq!(field(common_ids(&big, &nofp)[reg::PFR0], 16), 0xf, "FP");
+
+        let mut g = GuestIdRegs::default();
+        g.add_cpu(&big);
+        assert_eq!(g, GuestIdRegs::from_cpu(&big));
+        assert_eq!(
+            field(g.read(4, 0), 48),
+            1,
+            "DIT while only the big CPU is in"
+        );
+        g.add_cpu(&little);
+        assert_eq!(field(g.read(4, 0), 48), 0, "DIT once the little CPU is in");
+        assert_eq!(field(g.read(7, 0), 24), 0xf, "TGran64");
+        g.add_cpu(&big);
+        assert_eq!(
+            field(g.read(4, 0), 48),
+            0,
+            "a CPU added again widens nothing"
+        );
     }
 
     #[test]

@@ -1259,9 +1259,9 @@ fn guest_system_register_traps() {
     // registers were never read: AArch64 EL0/EL1 alone).
     assert_eq!(
         trap(sysreg(3, 0, 0, 4, 0, 3, true)),
-        (Action::Resume, 0x1004, m.hyp.guest_ids.read(4, 0))
+        (Action::Resume, 0x1004, m.hyp.guest_ids.lock().read(4, 0))
     );
-    assert_eq!(m.hyp.guest_ids.read(4, 0), 0x11);
+    assert_eq!(m.hyp.guest_ids.lock().read(4, 0), 0x11);
     // MRS x3, PMCR_EL0 and MDSCR_EL1: zero; MSR MDSCR_EL1, x3: ignored.
     assert_eq!(
         trap(sysreg(3, 3, 9, 12, 0, 3, true)),

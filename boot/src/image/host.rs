@@ -5,7 +5,6 @@ use keel_arch::{barrier, exception, features, sysreg, tlb, TrapFrame};
 use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
 use keel_boot::layout::Layout;
 use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE};
-use keel_hyp::sysreg::GuestIdRegs;
 use keel_hyp::vm::{GuestTlb, Vms};
 use keel_mm::donated::DonatedPages;
 use keel_mm::stage1::{Perm, Stage1};
@@ -380,10 +379,11 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
             fixmap_pte: fixmap_pte as u64,
         },
     };
-    let mut hyp = Hyp::new(mem, &VMS);
-    // What guests read of the ID registers: the boot CPU's, less what keel
-    // does not switch for them.
-    hyp.guest_ids = GuestIdRegs::from_cpu(&sysreg::aa64_id_regs());
+    let hyp = Hyp::new(mem, &VMS);
+    // What guests read of the ID registers: the CPUs' common values (this
+    // one's so far; each secondary adds its own), less what keel does not
+    // switch for them.
+    hyp.guest_ids.lock().add_cpu(&sysreg::aa64_id_regs());
     HYP.call_once(|| hyp);
 
     let entry = info.kernel.range.start;

@@ -9,7 +9,7 @@ use keel_arch::firmware::{self, psci};
 use keel_arch::{exception, sysreg, CpuLocal, TrapFrame};
 use log::info;
 
-use super::{host, mmu, this_cpu, KEEL_CPU_LOCAL};
+use super::{host, mmu, this_cpu, HYP, KEEL_CPU_LOCAL};
 
 /// CPUs keel knows (from the device tree), boot CPU first.
 pub static NR_CPUS: AtomicUsize = AtomicUsize::new(1);
@@ -114,6 +114,10 @@ extern "C" fn keel_secondary_main(index: u64) -> ! {
         HOST_VTCR.load(Ordering::Acquire),
         HOST_VTTBR.load(Ordering::Acquire),
     );
+    // Guests are told only what every CPU has (CPUs may differ).
+    if let Some(hyp) = HYP.get() {
+        hyp.guest_ids.lock().add_cpu(&sysreg::aa64_id_regs());
+    }
     let cpu = this_cpu();
     info!(
         "CPU {index} (MPIDR {:#x}) up; entering host at {:#x}",
