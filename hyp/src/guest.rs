@@ -281,14 +281,9 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
 mod tests {
     use super::*;
 
-    fn sysreg_esr(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
-        (ec::SYSREG << 26)
-            | (1 << 25)
-            | (op0 << 20)
-            | (op2 << 17)
-            | (op1 << 14)
-            | (crn << 10)
-            | (crm << 1)
+    /// An MSR, with x0, of (`op0`, `op1`, `crn`, `crm`, `op2`).
+    fn sysreg_esr(op0: u8, op1: u8, crn: u8, crm: u8, op2: u8) -> u64 {
+        sysreg::sysreg_esr(op0, op1, crn, crm, op2, 0, false)
     }
 
     #[test]

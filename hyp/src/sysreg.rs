@@ -45,6 +45,20 @@ impl SysregAccess {
         }
     }
 
+    /// The ESR_EL2 a trap of this access carries (EC 0x18, IL set): what
+    /// [`from_esr`](Self::from_esr) decodes.
+    pub const fn esr(&self) -> u64 {
+        (0x18 << 26)
+            | (1 << 25)
+            | ((self.op0 as u64 & 3) << 20)
+            | ((self.op2 as u64 & 7) << 17)
+            | ((self.op1 as u64 & 7) << 14)
+            | ((self.crn as u64 & 0xf) << 10)
+            | ((self.rt as u64 & 0x1f) << 5)
+            | ((self.crm as u64 & 0xf) << 1)
+            | self.read as u64
+    }
+
     /// An ID register (Op0 = 3, Op1 = 0, CRn = 0, CRm = 1..7), the space
     /// HCR_EL2.TID3 traps: `(crm, op2)`.
     fn id_space(&self) -> Option<(u8, u8)> {
@@ -90,6 +104,21 @@ impl SysregAccess {
     }
 }
 
+/// The ESR_EL2 of a trapped MSR (`read` false) or MRS of system register
+/// (`op0`, `op1`, `crn`, `crm`, `op2`) with general register `rt`.
+pub const fn sysreg_esr(op0: u8, op1: u8, crn: u8, crm: u8, op2: u8, rt: u8, read: bool) -> u64 {
+    SysregAccess {
+        op0,
+        op1,
+        crn,
+        crm,
+        op2,
+        rt,
+        read,
+    }
+    .esr()
+}
+
 /// The AArch64 ID registers: CRm 4 to 7 of the ID space, eight each.
 pub const AA64_ID_REGS: usize = 32;
 
@@ -122,14 +151,7 @@ const fn cap(v: u64, lsb: u32, max: u64) -> u64 {
 
 /// ID_AA64MMFR0_EL1.PARange of the guests' IPA size (the smallest that
 /// holds it).
-const GUEST_PARANGE: u64 = match crate::vm::GUEST_IPA_BITS {
-    0..=32 => 0,
-    33..=36 => 1,
-    37..=40 => 2,
-    41..=42 => 3,
-    43..=44 => 4,
-    _ => 5,
-};
+const GUEST_PARANGE: u64 = keel_mm::stage2::parange(crate::vm::GUEST_IPA_BITS);
 
 /// Mask of 4-bit ID fields at the given bit positions.
 const fn fields(lsbs: &[u32]) -> u64 {
@@ -296,17 +318,7 @@ pub fn emulate(ids: &GuestIdRegs, access: &SysregAccess) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn esr(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64, rt: u64, read: bool) -> u64 {
-        (0x18 << 26)
-            | (1 << 25)
-            | (op0 << 20)
-            | (op2 << 17)
-            | (op1 << 14)
-            | (crn << 10)
-            | (rt << 5)
-            | (crm << 1)
-            | u64::from(read)
-    }
+    use sysreg_esr as esr;
 
     fn place(f: &[(u32, u64)]) -> u64 {
         f.iter().map(|&(lsb, v)| v << lsb).sum()
@@ -369,6 +381,24 @@ mod tests {
             }
         );
         assert!(!SysregAccess::from_esr(esr(2, 0, 0, 2, 2, 31, false)).read);
+        // The encoding is the decoding's inverse, field by field.
+        for (op0, op1, crn, crm, op2, rt, read) in [
+            (3, 7, 15, 15, 7, 31, true),
+            (1, 0, 7, 6, 2, 0, false),
+            (2, 3, 0, 5, 0, 17, true),
+        ] {
+            let a = SysregAccess {
+                op0,
+                op1,
+                crn,
+                crm,
+                op2,
+                rt,
+                read,
+            };
+            assert_eq!(SysregAccess::from_esr(a.esr()), a);
+        }
+        assert_eq!(esr(3, 0, 0, 4, 4, 7, true) >> 26, 0x18, "EC");
         assert_eq!(SysregAccess::from_esr(esr(2, 0, 0, 2, 2, 31, false)).rt, 31);
     }
 

@@ -1226,17 +1226,7 @@ fn reclaim_never_hands_the_host_a_table_it_allocates() {
 fn guest_system_register_traps() {
     let m = Machine::small();
     let h = m.create(1);
-    let sysreg = |op0: u64, op1: u64, crn: u64, crm: u64, op2: u64, rt: u64, read: bool| {
-        (0x18 << 26)
-            | (1 << 25)
-            | (op0 << 20)
-            | (op2 << 17)
-            | (op1 << 14)
-            | (crn << 10)
-            | (rt << 5)
-            | (crm << 1)
-            | u64::from(read)
-    };
+    use keel_hyp::sysreg::sysreg_esr as sysreg;
     let trap = |esr: u64| {
         let mut vcpu = Vcpu::new();
         vcpu.pc = 0x1000;

@@ -54,6 +54,19 @@ register_bitfields! {u64,
     ]
 }
 
+/// The smallest PARange encoding (ID_AA64MMFR0_EL1.PARange, VTCR_EL2.PS)
+/// that holds `bits` of address: 32, 36, 40, 42, 44 or 48 bits.
+pub const fn parange(bits: u8) -> u64 {
+    match bits {
+        0..=32 => 0,
+        33..=36 => 1,
+        37..=40 => 2,
+        41..=42 => 3,
+        43..=44 => 4,
+        _ => 5,
+    }
+}
+
 /// The shape of a stage-2 table for an IPA size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
@@ -114,14 +127,7 @@ impl Geometry {
     /// write-back walks, PS = the smallest PARange encoding that holds the
     /// IPA size. The hypervisor adds VS (16-bit VMIDs) and RES1 bits itself.
     pub fn vtcr(&self) -> u64 {
-        let ps = match self.ipa_bits {
-            0..=32 => 0,
-            33..=36 => 1,
-            37..=40 => 2,
-            41..=42 => 3,
-            43..=44 => 4,
-            _ => 5,
-        };
+        let ps = parange(self.ipa_bits);
         let mut r = LocalRegisterCopy::<u64, VTCR::Register>::new(0);
         r.modify(
             VTCR::T0SZ.val(self.t0sz())
