@@ -387,6 +387,11 @@ fn esr(inp: &mut Input) -> u64 {
                 | inp.pick(&[0x04u64, 0x05, 0x06, 0x07, 0x09, 0x0d, 0x10, 0x3f])
         }
         6 => 0x20 << 26 | IL | 0x07, // IABT_LOWER
+        // MSR/MRS (any encoding, any register), or SVE, SME, LS64 traps
+        7 if k & 0x80 != 0 => {
+            let ec = inp.pick(&[0x18u64, 0x18, 0x19, 0x1d, 0x0a]);
+            ec << 26 | IL | inp.u64() & 0x1ff_ffff
+        }
         _ => inp.u64() & 0xffff_ffff,
     }
 }
