@@ -5,8 +5,9 @@
 //! the GIC's CPU interface and every EL2 feature stay the host's (or
 //! nobody's). A guest must not be told they exist. So guests run with
 //! HCR_EL2.TID3, and their reads of the AArch64 ID registers are answered
-//! here from the CPU's values with those features taken out; AArch32 and
-//! unallocated ID encodings read as zero (guests are AArch64 only).
+//! here from the values every CPU has ([`common_ids`]) with those features
+//! taken out; AArch32 and unallocated ID encodings read as zero (guests are
+//! AArch64 only).
 //!
 //! The registers of the features taken out (debug and trace: Op0 = 2; the
 //! PMU; RAS error records, whose contents describe the host's errors) are
