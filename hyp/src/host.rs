@@ -178,7 +178,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
         matches!(mem.host.lookup(&mem.pool, ipa), Ok(leaf) if matches!(leaf.kind, keel_mm::LeafKind::Mapped { .. }))
     }
 
-    /// Whether VM slot `slot`'s stage 2 maps `ipa` now (see [`host_maps`]).
+    /// Whether VM slot `slot`'s stage 2 maps `ipa` now (see [`host_maps`](Self::host_maps)).
     pub fn guest_maps(&self, slot: usize, ipa: u64) -> bool {
         let vms = self.vms.lock();
         let mem = self.mem.lock();
