@@ -647,7 +647,24 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             ),
             Conversion::Unshare => (Request::GuestUnshare(vmi), Change::Unmap(annotation(slot))),
         };
-        owner::transition(mem.page_in(host_walk.kind(), pa, vms), request)?;
+        // The host's view of the page: a page of this VM (live: it runs) is
+        // a hole annotated with its handle; anything else is classified in
+        // full, to be refused.
+        let page = match host_walk.kind() {
+            LeafKind::Unmapped(a) if a == annotation(slot) => Page::GuestOwned(vmi),
+            kind @ LeafKind::Mapped {
+                state: PageState::SharedBorrowed,
+                ..
+            } => match vms.lent.get(pa / PAGE) {
+                Some(e) if e.dir == Direction::ToHost && e.vm == vmi => Page::GuestShared {
+                    vm: vmi,
+                    pinned: e.pins > 0,
+                },
+                _ => mem.page_in(kind, pa, vms),
+            },
+            kind => mem.page_in(kind, pa, vms),
+        };
+        owner::transition(page, request)?;
         let guest_plan = vm
             .s2
             .plan_page(&guest_walk, Change::State(to))

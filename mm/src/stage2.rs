@@ -433,13 +433,51 @@ impl<T: TlbMaintenance> Stage2<T> {
         &mut self.tlb
     }
 
+    #[inline(always)]
     fn check_pool(&self, pool: &PagePool) -> Result<(), MmError> {
-        if self.destroyed {
-            Err(MmError::Destroyed)
-        } else if pool.id() != self.pool_id {
-            Err(MmError::WrongPool)
-        } else {
+        // One compare on the hot paths: `destroy` clears `pool_id` (pool
+        // identities start at 1).
+        if pool.id() == self.pool_id {
             Ok(())
+        } else {
+            Err(self.pool_error())
+        }
+    }
+
+    #[cold]
+    fn pool_error(&self) -> MmError {
+        if self.destroyed {
+            MmError::Destroyed
+        } else {
+            MmError::WrongPool
+        }
+    }
+
+    /// This stage 2's identity (high half) and generation (low half): what
+    /// a [`PageWalk`] or [`PagePlan`] must carry to be used here.
+    #[inline(always)]
+    fn stamp(&self) -> u64 {
+        (u64::from(self.id) << 32) | u64::from(self.generation)
+    }
+
+    /// Why a walk or plan stamped `stamp` is refused here.
+    #[cold]
+    fn stamp_error(&self, stamp: u64) -> MmError {
+        if stamp >> 32 != u64::from(self.id) {
+            MmError::InvalidArgument
+        } else {
+            MmError::Stale
+        }
+    }
+
+    /// [`check_range`](Self::check_range) of one page, with the common case
+    /// in two compares.
+    #[inline(always)]
+    fn check_page(&self, ipa: u64) -> Result<(), MmError> {
+        if ipa & (crate::PAGE_SIZE as u64 - 1) == 0 && ipa < self.geometry.ipa_size() {
+            Ok(())
+        } else {
+            self.check_range(ipa, crate::PAGE_SIZE as u64).map(|_| ())
         }
     }
 
@@ -936,24 +974,27 @@ impl<T: TlbMaintenance> Stage2<T> {
         walk: &mut PageWalk,
     ) -> Result<(), MmError> {
         self.check_pool(pool)?;
-        let (ipa, _) = self.check_range(ipa, crate::PAGE_SIZE as u64)?;
+        self.check_page(ipa)?;
         let start = self.geometry.start_level;
         walk.ipa = ipa;
-        walk.owner = self.id;
-        walk.generation = self.generation;
+        walk.stamp = self.stamp();
         walk.start = start;
         // The root's count is not kept.
         walk.path[usize::from(start)] = Pte::table(self.root).with_breaks(BREAKS_UNKNOWN);
         let mut level = start;
+        let mut table = self.root;
+        // The root needs no mask: the IPA is inside the table.
+        let mut index = (ipa >> level_shift(start)) as usize;
         loop {
-            let l = usize::from(level);
-            let pte = read(pool, walk.path[l].addr(), entry_index(ipa, level, start));
-            walk.path[l + 1] = pte;
+            let pte = read(pool, table, index);
+            walk.path[usize::from(level) + 1] = pte;
             if !pte.is_table(level) {
                 walk.level = level;
                 return Ok(());
             }
             level += 1;
+            table = pte.addr();
+            index = entry_index(ipa, level, 0);
         }
     }
 
@@ -962,11 +1003,8 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// refuses what `apply` refuses. Writes nothing.
     #[inline(always)]
     pub fn plan_page(&self, walk: &PageWalk, change: Change) -> Result<PagePlan, MmError> {
-        if walk.owner != self.id {
-            return Err(MmError::InvalidArgument);
-        }
-        if walk.generation != self.generation {
-            return Err(MmError::Stale);
+        if walk.stamp != self.stamp() {
+            return Err(self.stamp_error(walk.stamp));
         }
         let leaf = walk.leaf_pte();
         if change.requires_mapped() && !leaf.is_valid() {
@@ -990,9 +1028,8 @@ impl<T: TlbMaintenance> Stage2<T> {
             LEAF_LEVEL - walk.level
         };
         Ok(PagePlan {
-            owner: self.id,
+            stamp: walk.stamp,
             ipa: walk.ipa,
-            generation: walk.generation,
             old,
             new,
             pages,
@@ -1032,11 +1069,14 @@ impl<T: TlbMaintenance> Stage2<T> {
         plan: &PagePlan,
     ) -> Result<(), MmError> {
         self.check_pool(pool)?;
-        if walk.owner != self.id || plan.owner != self.id || plan.ipa != walk.ipa {
-            return Err(MmError::InvalidArgument);
+        if plan.stamp != self.stamp() {
+            return Err(self.stamp_error(plan.stamp));
         }
-        if walk.generation != self.generation || plan.generation != walk.generation {
-            return Err(MmError::Stale);
+        if walk.stamp != plan.stamp {
+            return Err(self.stamp_error(walk.stamp));
+        }
+        if walk.ipa != plan.ipa {
+            return Err(MmError::InvalidArgument);
         }
         let (old, new) = (plan.old, plan.new);
         if old == new {
@@ -1394,6 +1434,7 @@ impl<T: TlbMaintenance> Stage2<T> {
         unsafe { pool.free_contiguous(self.root, self.geometry.root_pages) };
         self.stats.root_pages = 0;
         self.destroyed = true;
+        self.pool_id = 0;
         self.generation = self.generation.wrapping_add(1);
         Ok(())
     }
@@ -1404,9 +1445,9 @@ impl<T: TlbMaintenance> Stage2<T> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PageWalk {
     ipa: u64,
-    /// The walked stage 2's identity (0: none) and generation.
-    owner: u32,
-    generation: u32,
+    /// The walked stage 2's identity (high half, 0: none) and generation
+    /// (low half).
+    stamp: u64,
     start: u8,
     /// Level of the leaf.
     level: u8,
@@ -1502,9 +1543,8 @@ impl PageWalk {
 /// ([`Stage2::plan_page`]), for [`Stage2::commit_page`].
 #[derive(Clone, Copy, Debug)]
 pub struct PagePlan {
-    owner: u32,
+    stamp: u64,
     ipa: u64,
-    generation: u32,
     old: Pte,
     new: Pte,
     pages: u8,
