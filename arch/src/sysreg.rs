@@ -2,6 +2,8 @@
 //! each can change translation, trapping or exception return, and the caller
 //! must know that the new value is right for the running hypervisor.
 
+use crate::features::Fgt;
+
 macro_rules! sysreg_read {
     ($($name:ident => $reg:literal),* $(,)?) => {$(
         #[doc = concat!("Reads ", $reg, ".")]
@@ -50,6 +52,9 @@ sysreg_read! {
     id_aa64pfr2_el1 => "s3_0_c0_c4_2",
     id_aa64mmfr3_el1 => "s3_0_c0_c7_3",
     hcrx_el2 => "s3_4_c1_c2_2",
+    // PMSIDR_EL1 (with SPE) and TRBIDR_EL1 (with TRBE), by encoding.
+    pmsidr_el1 => "s3_0_c9_c9_7",
+    trbidr_el1 => "s3_0_c9_c11_7",
     pmcr_el0 => "pmcr_el0",
     cntpct_el0 => "cntpct_el0",
     cntfrq_el0 => "cntfrq_el0",
@@ -74,6 +79,7 @@ sysreg_write! {
     set_spsr_el1 => "spsr_el1",
     set_hcr_el2 => "hcr_el2",
     set_hcrx_el2 => "s3_4_c1_c2_2",
+    set_hafgrtr_el2 => "s3_4_c3_c1_6",
     set_vtcr_el2 => "vtcr_el2",
     set_vttbr_el2 => "vttbr_el2",
     set_vbar_el2 => "vbar_el2",
@@ -107,6 +113,77 @@ pub fn pa_bits() -> u32 {
         5 => 48,
         _ => 52,
     }
+}
+
+/// The FEAT_FGT registers, then the FEAT_FGT2 ones, by encoding, in the
+/// order of [`Fgt`]'s fields.
+macro_rules! fgt_regs {
+    ($m:ident) => {
+        $m!(
+            hfgrtr => "s3_4_c1_c1_4",
+            hfgwtr => "s3_4_c1_c1_5",
+            hfgitr => "s3_4_c1_c1_6",
+            hdfgrtr => "s3_4_c3_c1_4",
+            hdfgwtr => "s3_4_c3_c1_5";
+            hfgrtr2 => "s3_4_c3_c1_2",
+            hfgwtr2 => "s3_4_c3_c1_3",
+            hfgitr2 => "s3_4_c3_c1_7",
+            hdfgrtr2 => "s3_4_c3_c1_0",
+            hdfgwtr2 => "s3_4_c3_c1_1"
+        )
+    };
+}
+
+/// The fine-grained trap registers of a CPU whose FEAT_FGT version
+/// ([`fgt_version`](crate::features::fgt_version)) is `version`: those it
+/// lacks read as 0.
+pub fn fgt(version: u64) -> Fgt {
+    macro_rules! read {
+        ($($f:ident => $r:literal),*; $($f2:ident => $r2:literal),*) => {{
+            let mut v = Fgt::default();
+            if version >= 1 {
+                // SAFETY: reading a trap control has no side effects; the
+                // CPU has these registers (FEAT_FGT).
+                unsafe {
+                    $(core::arch::asm!(concat!("mrs {}, ", $r), out(reg) v.$f, options(nomem, nostack, preserves_flags));)*
+                }
+            }
+            if version >= 2 {
+                // SAFETY: as above (FEAT_FGT2).
+                unsafe {
+                    $(core::arch::asm!(concat!("mrs {}, ", $r2), out(reg) v.$f2, options(nomem, nostack, preserves_flags));)*
+                }
+            }
+            v
+        }};
+    }
+    fgt_regs!(read)
+}
+
+/// Writes the fine-grained trap registers of a CPU whose FEAT_FGT
+/// version is `version` (those it lacks are left alone).
+///
+/// # Safety
+/// Every trap the values enable must be one the hypervisor handles for
+/// whatever runs at EL1 next.
+pub unsafe fn set_fgt(version: u64, v: &Fgt) {
+    macro_rules! write {
+        ($($f:ident => $r:literal),*; $($f2:ident => $r2:literal),*) => {{
+            if version >= 1 {
+                // SAFETY: the caller vouches for the values (FEAT_FGT).
+                unsafe {
+                    $(core::arch::asm!(concat!("msr ", $r, ", {}"), in(reg) v.$f, options(nostack, preserves_flags));)*
+                }
+            }
+            if version >= 2 {
+                // SAFETY: as above (FEAT_FGT2).
+                unsafe {
+                    $(core::arch::asm!(concat!("msr ", $r2, ", {}"), in(reg) v.$f2, options(nostack, preserves_flags));)*
+                }
+            }
+        }};
+    }
+    fgt_regs!(write)
 }
 
 /// The AArch64 ID registers, Op0 = 3, Op1 = 0, CRn = 0, CRm = 4 to 7,

@@ -83,6 +83,8 @@ struct HostState {
     vmpidr: u64,
     /// HCRX_EL2, if the CPU has it (FEAT_HCX).
     hcrx: Option<u64>,
+    /// The FEAT_FGT version (0: none) and the fine-grained trap registers.
+    fgt: (u64, features::Fgt),
 }
 
 fn save_host() -> HostState {
@@ -101,6 +103,10 @@ fn save_host() -> HostState {
         cnthctl: sysreg::cnthctl_el2(),
         vmpidr: sysreg::vmpidr_el2(),
         hcrx: features::has_hcx(sysreg::id_aa64mmfr1_el1()).then(sysreg::hcrx_el2),
+        fgt: {
+            let version = features::fgt_version(sysreg::id_aa64mmfr0_el1());
+            (version, sysreg::fgt(version))
+        },
     }
 }
 
@@ -117,6 +123,7 @@ fn restore_host(h: &HostState) {
         if let Some(hcrx) = h.hcrx {
             sysreg::set_hcrx_el2(hcrx);
         }
+        sysreg::set_fgt(h.fgt.0, &h.fgt.1);
         h.el1.restore();
         sysreg::set_elr_el2(h.elr);
         sysreg::set_spsr_el2(h.spsr);
@@ -147,6 +154,11 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
         if host.hcrx.is_some() {
             sysreg::set_hcrx_el2(0);
         }
+        // Fine-grained traps: every n field 0, so a guest's access to the
+        // registers of a feature it is told it lacks (SME, GCS, S1PIE,
+        // BRBE, ...: none of them switched) traps and is undefined for it;
+        // nothing else traps (features::host_fgt).
+        sysreg::set_fgt(host.fgt.0, &features::Fgt::default());
         sysreg::set_hcr_el2(HCR_GUEST);
         sysreg::set_elr_el2(vcpu.pc);
         sysreg::set_spsr_el2(vcpu.pstate);

@@ -185,6 +185,33 @@ fn build_host_stage2(info: &BootInfo, plan: &Layout, pool: &mut PagePool) -> Sta
     s2
 }
 
+/// The ID registers (and SPE's and TRBE's ID registers, where the CPU has
+/// them) that decide the host's fine-grained trap values.
+fn fgt_ids() -> features::FgtIds {
+    let id = sysreg::aa64_id_regs();
+    let dfr0 = id[8];
+    features::FgtIds {
+        pfr0: id[0],
+        pfr1: id[1],
+        dfr0,
+        dfr1: id[9],
+        dfr2: id[10],
+        isar1: id[17],
+        mmfr3: id[27],
+        mmfr4: id[28],
+        pmsidr: if (dfr0 >> 32) & 0xf != 0 {
+            sysreg::pmsidr_el1()
+        } else {
+            0
+        },
+        trbidr: if (dfr0 >> 44) & 0xf != 0 {
+            sysreg::trbidr_el1()
+        } else {
+            0
+        },
+    }
+}
+
 /// Everything EL2 sets so that an unmodified OS runs at EL1 without
 /// noticing it is not alone.
 pub fn configure_el2_for_host(vtcr: u64, vttbr: u64) {
@@ -227,6 +254,15 @@ pub fn configure_el2_for_host(vtcr: u64, vttbr: u64) {
                 isar2: sysreg::id_aa64isar2_el1(),
                 mmfr3: sysreg::id_aa64mmfr3_el1(),
             }));
+        }
+        // The fine-grained traps reset UNKNOWN too: none for the host.
+        let fgt = features::fgt_version(sysreg::id_aa64mmfr0_el1());
+        if fgt != 0 {
+            sysreg::set_fgt(fgt, &features::host_fgt(&fgt_ids()));
+            // HAFGRTR_EL2 exists with AMU; it has no n fields.
+            if (sysreg::id_aa64pfr0_el1() >> 44) & 0xf != 0 {
+                sysreg::set_hafgrtr_el2(0);
+            }
         }
         // EL1 may use the physical counter and timer.
         sysreg::set_cnthctl_el2(0b11);
