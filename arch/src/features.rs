@@ -133,7 +133,11 @@ const fn bits(hi: u32, lo: u32) -> u64 {
 /// Guests run with every field 0 ([`Fgt::default`]): no positive trap,
 /// and every n field traps. Each feature with an n field is one guests
 /// are told they lack (keel_hyp::sysreg), and whose registers keel does
-/// not switch, so a guest's access is an undefined instruction for it.
+/// not switch, so a guest's access is emulated (read as zero, as for the
+/// PMU, SPE and debug registers) or an undefined instruction for it.
+///
+/// Like Linux, keel needs firmware to have set SCR_EL3.FGTEn (and FGTEn2
+/// on FEAT_FGT2 CPUs), or these registers trap to EL3.
 pub fn host_fgt(ids: &FgtIds) -> Fgt {
     let has = |reg: u64, lsb: u32, min: u64| field(reg, lsb) >= min;
     let mut g = 0;
@@ -210,8 +214,8 @@ pub fn host_fgt(ids: &FgtIds) -> Fgt {
     if has(ids.dfr1, 44, 1) {
         d2 |= 1 << 20; // nTRCITECR_EL1 (FEAT_ITE)
     }
-    if pmsver >= 4 && ids.pmsidr & (1 << 7) != 0 {
-        d2 |= 1 << 19; // nPMSDSFR_EL1 (FEAT_SPE_FDS)
+    if pmsver >= 5 && ids.pmsidr & (1 << 7) != 0 {
+        d2 |= 1 << 19; // nPMSDSFR_EL1 (FEAT_SPE_FDS, SPEv1p4)
     }
     if has(ids.dfr1, 32, 1) {
         d2 |= bits(18, 8); // the nSPM* fields (FEAT_SPMU)
@@ -219,13 +223,13 @@ pub fn host_fgt(ids: &FgtIds) -> Fgt {
     if pmss {
         d2 |= bits(7, 6); // nPMSSCR_EL1, nPMSSDATA (FEAT_PMUv3_SS)
     }
-    if pmuv3p9 && field(ids.dfr0, 0) >= 0xb {
-        d2 |= 1 << 5; // nMDSELR_EL1 (FEAT_Debugv8p9)
+    if field(ids.dfr0, 0) >= 0xb {
+        d2 |= 1 << 5; // nMDSELR_EL1 (FEAT_Debugv8p9: DebugVer, PMU or not)
     }
     if pmuv3p9 {
         d2 |= 1 << 4; // nPMUACR_EL1 (FEAT_PMUv3p9)
     }
-    if has(ids.dfr1, 36, 1) && pmuv3p9 {
+    if has(ids.dfr1, 36, 1) {
         d2 |= bits(3, 2); // nPMICFILTR_EL0, nPMICNTR_EL0 (FEAT_PMUv3_ICNTR)
     }
     if has(ids.dfr0, 24, 1) {
@@ -278,7 +282,7 @@ mod tests {
             pfr1: 1 << 24 | 1 << 44 | 1 << 48 | 1 << 60,
             // DebugVer v8.9 [3:0], PMUVer v3.9 [11:8], PMSS [19:16], SEBEP
             // [27:24], PMSVer v1.4 [35:32], TraceBuffer [47:44], BRBE [55:52].
-            dfr0: 0xb | 9 << 8 | 1 << 16 | 1 << 24 | 4 << 32 | 1 << 44 | 1 << 52,
+            dfr0: 0xb | 9 << 8 | 1 << 16 | 1 << 24 | 5 << 32 | 1 << 44 | 1 << 52,
             // SPMU [35:32], PMICNTR [39:36], ITE [47:44], EBEP [51:48].
             dfr1: 1 << 32 | 1 << 36 | 1 << 44 | 1 << 48,
             // STEP [3:0], SPE_nVM [23:20].
@@ -325,14 +329,26 @@ mod tests {
         let brbe = with(|i| i.dfr0 = 1 << 52);
         assert_eq!((brbe.hfgitr, brbe.hdfgrtr), (3 << 55, 7 << 59));
         assert_eq!(brbe.hdfgwtr, 3 << 60);
-        // SPE v1.2 has PMSNEVFR; FDS needs v1.4 and PMSIDR_EL1.FDS.
+        // SPE v1.2 has PMSNEVFR; FDS needs v1.4 (PMSVer 5) and
+        // PMSIDR_EL1.FDS.
         let spe = with(|i| i.dfr0 = 3 << 32);
         assert_eq!((spe.hdfgrtr, spe.hdfgrtr2), (1 << 62, 0));
-        let fds = with(|i| {
+        let v1p3 = with(|i| {
             i.dfr0 = 4 << 32;
             i.pmsidr = 1 << 7;
         });
+        assert_eq!(v1p3.hdfgrtr2, 0);
+        let fds = with(|i| {
+            i.dfr0 = 5 << 32;
+            i.pmsidr = 1 << 7;
+        });
         assert_eq!(fds.hdfgrtr2, 1 << 19);
+        // Debug v8.9 without a PMU still has MDSELR_EL1; the instruction
+        // counter needs only its own field.
+        let dbg = with(|i| i.dfr0 = 0xb);
+        assert_eq!((dbg.hdfgrtr2, dbg.hdfgwtr2), (1 << 5, 1 << 5));
+        let icntr = with(|i| i.dfr1 = 1 << 36);
+        assert_eq!(icntr.hdfgrtr2, 3 << 2);
         // LS64 and LS64_V alone have no ACCDATA register.
         assert_eq!(with(|i| i.isar1 = 2 << 60), Fgt::default());
         // An IMPLEMENTATION DEFINED PMU (PMUVer 0xf) is not PMUv3.9.
