@@ -366,8 +366,8 @@ pub struct Stage2<T: TlbMaintenance> {
     geometry: Geometry,
     vmid: Vmid,
     root: u64,
+    /// The pool's identity; 0 once destroyed (pool identities start at 1).
     pool_id: u32,
-    destroyed: bool,
     /// This stage 2's identity, and its changes so far (wrapping): a
     /// [`PageWalk`] is only used on the stage 2 it walked, while nothing
     /// changed since.
@@ -391,7 +391,6 @@ impl<T: TlbMaintenance> Stage2<T> {
             vmid,
             root,
             pool_id: pool.id(),
-            destroyed: false,
             id: NEXT_STAGE2_ID.fetch_add(1, Ordering::Relaxed),
             generation: 0,
             tlb,
@@ -435,8 +434,7 @@ impl<T: TlbMaintenance> Stage2<T> {
 
     #[inline(always)]
     fn check_pool(&self, pool: &PagePool) -> Result<(), MmError> {
-        // One compare on the hot paths: `destroy` clears `pool_id` (pool
-        // identities start at 1).
+        // One compare on the hot paths, for both errors.
         if pool.id() == self.pool_id {
             Ok(())
         } else {
@@ -446,7 +444,7 @@ impl<T: TlbMaintenance> Stage2<T> {
 
     #[cold]
     fn pool_error(&self) -> MmError {
-        if self.destroyed {
+        if self.pool_id == 0 {
             MmError::Destroyed
         } else {
             MmError::WrongPool
@@ -1433,7 +1431,6 @@ impl<T: TlbMaintenance> Stage2<T> {
         // to it once the VMID's TLB entries are gone.
         unsafe { pool.free_contiguous(self.root, self.geometry.root_pages) };
         self.stats.root_pages = 0;
-        self.destroyed = true;
         self.pool_id = 0;
         self.generation = self.generation.wrapping_add(1);
         Ok(())

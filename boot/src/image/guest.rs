@@ -156,8 +156,8 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
         }
         // Fine-grained traps: every n field 0, so a guest's access to the
         // registers of a feature it is told it lacks (SME, GCS, S1PIE,
-        // BRBE, ...: none of them switched) traps and is undefined for it;
-        // nothing else traps (features::host_fgt).
+        // BRBE, ...: none of them switched) traps, and reads as zero or is
+        // undefined for it; nothing else traps (features::host_fgt).
         sysreg::set_fgt(host.fgt.0, &features::Fgt::default());
         sysreg::set_hcr_el2(HCR_GUEST);
         sysreg::set_elr_el2(vcpu.pc);

@@ -258,9 +258,10 @@ pub fn configure_el2_for_host(vtcr: u64, vttbr: u64) {
         // The fine-grained traps reset UNKNOWN too: none for the host.
         let fgt = features::fgt_version(sysreg::id_aa64mmfr0_el1());
         if fgt != 0 {
-            sysreg::set_fgt(fgt, &features::host_fgt(&fgt_ids()));
-            // HAFGRTR_EL2 exists with AMU; it has no n fields.
-            if (sysreg::id_aa64pfr0_el1() >> 44) & 0xf != 0 {
+            let ids = fgt_ids();
+            sysreg::set_fgt(fgt, &features::host_fgt(&ids));
+            // HAFGRTR_EL2 exists with AMU (PFR0 [47:44]); it has no n fields.
+            if (ids.pfr0 >> 44) & 0xf != 0 {
                 sysreg::set_hafgrtr_el2(0);
             }
         }
