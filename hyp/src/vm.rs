@@ -613,6 +613,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
     /// MEM_SHARE or MEM_UNSHARE of one page: what the range calls do,
     /// along one walk of each stage 2 (the walks are the checks, and the
     /// commits follow them without walking again).
+    #[inline(always)]
     fn convert_page(&mut self, slot: usize, ipa: u64, how: Conversion) -> Result<(), CallError> {
         let (vms, mem) = (&*self.vms, &*self.mem);
         let Slot::Used(vm) = &vms.slots[slot] else {
