@@ -50,8 +50,9 @@ const G1: u64 = 1 << 30;
 /// Where every pool pretends its memory sits physically (both pools of a
 /// [`Rig`] alike, so the page and range paths allocate the same addresses).
 const POOL_PA: u64 = 0x8000_0000;
-/// Pages of a pool: enough for every scenario's tables, root and stash.
-const POOL_PAGES: usize = 32;
+/// Pages of a pool (a power of two, its alignment): enough for every
+/// scenario's tables, root (up to 16 pages) and stash.
+const POOL_PAGES: usize = 64;
 /// Output addresses of the mappings.
 const RAM: u64 = 0x40_0000_0000;
 const VMID: Vmid = 7;
@@ -697,14 +698,20 @@ impl Lcg {
     }
 }
 
-/// `steps` random changes in a 2 GiB window of a stage 2 of `ipa_bits`:
+/// `steps` random changes in a 2 GiB window of a stage 2 of `ipa_bits`
+/// (near its bottom, or with `high` at the top of its IPA space, where the
+/// root index is largest):
 /// mostly single pages next to table edges (the first, second, middle and
 /// last two entries at each level), some larger ranges, and undoing
 /// earlier page changes (which makes the page path merge).
-fn random_changes(ipa_bits: u8, seed: u64, steps: usize) -> Rig {
+fn random_changes(ipa_bits: u8, seed: u64, steps: usize, high: bool) -> Rig {
     let mut rig = Rig::new(ipa_bits);
     let mut r = Lcg(seed);
-    let window = if ipa_bits > 32 { G1 } else { 0 };
+    let window = match (high, ipa_bits > 32) {
+        (true, _) => (1u64 << ipa_bits) - 2 * G1,
+        (false, true) => G1,
+        (false, false) => 0,
+    };
     let edges = [0, 1, 255, 510, 511];
     // Page changes that can be undone: the page and what mapped it before.
     let mut undo: Vec<(u64, Leaf)> = Vec::new();
@@ -765,13 +772,15 @@ fn random_changes(ipa_bits: u8, seed: u64, steps: usize) -> Rig {
     rig
 }
 
-/// `random_changes` from `seeds` seeds; the page path must have merged
-/// to each (level, validity) of `merges` at least once.
+/// `random_changes` from `seeds` seeds, every other one at the top of the
+/// IPA space; the page path must have merged to each (level, validity) of
+/// `merges` at least once.
 fn random_run(ipa_bits: u8, seeds: u64, steps: usize, merges: &[(u8, bool)]) {
     let mut seen = BTreeMap::new();
     for seed in 0..seeds {
-        let rig = random_changes(ipa_bits, seed * 7919 + u64::from(ipa_bits), steps);
-        rig.assert_clean(&format!("{ipa_bits} bits, seed {seed}"));
+        let high = seed % 2 == 1;
+        let rig = random_changes(ipa_bits, seed * 7919 + u64::from(ipa_bits), steps, high);
+        rig.assert_clean(&format!("{ipa_bits} bits, seed {seed}, high {high}"));
         for (k, n) in rig.merges {
             *seen.entry(k).or_insert(0) += n;
         }
@@ -792,6 +801,15 @@ fn random_changes_32_bit_ipa() {
 #[test]
 fn random_changes_40_bit_ipa() {
     random_run(40, 16, 300, &[(1, false), (2, false), (2, true)]);
+}
+
+/// Level-1 roots of 8 and 16 concatenated pages (4096 and 8192 entries),
+/// and a level-0 root of 32 entries.
+#[test]
+fn random_changes_42_to_44_bit_ipa() {
+    for bits in [42, 43, 44] {
+        random_run(bits, 8, 300, &[(2, false), (2, true)]);
+    }
 }
 
 #[test]

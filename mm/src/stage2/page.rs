@@ -3,9 +3,12 @@
 //! works out what a change does there, and [`Stage2::commit_page`] makes
 //! the change along that path without walking again.
 //!
-//! It does exactly what the range path ([`Stage2::apply`]) does to one
-//! page: the same tables, run-break counts, merges, stash and TLB
-//! maintenance (the model tests compare the two descriptor by descriptor).
+//! It gives exactly what the range path ([`Stage2::apply`]) gives for one
+//! page: the same tables, run-break counts, merges, statistics and stash
+//! (the model tests compare the two descriptor by descriptor). Only its
+//! TLB maintenance differs, by design: one break-before-make for the page
+//! and every table that merges above it, where the range path breaks once
+//! per table (the model TLB checks both are safe).
 //! It exists for the calls that convert one page at a time (a guest's
 //! MEM_SHARE and MEM_UNSHARE), so it is written for their shapes: a page
 //! inside a block (split along its path, the tables coming back from the
@@ -250,7 +253,7 @@ impl<T: TlbMaintenance> Stage2<T> {
     }
 
     /// Commits `plan` (from `plan_page` on `walk`) as `apply` over that
-    /// page would (the same tables, merges, counts and TLB maintenance),
+    /// page would (the same tables, merges and counts; fewer TLB sequences),
     /// along the path `walk` found: splits only the leaves on the page's
     /// path, and merges the tables on it that become uniform. Nothing
     /// changes on an error: `MmError::Stale` if the table changed since
@@ -312,9 +315,9 @@ impl<T: TlbMaintenance> Stage2<T> {
             self.write_leaf(pool, at, old, new, true);
         }
         // How far up the tables merge: `leaf[l]` is what entry `l` of the
-        // path becomes, for `top <= l < 3`. Nothing is written yet, so
-        // the entry on the path in the table below is read as what it is
-        // to become (`below`).
+        // path becomes, for `top <= l < 3`. Nothing above the page is
+        // written yet, so the entry on the path in the table below is read
+        // as what it is to become (`below`).
         let mut leaf = [Pte(0); LEAF_LEVEL as usize];
         let mut top = LEAF_LEVEL;
         let mut below = new;
@@ -532,6 +535,7 @@ fn recount_raw(
             index,
             entries,
             level,
+            // `recount` reads the entry's neighbours, not where it maps.
             base: 0,
         },
         old,
