@@ -306,7 +306,8 @@ impl<T: TlbMaintenance> Stage2<T> {
         // A page going away may stay cached until the invalidation that
         // ends this change; any other change is written as `write_leaf`
         // writes it (a store where nothing cached depends on it, else
-        // break-before-make first).
+        // break-before-make first). `write_leaf`'s plain-store case is
+        // tested here as well, so the hot conversions make no call.
         let deferred = old.is_valid() && !new.is_valid();
         if deferred || !old.is_valid() || old.sw_only_change(new) {
             write(pool, t3, i3, new);
@@ -351,7 +352,8 @@ impl<T: TlbMaintenance> Stage2<T> {
             leaf[usize::from(level)] = merged;
             top = level;
             below = merged;
-            // The root's count is not kept.
+            // The root's count is not kept (`recount` would find that out
+            // too, after more work on this hot path).
             count = if level == start {
                 BREAKS_UNKNOWN
             } else {
@@ -462,9 +464,11 @@ impl<T: TlbMaintenance> Stage2<T> {
             let count = u8::from(index > 0) + u8::from(index < ENTRIES - 1);
             debug_assert_eq!(
                 count,
-                recount_raw(
+                recount_in(
                     pool,
-                    (table, index, ENTRIES, level),
+                    table,
+                    index,
+                    level,
                     leaves[usize::from(level - 1)].child(level - 1, index),
                     entry,
                     0,
@@ -481,12 +485,16 @@ impl<T: TlbMaintenance> Stage2<T> {
         }
         // Link the first new table in place of the leaf.
         let at = walk.slot(top, self.geometry.root_entries());
+        // The root's count is not kept (`recount` would find that out too,
+        // after more work on this hot path).
         let count = if top == walk.start {
             BREAKS_UNKNOWN
         } else {
-            recount_raw(
+            recount_in(
                 pool,
-                (at.table, at.index, ENTRIES, top),
+                at.table,
+                at.index,
+                top,
                 old,
                 entry,
                 walk.table_count(top),
@@ -505,7 +513,8 @@ impl<T: TlbMaintenance> Stage2<T> {
     }
 }
 
-/// [`recount`] of the entry `index` of a table below the root at `level`.
+/// [`recount`] of entry `index` of `table`, a table below the root at
+/// `level` (512 entries): the hot paths know these without a [`Slot`].
 #[inline(always)]
 fn recount_in(
     pool: &PagePool,
@@ -516,30 +525,13 @@ fn recount_in(
     new: Pte,
     breaks: u8,
 ) -> u8 {
-    recount_raw(pool, (table, index, ENTRIES, level), old, new, breaks)
-}
-
-/// [`recount`] of entry `(table, index, entries, level)`.
-#[inline(always)]
-fn recount_raw(
-    pool: &PagePool,
-    (table, index, entries, level): (u64, usize, usize, u8),
-    old: Pte,
-    new: Pte,
-    breaks: u8,
-) -> u8 {
-    recount(
-        pool,
-        Slot {
-            table,
-            index,
-            entries,
-            level,
-            // `recount` reads the entry's neighbours, not where it maps.
-            base: 0,
-        },
-        old,
-        new,
-        breaks,
-    )
+    let at = Slot {
+        table,
+        index,
+        entries: ENTRIES,
+        level,
+        // `recount` reads the entry's neighbours, not where it maps.
+        base: 0,
+    };
+    recount(pool, at, old, new, breaks)
 }
