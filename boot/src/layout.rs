@@ -4,9 +4,12 @@
 //! The reservation starts at the image's load address and is contiguous:
 //!
 //! ```text
-//! | image (text, rodata, data, bss) | CPU 0 slot | CPU 1 slot | ... | pool |
+//! | image (text, rodata, data, bss) | CPU 0 slot | CPU 1 slot | ... | pool | lent |
 //! slot = | guard 4K (unmapped) | stack 16K | emergency stack 4K |
 //! ```
+//!
+//! `lent` is the lent-page table's words: one `u32` per page of the span
+//! from the lowest to the highest RAM address (`keel_hyp::lent`).
 //!
 //! The boot CPU's slot is the first one: entry.S puts its stack there before
 //! any Rust runs, so the slot geometry here and there must agree.
@@ -39,7 +42,11 @@ pub struct Layout {
     pub image: Range,
     pub stacks: Range,
     pub pool: Range,
-    /// All memory withheld from the host: image + stacks + pool.
+    /// The lent-page table's words, one per page of `ram_span`.
+    pub lent: Range,
+    /// From the lowest RAM address to the highest.
+    pub ram_span: Range,
+    /// All memory withheld from the host: image + stacks + pool + lent.
     pub reserved: Range,
     pub host_dtb: Range,
 }
@@ -116,7 +123,17 @@ pub fn plan(
     let ram_bytes: u64 = ram.iter().map(Range::size).sum();
     let stacks = Range::new(image.end, image.end + cpus.max(1) as u64 * STACK_SLOT);
     let pool = Range::new(stacks.end, stacks.end + pool_pages(ram_bytes, cpus) * PAGE);
-    let reserved = Range::new(image.start, pool.end);
+    let ram_span = Range::new(
+        ram.iter().map(|r| r.start).min().unwrap_or(0) & !(PAGE - 1),
+        ram.iter()
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(0)
+            .next_multiple_of(PAGE),
+    );
+    let lent_bytes = (ram_span.size() / PAGE * 4).next_multiple_of(PAGE);
+    let lent = Range::new(pool.end, pool.end + lent_bytes);
+    let reserved = Range::new(image.start, lent.end);
     if reserved.end > region.end {
         return Err(LayoutError::ReservationPastRam);
     }
@@ -128,6 +145,8 @@ pub fn plan(
         image,
         stacks,
         pool,
+        lent,
+        ram_span,
         reserved,
         host_dtb,
     })
@@ -169,8 +188,11 @@ mod tests {
         assert_eq!(l.reserved.start, IMAGE.start);
         assert_eq!(l.stacks.start, IMAGE.end);
         assert_eq!(l.pool.start, l.stacks.end);
-        assert_eq!(l.reserved.end, l.pool.end);
+        assert_eq!(l.lent.start, l.pool.end);
+        assert_eq!(l.reserved.end, l.lent.end);
         assert_eq!(l.pool.size(), pool_pages(2 << 30, 1) * PAGE);
+        assert_eq!(l.ram_span, RAM[0]);
+        assert_eq!(l.lent.size(), (2 << 30) / PAGE * 4, "a word per page");
         assert!(l.reserved.size() <= 4 << 20);
         let s = l.stack_slot(0);
         assert_eq!(
@@ -182,6 +204,19 @@ mod tests {
             l.host_dtb,
             Range::new(l.reserved.end, l.reserved.end + 0x2000)
         );
+    }
+
+    #[test]
+    fn lent_words_span_every_ram_region() {
+        let ram = [
+            Range::new(0x4000_0000, 0x8000_0000),
+            Range::new(0x1_0000_0000, 0x1_0000_1800),
+        ];
+        let l = plan(IMAGE, &ram, 2, &[], 0x1000).unwrap();
+        assert_eq!(l.ram_span, Range::new(0x4000_0000, 0x1_0000_2000));
+        let words = l.ram_span.size() / PAGE;
+        assert_eq!(l.lent.size(), (words * 4).next_multiple_of(PAGE));
+        assert_eq!(l.reserved.end, l.lent.end);
     }
 
     #[test]

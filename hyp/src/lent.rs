@@ -3,12 +3,23 @@
 //! stage 2 records that such a page is shared; this table records with
 //! whom, which the page tables have no room for.
 //!
-//! A sorted, fixed-capacity array: exact, bounded, and paid for once in the
-//! image. A share that would not fit is refused (NO_MEMORY) before anything
-//! changes.
+//! One packed word per page of RAM, indexed by frame number (the
+//! hypervisor's share of a `struct page`): every lookup and update is one
+//! load or store, and any amount of RAM can be shared, as in pKVM. The
+//! words are 4 bytes per 4 KiB page (0.1% of RAM), set aside at boot and
+//! given to [`Lent::attach`]. A page outside them is never recorded: a
+//! share of it is refused (NO_MEMORY) before anything changes.
 
-/// Most shared pages tracked at once (8 MiB of shared memory).
-pub const CAPACITY: usize = 2048;
+/// Most pins one page can hold (HOST_PIN beyond it is refused).
+pub const MAX_PINS: u32 = PINS;
+
+/// A word's fields: 0 is a page nobody borrows.
+const RECORDED: u32 = 1 << 31;
+const TO_GUEST: u32 = 1 << 30;
+const VM_SHIFT: u32 = 24;
+const VM_MASK: u32 = 0x3f;
+const PINS: u32 = (1 << VM_SHIFT) - 1;
+const _: () = assert!(crate::vm::MAX_VMS <= VM_MASK as usize + 1);
 
 /// Which way a page is shared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,15 +39,26 @@ pub struct Entry {
     pub pins: u32,
 }
 
-const EMPTY: Entry = Entry {
-    pfn: 0,
-    vm: 0,
-    dir: Direction::ToHost,
-    pins: 0,
-};
+impl Entry {
+    fn unpack(pfn: u64, word: u32) -> Option<Entry> {
+        (word & RECORDED != 0).then_some(Entry {
+            pfn,
+            vm: ((word >> VM_SHIFT) & VM_MASK) as u16,
+            dir: if word & TO_GUEST != 0 {
+                Direction::ToGuest
+            } else {
+                Direction::ToHost
+            },
+            pins: word & PINS,
+        })
+    }
+}
 
 pub struct Lent {
-    entries: [Entry; CAPACITY],
+    /// Frame number of `words[0]`.
+    first: u64,
+    words: &'static mut [u32],
+    /// Pages recorded.
     len: usize,
 }
 
@@ -47,11 +69,23 @@ impl Default for Lent {
 }
 
 impl Lent {
+    /// A table that covers no page until [`attach`](Self::attach)ed.
     pub const fn new() -> Self {
         Lent {
-            entries: [EMPTY; CAPACITY],
+            first: 0,
+            words: &mut [],
             len: 0,
         }
+    }
+
+    /// Covers the pages from frame `first` on, one word of `words` each
+    /// (cleared here), in place of what the table covered before, which
+    /// must be nothing recorded.
+    pub fn attach(&mut self, first: u64, words: &'static mut [u32]) {
+        assert_eq!(self.len, 0, "attaching over recorded pages");
+        words.fill(0);
+        self.first = first;
+        self.words = words;
     }
 
     pub fn len(&self) -> usize {
@@ -60,60 +94,68 @@ impl Lent {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    pub fn room(&self) -> usize {
-        CAPACITY - self.len
+
+    /// Whether every page of [pfn, pfn + nr) can be recorded.
+    pub fn covers(&self, pfn: u64, nr: u64) -> bool {
+        pfn.checked_sub(self.first)
+            .and_then(|i| i.checked_add(nr))
+            .is_some_and(|end| end <= self.words.len() as u64)
     }
 
-    fn search(&self, pfn: u64) -> Result<usize, usize> {
-        self.entries[..self.len].binary_search_by_key(&pfn, |e| e.pfn)
+    #[inline(always)]
+    fn word(&self, pfn: u64) -> Option<u32> {
+        let i = pfn.wrapping_sub(self.first);
+        self.words.get(usize::try_from(i).ok()?).copied()
     }
 
-    pub fn get(&self, pfn: u64) -> Option<&Entry> {
-        self.search(pfn).ok().map(|i| &self.entries[i])
+    #[inline(always)]
+    fn word_mut(&mut self, pfn: u64) -> Option<&mut u32> {
+        let i = pfn.wrapping_sub(self.first);
+        self.words.get_mut(usize::try_from(i).ok()?)
     }
 
-    /// Records `pfn` as shared (the caller checked `room()` and that the page
-    /// is not recorded already); false if it was.
+    #[inline]
+    pub fn get(&self, pfn: u64) -> Option<Entry> {
+        Entry::unpack(pfn, self.word(pfn)?)
+    }
+
+    /// Records `pfn` as shared with slot `vm` (the caller checked that it
+    /// is covered and not recorded already); false if it was recorded or
+    /// is not covered.
+    #[inline]
     pub fn insert(&mut self, pfn: u64, vm: u16, dir: Direction) -> bool {
-        match self.search(pfn) {
-            Ok(_) => false,
-            Err(_) if self.len == CAPACITY => false,
-            Err(i) => {
-                // A page above every recorded one moves nothing.
-                if i < self.len {
-                    self.entries.copy_within(i..self.len, i + 1);
-                }
-                self.entries[i] = Entry {
-                    pfn,
-                    vm,
-                    dir,
-                    pins: 0,
-                };
-                self.len += 1;
-                true
-            }
+        let Some(w) = self.word_mut(pfn) else {
+            return false;
+        };
+        if *w != 0 {
+            return false;
         }
+        let to_guest = if dir == Direction::ToGuest {
+            TO_GUEST
+        } else {
+            0
+        };
+        *w = RECORDED | to_guest | ((u32::from(vm) & VM_MASK) << VM_SHIFT);
+        self.len += 1;
+        true
     }
 
     /// Forgets `pfn`; returns its entry.
+    #[inline]
     pub fn remove(&mut self, pfn: u64) -> Option<Entry> {
-        let i = self.search(pfn).ok()?;
-        let e = self.entries[i];
-        if i + 1 < self.len {
-            self.entries.copy_within(i + 1..self.len, i);
-        }
+        let w = self.word_mut(pfn)?;
+        let e = Entry::unpack(pfn, *w)?;
+        *w = 0;
         self.len -= 1;
         Some(e)
     }
 
     /// Adds one pin; false if the page is not a guest page lent to the host
-    /// or the count would overflow.
+    /// or it holds [`MAX_PINS`] already.
     pub fn pin(&mut self, pfn: u64) -> bool {
-        match self.search(pfn) {
-            Ok(i)
-                if self.entries[i].dir == Direction::ToHost && self.entries[i].pins < u32::MAX =>
-            {
-                self.entries[i].pins += 1;
+        match self.word_mut(pfn) {
+            Some(w) if *w & (RECORDED | TO_GUEST) == RECORDED && *w & PINS < PINS => {
+                *w += 1;
                 true
             }
             _ => false,
@@ -122,9 +164,9 @@ impl Lent {
 
     /// Drops one pin; false if there is none.
     pub fn unpin(&mut self, pfn: u64) -> bool {
-        match self.search(pfn) {
-            Ok(i) if self.entries[i].pins > 0 => {
-                self.entries[i].pins -= 1;
+        match self.word_mut(pfn) {
+            Some(w) if *w & RECORDED != 0 && *w & PINS > 0 => {
+                *w -= 1;
                 true
             }
             _ => false,
@@ -132,24 +174,10 @@ impl Lent {
     }
 
     /// The first page of [pfn, pfn + nr) not recorded as shared in
-    /// direction `dir`, if any. Costs one search and then one step per
-    /// recorded page it passes.
+    /// direction `dir`, if any: one step per page it passes.
     pub fn first_missing(&self, pfn: u64, nr: u64, dir: Direction) -> Option<u64> {
         let end = pfn.saturating_add(nr);
-        let at = self.search(pfn).unwrap_or_else(|i| i);
-        let mut p = pfn;
-        for e in &self.entries[at..self.len] {
-            if p >= end || e.pfn != p || e.dir != dir {
-                break;
-            }
-            p += 1;
-        }
-        (p < end).then_some(p)
-    }
-
-    /// Every entry of `vm`.
-    pub fn of_vm(&self, vm: u16) -> impl Iterator<Item = &Entry> + '_ {
-        self.entries[..self.len].iter().filter(move |e| e.vm == vm)
+        (pfn..end).find(|&p| self.get(p).is_none_or(|e| e.dir != dir))
     }
 }
 
@@ -157,29 +185,98 @@ impl Lent {
 mod tests {
     use super::*;
 
+    /// A table covering `pages` pages from frame `first`.
+    fn table(first: u64, pages: usize) -> Lent {
+        let mut l = Lent::new();
+        l.attach(
+            first,
+            Box::leak(vec![0x5a5a_5a5a; pages].into_boxed_slice()),
+        );
+        l
+    }
+
     #[test]
     fn insert_lookup_pin_remove() {
-        let mut l = Box::new(Lent::new());
+        let mut l = table(8, 32);
         assert!(l.insert(30, 1, Direction::ToHost));
         assert!(l.insert(10, 2, Direction::ToGuest));
         assert!(l.insert(20, 1, Direction::ToHost));
         assert!(!l.insert(20, 3, Direction::ToHost), "already recorded");
         assert_eq!(l.get(20).unwrap().vm, 1);
+        assert_eq!(l.get(10).unwrap().dir, Direction::ToGuest);
         assert!(l.pin(20) && l.pin(20));
         assert!(!l.pin(10), "host pages lent to a guest are not pinned");
+        assert!(!l.pin(11), "nothing recorded");
         assert_eq!(l.get(20).unwrap().pins, 2);
         assert!(l.unpin(20) && l.unpin(20));
         assert!(!l.unpin(20), "no pin left");
-        assert_eq!(l.of_vm(1).count(), 2);
+        assert_eq!(l.len(), 3);
         assert_eq!(l.remove(20).unwrap().pfn, 20);
+        assert_eq!(l.remove(20), None);
         assert_eq!(l.get(20), None);
         assert_eq!(l.len(), 2);
         assert!(l.get(10).is_some() && l.get(30).is_some());
+        assert_eq!(l.get(30).unwrap().vm, 1);
+    }
+
+    #[test]
+    fn every_vm_slot_and_direction_round_trips() {
+        let mut l = table(0, 64);
+        for vm in 0..crate::vm::MAX_VMS as u16 {
+            for (k, dir) in [Direction::ToHost, Direction::ToGuest]
+                .into_iter()
+                .enumerate()
+            {
+                let pfn = u64::from(vm) * 2 + k as u64;
+                assert!(l.insert(pfn, vm, dir));
+                let e = l.get(pfn).unwrap();
+                assert_eq!((e.pfn, e.vm, e.dir, e.pins), (pfn, vm, dir, 0));
+            }
+        }
+    }
+
+    #[test]
+    fn pins_stop_at_the_most_a_page_holds() {
+        let mut l = table(0, 4);
+        assert!(l.insert(1, 7, Direction::ToHost));
+        l.words[1] += MAX_PINS - 1;
+        assert!(l.pin(1));
+        assert_eq!(l.get(1).unwrap().pins, MAX_PINS);
+        assert!(!l.pin(1), "the count is full");
+        let e = l.get(1).unwrap();
+        assert_eq!((e.vm, e.dir, e.pins), (7, Direction::ToHost, MAX_PINS));
+        assert!(l.unpin(1));
+        assert_eq!(l.get(1).unwrap().pins, MAX_PINS - 1);
+    }
+
+    #[test]
+    fn pages_outside_the_table_are_never_recorded() {
+        let mut l = table(100, 10);
+        assert!(l.covers(100, 10) && l.covers(109, 1) && l.covers(100, 0));
+        assert!(!l.covers(99, 1) && !l.covers(105, 6) && !l.covers(110, 1));
+        assert!(!l.covers(105, u64::MAX), "no overflow");
+        for pfn in [0, 99, 110, u64::MAX, 100u64.wrapping_sub(1 << 40)] {
+            assert!(!l.insert(pfn, 1, Direction::ToHost), "{pfn:#x}");
+            assert_eq!(l.get(pfn), None);
+            assert!(!l.pin(pfn) && !l.unpin(pfn));
+            assert_eq!(l.remove(pfn), None);
+        }
+        assert!(l.is_empty());
+        let empty = Lent::new();
+        assert!(!empty.covers(0, 1) && empty.covers(0, 0));
+        assert_eq!(empty.get(0), None);
+    }
+
+    #[test]
+    fn attach_clears_the_words() {
+        let l = table(0, 16);
+        assert!((0..16).all(|p| l.get(p).is_none()));
+        assert!(l.is_empty());
     }
 
     #[test]
     fn first_missing_follows_the_direction() {
-        let mut l = Box::new(Lent::new());
+        let mut l = table(0, 64);
         assert_eq!(l.first_missing(5, 2, Direction::ToHost), Some(5));
         assert_eq!(l.first_missing(5, 0, Direction::ToHost), None);
         for p in 10..14 {
@@ -195,15 +292,6 @@ mod tests {
         assert_eq!(l.first_missing(14, 3, Direction::ToGuest), Some(15));
         assert_eq!(l.first_missing(9, 3, Direction::ToHost), Some(9));
         assert_eq!(l.first_missing(16, 2, Direction::ToGuest), Some(17));
-    }
-
-    #[test]
-    fn capacity_is_enforced() {
-        let mut l = Box::new(Lent::new());
-        for p in 0..CAPACITY as u64 {
-            assert!(l.insert(p, 0, Direction::ToHost));
-        }
-        assert_eq!(l.room(), 0);
-        assert!(!l.insert(CAPACITY as u64, 0, Direction::ToHost));
+        assert_eq!(l.first_missing(63, 2, Direction::ToHost), Some(63));
     }
 }

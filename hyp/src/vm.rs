@@ -12,7 +12,7 @@ use keel_mm::{
     Annotation, Geometry, LeafKind, PageState, PageWalk, S2Attrs, Stage2, TlbMaintenance,
 };
 
-use crate::lent::{Direction, Lent};
+use crate::lent::{Direction, Lent, MAX_PINS};
 
 use crate::mem::{CallError, Guests, HypMmu, Memory, Range, PAGE, VM_HANDLE_BASE};
 
@@ -469,7 +469,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         };
         self.mem.check(host, req, &*self.vms)?;
         self.check_ipa_free(vm, guest)?;
-        if share && self.vms.lent.room() < nr as usize {
+        if share && !self.vms.lent.covers(pfn, nr) {
             return Err(CallError::NoMemory);
         }
         let (host_change, guest_state) = if share {
@@ -672,7 +672,9 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             .map_err(mm)?;
         let host_plan = mem.host.plan_page(&host_walk, host_change).map_err(mm)?;
         let need = guest_plan.pages() + host_plan.pages();
-        if mem.pool.free_pages() < need || (how == Conversion::Share && vms.lent.room() == 0) {
+        if mem.pool.free_pages() < need
+            || (how == Conversion::Share && !vms.lent.covers(pa / PAGE, 1))
+        {
             return Err(CallError::NoMemory);
         }
         // Checked: nothing below can fail.
@@ -715,12 +717,12 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         if nr == 1 {
             return self.convert_page(slot, ipa, Conversion::Share);
         }
-        self.share_run(slot, guest, nr)
+        self.share_run(slot, guest)
     }
 
-    /// MEM_SHARE of `nr` (> 1) pages `guest`, through the range paths.
+    /// MEM_SHARE of more than one page, `guest`, through the range paths.
     #[inline(never)]
-    fn share_run(&mut self, slot: usize, guest: Range, nr: u64) -> Result<(), CallError> {
+    fn share_run(&mut self, slot: usize, guest: Range) -> Result<(), CallError> {
         let ipa = guest.start;
         let Slot::Used(vm) = &self.vms.slots[slot] else {
             return Err(CallError::Invalid);
@@ -736,11 +738,13 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             )
             .map_err(mm)?;
         let (vms, mem) = (&*self.vms, &*self.mem);
+        let mut covered = true;
         mapped_runs(vm, mem, guest, &mut |_, pa, len, state| {
             if state != PageState::Owned {
                 return Err(CallError::Denied);
             }
             mem.check(Range::new(pa, pa + len), Request::GuestShare(vmi), vms)?;
+            covered &= vms.lent.covers(pa / PAGE, len / PAGE);
             let change = Change::Map {
                 ipa: pa,
                 pa,
@@ -753,7 +757,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                 .map_err(mm)?;
             Ok(())
         })?;
-        if self.mem.pool.free_pages() < need || self.vms.lent.room() < nr as usize {
+        if self.mem.pool.free_pages() < need || !covered {
             return Err(CallError::NoMemory);
         }
         let mem = &mut *self.mem;
@@ -933,7 +937,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                 Request::HostUnpin { last }
             };
             owner::transition(page, req)?;
-            if pin && self.vms.lent.get(p).is_some_and(|e| e.pins == u32::MAX) {
+            if pin && self.vms.lent.get(p).is_some_and(|e| e.pins == MAX_PINS) {
                 return Err(CallError::Denied);
             }
         }
@@ -955,7 +959,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         let mut settled = [0u64; MAX_VMS];
         // The whole range is checked inside host_reclaim before `zero` runs.
         let result = self.mem.host_reclaim(pfn, nr, &*vms, &mut |mem, pa| {
-            let lent = vms.lent.get(pa / PAGE).copied();
+            let lent = vms.lent.get(pa / PAGE);
             let owner = match lent {
                 Some(e) => Some(e.vm),
                 None => match mem.host.lookup(&mem.pool, pa).map(|l| l.kind) {

@@ -1133,37 +1133,73 @@ fn fixed_guest_share_of_unmapped_ipa_is_denied() {
     );
 }
 
-/// A one-page MEM_SHARE (the page path) when the lent-page table is full is
-/// NO_MEMORY and changes nothing; once a page is unshared there is room.
+/// Shared memory is bounded by RAM, not by a table: a guest shares 4096
+/// pages at once (16 MiB, twice what the old fixed table held) and one more
+/// page by the page path, and every one of them is the host's to read.
 #[test]
-fn one_page_share_with_the_lent_table_full_changes_nothing() {
+fn a_guest_shares_more_than_a_fixed_table_would_hold() {
     let m = Machine::small();
     let h = m.create(1);
     let s = slot(h);
-    let cap = keel_hyp::lent::CAPACITY as u64;
-    // 2048 pages shared at once fill the table; one more page to try.
-    let pages = cap + 512;
+    let pages = 4096 + 512;
     assert_eq!(m.donate(h, 0x4200_0000, 0, pages), OK);
-    assert_eq!(m.guest_checked(s, func::MEM_SHARE, 0, cap), OK);
-    let before = m.snapshot(&[h], pages * PAGE);
+    assert_eq!(m.guest_checked(s, func::MEM_SHARE, 0, 4096), OK);
+    assert_eq!(m.guest_checked(s, func::MEM_SHARE, 4096 * PAGE, 1), OK);
+    for p in [0, 1, 2047, 2048, 4095, 4096] {
+        let (owner, state, _) = m.mem_state(0x4200_0000 + p * PAGE);
+        assert_eq!((owner, state), (h, SHARED_BORROWED), "page {p}");
+    }
+    assert_eq!(m.vm_mem_state(h, 4097 * PAGE).1, OWNED);
+    assert_eq!(m.checked(func::HOST_PIN, &[pfn(0x4200_0000) + 4000, 1]), OK);
+    assert_eq!(m.guest_checked(s, func::MEM_UNSHARE, 0, 4097), BUSY);
     assert_eq!(
-        m.guest_checked(s, func::MEM_SHARE, cap * PAGE, 1),
+        m.checked(func::HOST_UNPIN, &[pfn(0x4200_0000) + 4000, 1]),
+        OK
+    );
+    assert_eq!(m.guest_checked(s, func::MEM_UNSHARE, 0, 4097), OK);
+    assert_eq!(m.vm_mem_state(h, 4000 * PAGE).1, OWNED);
+}
+
+/// A page the lent-page table does not cover (here: a table attached over
+/// the first half of RAM only) cannot be shared either way: NO_MEMORY, and
+/// nothing changes; pages it covers still can be.
+#[test]
+fn shares_of_pages_the_lent_table_does_not_cover_change_nothing() {
+    let m = Machine::small();
+    let half = m.cfg.ram_size / PAGE / 2;
+    let words = Box::leak(vec![0u32; half as usize].into_boxed_slice());
+    m.hyp.vms.lock().lent.attach(RAM_BASE / PAGE, words);
+    let end = RAM_BASE + half * PAGE;
+    let h = m.create(1);
+    let s = slot(h);
+    // Eight pages below the end of the table and eight past it, at IPA 0.
+    assert_eq!(m.donate(h, end - 8 * PAGE, 0, 16), OK);
+    let before = m.snapshot(&[h], 16 * PAGE);
+    for (ipa, nr, what) in [
+        (8 * PAGE, 1, "one page past the table"),
+        (15 * PAGE, 1, "the last page"),
+        (0, 16, "a range ending past the table"),
+        (7 * PAGE, 2, "two pages across its end"),
+    ] {
+        assert_eq!(
+            m.guest_checked(s, func::MEM_SHARE, ipa, nr),
+            NO_MEMORY,
+            "{what}"
+        );
+        m.unchanged(&before, &[h], 16 * PAGE, what);
+    }
+    assert_eq!(
+        m.checked(func::VM_SHARE, &[h, pfn(end + MIB2), 0x10_0000, 1]),
         NO_MEMORY,
-        "no room to record the page"
+        "a host page past the table"
     );
-    m.unchanged(
-        &before,
-        &[h],
-        pages * PAGE,
-        "one-page share, lent table full",
-    );
-    assert_eq!(m.guest_checked(s, func::MEM_UNSHARE, 5 * PAGE, 1), OK);
-    assert_eq!(m.guest_checked(s, func::MEM_SHARE, cap * PAGE, 1), OK);
+    m.unchanged(&before, &[h], 16 * PAGE, "VM_SHARE past the table");
+    assert_eq!(m.guest_checked(s, func::MEM_SHARE, 0, 8), OK);
+    assert_eq!(m.mem_state(end - PAGE), (h, SHARED_BORROWED, PAGE));
     assert_eq!(
-        m.mem_state(0x4200_0000 + cap * PAGE),
-        (h, SHARED_BORROWED, PAGE)
+        m.checked(func::VM_SHARE, &[h, pfn(FREE_2M), 0x10_0000, 1]),
+        OK
     );
-    assert_eq!(m.vm_mem_state(h, 5 * PAGE).1, OWNED);
 }
 
 /// HOST_RECLAIM whose range cuts a 2 MiB block of the hypervisor's stage 1

@@ -4,7 +4,7 @@
 use keel_arch::{barrier, exception, features, sysreg, tlb, TrapFrame};
 use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
 use keel_boot::layout::Layout;
-use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE};
+use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE, PAGE};
 use keel_hyp::vm::{GuestTlb, Vms};
 use keel_mm::donated::DonatedPages;
 use keel_mm::stage1::{Perm, Stage1};
@@ -416,6 +416,15 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
             fixmap_pte: fixmap_pte as u64,
         },
     };
+    {
+        let words = (plan.ram_span.size() / PAGE) as usize;
+        // SAFETY: the plan set `plan.lent` aside for these words alone
+        // (4 bytes per page of the RAM span, page aligned); it is RAM,
+        // mapped read-write in keel's stage 1 (the MMU is on), and withheld
+        // from the host's stage 2, so nothing else refers to it, ever.
+        let lent = unsafe { core::slice::from_raw_parts_mut(plan.lent.start as *mut u32, words) };
+        VMS.lock().lent.attach(plan.ram_span.start / PAGE, lent);
+    }
     let hyp = Hyp::new(mem, &VMS);
     // What guests read of the ID registers: the CPUs' common values (this
     // one's so far; each secondary adds its own), less what keel does not

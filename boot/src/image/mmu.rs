@@ -18,7 +18,7 @@ fn tcr_el2() -> u64 {
 const SCTLR_EL2_MMU_ON: u64 = 0x30c5_0830 | 1 | (1 << 2) | (1 << 3) | (1 << 12) | (1 << 19);
 
 /// Builds the stage-1 tables for the image, the stacks (guard pages left
-/// unmapped), the pool and the console.
+/// unmapped), the pool, the lent-page table and the console.
 pub fn build(
     s: &ImageSections,
     plan: &Layout,
@@ -52,6 +52,13 @@ pub fn build(
         plan.pool.start,
         plan.pool.start,
         plan.pool.size(),
+        Perm::ReadWrite,
+        pages,
+    )?;
+    s1.map(
+        plan.lent.start,
+        plan.lent.start,
+        plan.lent.size(),
         Perm::ReadWrite,
         pages,
     )?;

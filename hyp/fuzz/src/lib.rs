@@ -56,8 +56,23 @@ fn vms() -> &'static Mutex<Vms<NoTlb>> {
         static VMS: &'static Mutex<Vms<NoTlb>> = Box::leak(Box::new(Mutex::new(Vms::new())));
     }
     let v = VMS.with(|v| *v);
-    *v.lock() = Vms::new();
+    let mut vms = Vms::new();
+    vms.lent.attach(RAM_BASE / PAGE, lent_words());
+    *v.lock() = vms;
     v
+}
+
+/// The lent-page table's words (one per page of RAM), one set per thread
+/// like the VM table; `Lent::attach` clears them for each input.
+fn lent_words() -> &'static mut [u32] {
+    thread_local! {
+        static WORDS: *mut [u32] =
+            Box::leak(vec![0u32; (RAM_SIZE / PAGE) as usize].into_boxed_slice());
+    }
+    let p = WORDS.with(|w| *w);
+    // SAFETY: leaked, so it lives for ever; one machine at a time per
+    // thread uses it, through the VM table `vms` just emptied.
+    unsafe { &mut *p }
 }
 
 /// The pool's donated-page table, like the VM table one per thread (a

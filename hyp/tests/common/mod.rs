@@ -163,6 +163,11 @@ impl Machine {
             mmu: FakeMmu::default(),
         };
         let vms: &'static spin::Mutex<Vms<NoTlb>> = Box::leak(Box::new(Mutex::new(Vms::new())));
+        // One word per page of RAM for the lent-page table, as at boot.
+        let words = vec![0u32; (cfg.ram_size / PAGE) as usize];
+        vms.lock()
+            .lent
+            .attach(RAM_BASE / PAGE, Box::leak(words.into_boxed_slice()));
         let m = Machine {
             cfg,
             hyp: Hyp::new(mem, vms),

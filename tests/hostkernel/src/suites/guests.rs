@@ -1043,6 +1043,29 @@ fn one_gib_guest(_: &BootInfo) -> TestResult {
         [mapped[0], mapped[1]],
         "pool after the conversions"
     );
+    // 16 MiB shared in one MEM_SHARE (more than a fixed table of 2048
+    // pages would hold): the host reads the guest's pattern throughout,
+    // and after MEM_UNSHARE the guest is one 1 GiB block again.
+    let (big, len) = (IPA + 0x1000_0000, 8 * MB2);
+    g.fill(big, len, 0x6269_6700)?;
+    g.share(big, len / PAGE)?;
+    for off in [0, PAGE, 2048 * PAGE, len - 8] {
+        let v = host_read(g.pa_of(big + off), "16 MiB shared")?;
+        ensure_eq!(
+            v,
+            pattern(big + off, 0x6269_6700),
+            "host read of the shared 16 MiB"
+        );
+    }
+    expect_guest_view(&g, big + len - PAGE, 1, MB2, "the last of the 16 MiB")?;
+    g.unshare(big, len / PAGE)?;
+    host_read_aborts(g.pa_of(big), "the 16 MiB once unshared")?;
+    expect_guest_view(&g, big, 0, GB1, "after unsharing the 16 MiB")?;
+    ensure_eq!(
+        pool_now()?,
+        [mapped[0], mapped[1]],
+        "pool after the 16 MiB share"
+    );
     g.teardown()?;
     ensure_eq!(
         pool_now()?,
