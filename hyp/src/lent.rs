@@ -58,8 +58,6 @@ pub struct Lent {
     /// Frame number of `words[0]`.
     first: u64,
     words: &'static mut [u32],
-    /// Pages recorded.
-    len: usize,
 }
 
 impl Default for Lent {
@@ -74,7 +72,6 @@ impl Lent {
         Lent {
             first: 0,
             words: &mut [],
-            len: 0,
         }
     }
 
@@ -82,17 +79,13 @@ impl Lent {
     /// (cleared here), in place of what the table covered before, which
     /// must be nothing recorded.
     pub fn attach(&mut self, first: u64, words: &'static mut [u32]) {
-        assert_eq!(self.len, 0, "attaching over recorded pages");
+        assert!(
+            self.words.iter().all(|&w| w == 0),
+            "attaching over recorded pages"
+        );
         words.fill(0);
         self.first = first;
         self.words = words;
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Whether every page of [pfn, pfn + nr) can be recorded.
@@ -136,17 +129,15 @@ impl Lent {
             0
         };
         *w = RECORDED | to_guest | ((u32::from(vm) & VM_MASK) << VM_SHIFT);
-        self.len += 1;
         true
     }
 
     /// Forgets `pfn`; returns its entry.
-    #[inline]
+    #[inline(always)]
     pub fn remove(&mut self, pfn: u64) -> Option<Entry> {
         let w = self.word_mut(pfn)?;
         let e = Entry::unpack(pfn, *w)?;
         *w = 0;
-        self.len -= 1;
         Some(e)
     }
 
@@ -210,11 +201,9 @@ mod tests {
         assert_eq!(l.get(20).unwrap().pins, 2);
         assert!(l.unpin(20) && l.unpin(20));
         assert!(!l.unpin(20), "no pin left");
-        assert_eq!(l.len(), 3);
         assert_eq!(l.remove(20).unwrap().pfn, 20);
         assert_eq!(l.remove(20), None);
         assert_eq!(l.get(20), None);
-        assert_eq!(l.len(), 2);
         assert!(l.get(10).is_some() && l.get(30).is_some());
         assert_eq!(l.get(30).unwrap().vm, 1);
     }
@@ -261,17 +250,24 @@ mod tests {
             assert!(!l.pin(pfn) && !l.unpin(pfn));
             assert_eq!(l.remove(pfn), None);
         }
-        assert!(l.is_empty());
+        assert!(l.words.iter().all(|&w| w == 0));
         let empty = Lent::new();
         assert!(!empty.covers(0, 1) && empty.covers(0, 0));
         assert_eq!(empty.get(0), None);
     }
 
     #[test]
+    #[should_panic(expected = "attaching over recorded pages")]
+    fn attach_refuses_a_table_in_use() {
+        let mut l = table(0, 4);
+        assert!(l.insert(2, 1, Direction::ToHost));
+        l.attach(0, Box::leak(vec![0; 4].into_boxed_slice()));
+    }
+
+    #[test]
     fn attach_clears_the_words() {
         let l = table(0, 16);
         assert!((0..16).all(|p| l.get(p).is_none()));
-        assert!(l.is_empty());
     }
 
     #[test]
