@@ -10,15 +10,15 @@
 //! given to [`Lent::attach`]. A page outside them is never recorded: a
 //! share of it is refused (NO_MEMORY) before anything changes.
 
-/// Most pins one page can hold (HOST_PIN beyond it is refused).
-pub const MAX_PINS: u32 = PINS;
-
-/// A word's fields: 0 is a page nobody borrows.
+/// A word's fields: 0 is a page nobody borrows; the pins are its low bits.
 const RECORDED: u32 = 1 << 31;
 const TO_GUEST: u32 = 1 << 30;
 const VM_SHIFT: u32 = 24;
 const VM_MASK: u32 = 0x3f;
-const PINS: u32 = (1 << VM_SHIFT) - 1;
+
+/// Most pins one page can hold (HOST_PIN beyond it is refused): the
+/// word's pin field is all ones.
+pub const MAX_PINS: u32 = (1 << VM_SHIFT) - 1;
 const _: () = assert!(crate::vm::MAX_VMS <= VM_MASK as usize + 1);
 
 /// Which way a page is shared.
@@ -49,7 +49,7 @@ impl Entry {
             } else {
                 Direction::ToHost
             },
-            pins: word & PINS,
+            pins: word & MAX_PINS,
         })
     }
 }
@@ -95,16 +95,21 @@ impl Lent {
             .is_some_and(|end| end <= self.words.len() as u64)
     }
 
+    /// Where `pfn`'s word would be (`words` bounds it).
+    #[inline(always)]
+    fn index(&self, pfn: u64) -> Option<usize> {
+        usize::try_from(pfn.wrapping_sub(self.first)).ok()
+    }
+
     #[inline(always)]
     fn word(&self, pfn: u64) -> Option<u32> {
-        let i = pfn.wrapping_sub(self.first);
-        self.words.get(usize::try_from(i).ok()?).copied()
+        self.words.get(self.index(pfn)?).copied()
     }
 
     #[inline(always)]
     fn word_mut(&mut self, pfn: u64) -> Option<&mut u32> {
-        let i = pfn.wrapping_sub(self.first);
-        self.words.get_mut(usize::try_from(i).ok()?)
+        let i = self.index(pfn)?;
+        self.words.get_mut(i)
     }
 
     #[inline]
@@ -145,7 +150,7 @@ impl Lent {
     /// or it holds [`MAX_PINS`] already.
     pub fn pin(&mut self, pfn: u64) -> bool {
         match self.word_mut(pfn) {
-            Some(w) if *w & (RECORDED | TO_GUEST) == RECORDED && *w & PINS < PINS => {
+            Some(w) if *w & (RECORDED | TO_GUEST) == RECORDED && *w & MAX_PINS < MAX_PINS => {
                 *w += 1;
                 true
             }
@@ -156,7 +161,7 @@ impl Lent {
     /// Drops one pin; false if there is none.
     pub fn unpin(&mut self, pfn: u64) -> bool {
         match self.word_mut(pfn) {
-            Some(w) if *w & RECORDED != 0 && *w & PINS > 0 => {
+            Some(w) if *w & RECORDED != 0 && *w & MAX_PINS > 0 => {
                 *w -= 1;
                 true
             }
