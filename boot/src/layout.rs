@@ -4,17 +4,20 @@
 //! The reservation starts at the image's load address and is contiguous:
 //!
 //! ```text
-//! | image (text, rodata, data, bss) | CPU 0 slot | CPU 1 slot | ... | pool | lent |
+//! | image (text, rodata, data, bss) | CPU 0 slot | CPU 1 slot | ... | pool | lent | donated |
 //! slot = | guard 4K (unmapped) | stack 16K | emergency stack 4K |
 //! ```
 //!
 //! `lent` is the lent-page table's words: one `u32` per page of the span
 //! from the lowest to the highest RAM address (`keel_hyp::lent`).
+//! `donated` is the donated-page table's words over the same span: two bits
+//! per page and their summaries (`keel_mm::donated`).
 //!
 //! The boot CPU's slot is the first one: entry.S puts its stack there before
 //! any Rust runs, so the slot geometry here and there must agree.
 
 pub use crate::dt::PhysRange as Range;
+use keel_mm::donated::DonatedPages;
 
 fn contains(outer: &Range, inner: &Range) -> bool {
     outer.start <= inner.start && inner.end <= outer.end
@@ -44,9 +47,12 @@ pub struct Layout {
     pub pool: Range,
     /// The lent-page table's words, one per page of `ram_span`.
     pub lent: Range,
+    /// The donated-page table's words, for every page of `ram_span`.
+    pub donated: Range,
     /// From the lowest RAM address to the highest.
     pub ram_span: Range,
-    /// All memory withheld from the host: image + stacks + pool + lent.
+    /// All memory withheld from the host: image + stacks + pool + lent +
+    /// donated.
     pub reserved: Range,
     pub host_dtb: Range,
 }
@@ -133,7 +139,12 @@ pub fn plan(
     );
     let lent_bytes = (ram_span.size() / PAGE * 4).next_multiple_of(PAGE);
     let lent = Range::new(pool.end, pool.end + lent_bytes);
-    let reserved = Range::new(image.start, lent.end);
+    let donated_words = DonatedPages::words_for(ram_span.size() / PAGE) as u64;
+    let donated = Range::new(
+        lent.end,
+        lent.end + (donated_words * 8).next_multiple_of(PAGE),
+    );
+    let reserved = Range::new(image.start, donated.end);
     if reserved.end > region.end {
         return Err(LayoutError::ReservationPastRam);
     }
@@ -146,6 +157,7 @@ pub fn plan(
         stacks,
         pool,
         lent,
+        donated,
         ram_span,
         reserved,
         host_dtb,
@@ -189,10 +201,13 @@ mod tests {
         assert_eq!(l.stacks.start, IMAGE.end);
         assert_eq!(l.pool.start, l.stacks.end);
         assert_eq!(l.lent.start, l.pool.end);
-        assert_eq!(l.reserved.end, l.lent.end);
+        assert_eq!(l.donated.start, l.lent.end);
+        assert_eq!(l.reserved.end, l.donated.end);
         assert_eq!(l.pool.size(), pool_pages(2 << 30, 1) * PAGE);
         assert_eq!(l.ram_span, RAM[0]);
         assert_eq!(l.lent.size(), (2 << 30) / PAGE * 4, "a word per page");
+        // Two bits per page (64 KiB each per 2 GiB) and 130 summary words.
+        assert_eq!(l.donated.size(), (128 << 10) + PAGE);
         assert!(l.reserved.size() <= 4 << 20);
         let s = l.stack_slot(0);
         assert_eq!(
@@ -207,7 +222,7 @@ mod tests {
     }
 
     #[test]
-    fn lent_words_span_every_ram_region() {
+    fn lent_and_donated_words_span_every_ram_region() {
         let ram = [
             Range::new(0x4000_0000, 0x8000_0000),
             Range::new(0x1_0000_0000, 0x1_0000_1800),
@@ -216,7 +231,9 @@ mod tests {
         assert_eq!(l.ram_span, Range::new(0x4000_0000, 0x1_0000_2000));
         let words = l.ram_span.size() / PAGE;
         assert_eq!(l.lent.size(), (words * 4).next_multiple_of(PAGE));
-        assert_eq!(l.reserved.end, l.lent.end);
+        let donated = DonatedPages::words_for(words) as u64 * 8;
+        assert_eq!(l.donated.size(), donated.next_multiple_of(PAGE));
+        assert_eq!(l.reserved.end, l.donated.end);
     }
 
     #[test]

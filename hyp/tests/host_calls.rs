@@ -65,7 +65,14 @@ impl Machine {
         let mut pool = PagePool::new(va_offset).unwrap();
         // SAFETY: the pool range is part of the backing, used by nothing else.
         unsafe { pool.add_range(POOL.start, POOL.len() as usize).unwrap() };
-        pool.attach_donated(Box::leak(Box::new(DonatedPages::new())));
+        let donated = Box::leak(Box::new(DonatedPages::new()));
+        let pages = RAM_SIZE / PAGE;
+        donated.attach(
+            RAM_BASE / PAGE,
+            pages,
+            vec![0u64; DonatedPages::words_for(pages)].leak(),
+        );
+        pool.attach_donated(donated);
         let mut hyp = Stage1::new(&mut pool).unwrap();
         hyp.map(HYP.start, HYP.start, HYP.len(), Perm::ReadWrite, &mut pool)
             .unwrap();
@@ -321,6 +328,46 @@ fn donate_then_reclaim_zeroes_and_rebuilds_the_block() {
         m.mem.pool.free_pages(),
         free - (m.mem.table_pages() - tables) as usize
     );
+}
+
+/// 48 MiB in one donation (more than the 8192 pages keel once tracked):
+/// every page joins the pool, is handed out before the boot pages, lowest
+/// first, and is reclaimable once free, the host getting its blocks back.
+#[test]
+fn donations_are_limited_by_ram_alone() {
+    let mut m = Machine::new();
+    let (start, nr) = (0x4100_0000, 12_288);
+    let donated = start..start + nr * PAGE;
+    let total = m.mem.pool.total_pages();
+    m.donate(start, nr).unwrap();
+    assert_eq!(m.mem.pool.total_pages(), total + nr as usize);
+    let mut taken = vec![];
+    while let Ok(p) = m.mem.pool.alloc_zeroed() {
+        taken.push(p);
+    }
+    let want: Vec<u64> = donated.clone().step_by(PAGE as usize).collect();
+    assert_eq!(
+        taken[..nr as usize],
+        want,
+        "donated pages first, lowest first"
+    );
+    assert!(taken[nr as usize..].iter().all(|p| !donated.contains(p)));
+    // (Not `m.reclaim`: its invariant check would count the pages held
+    // here, outside any table, as lost.)
+    let r = m
+        .mem
+        .host_reclaim(start / PAGE, nr, &NoGuests, &mut |_, _| unreachable!());
+    assert_eq!(r, Err(CallError::Denied), "all in use");
+    assert_eq!(m.state(start), (1, NOPAGE, 0), "nothing changed");
+    for &p in taken.iter().rev() {
+        // SAFETY: allocated above, unused.
+        unsafe { m.mem.pool.free(p) };
+    }
+    m.reclaim(start, nr).unwrap();
+    assert_eq!(m.mem.pool.total_pages(), total);
+    for pa in [start, start + nr * PAGE - PAGE] {
+        assert_eq!(m.state(pa), (0, OWNED, MIB2), "the host's blocks are back");
+    }
 }
 
 #[test]

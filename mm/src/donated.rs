@@ -2,39 +2,50 @@
 //! from the boot pool so that each one can be given back by name
 //! (HOST_RECLAIM) when it is free, and refused while it is in use.
 //!
-//! A sorted, fixed-capacity array of page frame numbers with an in-use bit:
-//! membership, allocation and release are exact (no guessing from page
-//! contents), and the cost is bounded and paid in the image, not per page of
-//! RAM. A donation beyond the capacity is refused before anything changes.
+//! Two bits per page of RAM, in words boot sets aside and gives to
+//! [`DonatedPages::attach`] (like the lent-page words): whether the page is
+//! donated, and whether it is free. Membership, release and reclaim are
+//! exact and touch one bit per page (a word per 64 pages for a range), and
+//! donations are limited by RAM alone. The free bits have two summary
+//! levels above them (a bit per word of the level below that has any bit
+//! set), so [`take`](DonatedPages::take), which hands out the lowest free
+//! page, reads a few words whatever is free and where. The cost is 2 bits
+//! and a little per 4 KiB page: 64 KiB and half a KiB per GiB of RAM.
 
-/// Most donated pages tracked at once (8192 pages = 32 MiB of donations).
-pub const CAPACITY: usize = 8192;
-
-const IN_USE: u32 = 1 << 31;
-const PFN_MASK: u32 = !IN_USE;
+/// Levels of free bits: a bit per page, then a bit per word of the level
+/// below. The top level has a bit per 2^18 pages (1 GiB).
+const LEVELS: usize = 3;
+const BITS: u64 = u64::BITS as u64;
+/// log2 of the pages one word of the top level covers.
+const TOP_WORD_SHIFT: u32 = 6 * LEVELS as u32;
 
 /// Why a donated-page operation was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DonatedError {
-    /// No room for that many more pages.
-    Full,
+    /// A page of the range is not one the table covers (not RAM).
+    NotCovered,
     /// The page is not a donated page.
     NotDonated,
-    /// A page of the range is already tracked.
+    /// A page of the range is already donated.
     AlreadyDonated,
     /// The page is in use by the hypervisor.
     InUse,
-    /// The frame number does not fit the table (beyond 8 TiB).
-    TooHigh,
 }
 
 pub struct DonatedPages {
-    /// Sorted by frame number; bit 31 set while the page is in use.
-    entries: [u32; CAPACITY],
-    len: usize,
-    free: usize,
-    /// Every entry below this index is in use: `take` starts here, so
-    /// taking pages one by one costs one step each, not a scan.
+    /// Frame number of the first page covered.
+    first_pfn: u64,
+    /// Pages covered.
+    pages: u64,
+    /// A bit per page: donated.
+    donated: &'static mut [u64],
+    /// `free[0]`: a bit per page, donated and not in use; `free[l]`: a bit
+    /// per word of `free[l - 1]` that is not zero.
+    free: [&'static mut [u64]; LEVELS],
+    len: u64,
+    free_pages: u64,
+    /// Every word of the top free level below this index is zero: `take`
+    /// starts here.
     first_free: usize,
 }
 
@@ -44,53 +55,141 @@ impl Default for DonatedPages {
     }
 }
 
+/// The words of bits `start..end` and the mask of those bits in each.
+fn spans(start: u64, end: u64) -> impl Iterator<Item = (usize, u64)> {
+    let mut at = start;
+    core::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let word = at / BITS;
+        let lo = at % BITS;
+        let hi = (end - word * BITS).min(BITS);
+        let mask = (u64::MAX >> (BITS - (hi - lo))) << lo;
+        at = (word + 1) * BITS;
+        Some((word as usize, mask))
+    })
+}
+
+/// The first bit at or after `from` and below `limit` that is set in
+/// `map` (`want`) or clear (`!want`); `limit` if none.
+fn next_bit(map: &[u64], from: u64, limit: u64, want: bool) -> u64 {
+    let flip = if want { 0 } else { u64::MAX };
+    let mut word = from / BITS;
+    let mut bits = match map.get(word as usize) {
+        Some(w) => (w ^ flip) & (u64::MAX << (from % BITS)),
+        None => return limit,
+    };
+    loop {
+        if bits != 0 {
+            return (word * BITS + u64::from(bits.trailing_zeros())).min(limit);
+        }
+        word += 1;
+        if word * BITS >= limit {
+            return limit;
+        }
+        bits = map[word as usize] ^ flip;
+    }
+}
+
+fn bit(map: &[u64], i: u64) -> bool {
+    map[(i / BITS) as usize] & (1 << (i % BITS)) != 0
+}
+
 impl DonatedPages {
+    /// A table that covers no page until [`attach`](Self::attach)ed: every
+    /// donation is refused.
     pub const fn new() -> Self {
         DonatedPages {
-            entries: [0; CAPACITY],
+            first_pfn: 0,
+            pages: 0,
+            donated: &mut [],
+            free: [&mut [], &mut [], &mut []],
             len: 0,
-            free: 0,
+            free_pages: 0,
             first_free: 0,
         }
     }
 
+    /// Words [`attach`](Self::attach) needs to cover `pages` pages.
+    pub const fn words_for(pages: u64) -> usize {
+        let mut words = pages.div_ceil(BITS);
+        // The donated bits, then each free level.
+        let mut total = words;
+        let mut level = 0;
+        while level < LEVELS {
+            total += words;
+            words = words.div_ceil(BITS);
+            level += 1;
+        }
+        total as usize
+    }
+
+    /// Covers `pages` pages from frame `first_pfn` on, with `words` (at
+    /// least [`words_for`](Self::words_for) of them, cleared here), in place
+    /// of what the table covered before, which must hold no donated page.
+    pub fn attach(&mut self, first_pfn: u64, pages: u64, words: &'static mut [u64]) {
+        assert_eq!(self.len, 0, "attaching over donated pages");
+        let need = Self::words_for(pages);
+        assert!(
+            words.len() >= need,
+            "{} words for {pages} pages",
+            words.len()
+        );
+        let (words, _) = words.split_at_mut(need);
+        words.fill(0);
+        let mut n = pages.div_ceil(BITS) as usize;
+        let (donated, mut rest) = words.split_at_mut(n);
+        let mut free: [&'static mut [u64]; LEVELS] = [&mut [], &mut [], &mut []];
+        for level in free.iter_mut() {
+            let (this, above) = rest.split_at_mut(n);
+            *level = this;
+            rest = above;
+            n = n.div_ceil(BITS as usize);
+        }
+        *self = DonatedPages {
+            first_pfn,
+            pages,
+            donated,
+            free,
+            len: 0,
+            free_pages: 0,
+            first_free: 0,
+        };
+    }
+
+    /// Donated pages.
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
     /// Donated pages not in use.
     pub fn free(&self) -> usize {
-        self.free
-    }
-    /// Room for this many more pages.
-    pub fn room(&self) -> usize {
-        CAPACITY - self.len
+        self.free_pages as usize
     }
 
-    fn search(&self, pfn: u32) -> Result<usize, usize> {
-        self.entries[..self.len].binary_search_by_key(&pfn, |e| e & PFN_MASK)
+    /// The bits of `nr` pages from `pfn`, if the table covers them all.
+    fn covered(&self, pfn: u64, nr: u64) -> Option<(u64, u64)> {
+        let start = pfn.checked_sub(self.first_pfn)?;
+        let end = start.checked_add(nr)?;
+        (end <= self.pages).then_some((start, end))
     }
 
     /// Whether `pfn` is a donated page, and if so whether it is in use.
     pub fn lookup(&self, pfn: u64) -> Option<bool> {
-        let pfn = u32::try_from(pfn).ok().filter(|p| p & IN_USE == 0)?;
-        self.search(pfn).ok().map(|i| self.entries[i] & IN_USE != 0)
+        let (i, _) = self.covered(pfn, 1)?;
+        bit(self.donated, i).then(|| !bit(self.free[0], i))
     }
 
     /// Checks that `nr` pages from `pfn` can be added: all or nothing.
     pub fn check_add(&self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
-        let end = pfn.checked_add(nr).ok_or(DonatedError::TooHigh)?;
-        if end > u64::from(PFN_MASK) {
-            return Err(DonatedError::TooHigh);
+        if nr == 0 {
+            return Ok(());
         }
-        if nr as usize > self.room() {
-            return Err(DonatedError::Full);
-        }
-        // The first tracked page at or after `pfn` must lie beyond the range.
-        let at = self.search(pfn as u32).unwrap_or_else(|i| i);
-        if at < self.len && u64::from(self.entries[at] & PFN_MASK) < end {
+        let (start, end) = self.covered(pfn, nr).ok_or(DonatedError::NotCovered)?;
+        if spans(start, end).any(|(w, mask)| self.donated[w] & mask != 0) {
             return Err(DonatedError::AlreadyDonated);
         }
         Ok(())
@@ -99,26 +198,48 @@ impl DonatedPages {
     /// Adds `nr` free pages from `pfn` (after `check_add`).
     pub fn add(&mut self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
         self.check_add(pfn, nr)?;
-        let (pfn, nr) = (pfn as u32, nr as usize);
-        let at = self.search(pfn).unwrap_or_else(|i| i);
-        self.entries.copy_within(at..self.len, at + nr);
-        for (i, e) in self.entries[at..at + nr].iter_mut().enumerate() {
-            *e = pfn + i as u32;
+        if nr == 0 {
+            return Ok(());
+        }
+        let start = pfn - self.first_pfn;
+        for (w, mask) in spans(start, start + nr) {
+            self.donated[w] |= mask;
+            let old = self.free[0][w];
+            self.free[0][w] = old | mask;
+            if old == 0 {
+                self.note(1, w, true);
+            }
         }
         self.len += nr;
-        self.free += nr;
-        self.first_free = self.first_free.min(at);
+        self.free_pages += nr;
+        self.first_free = self.first_free.min((start >> TOP_WORD_SHIFT) as usize);
         Ok(())
     }
 
-    /// Checks that every page of the range is donated and free.
+    /// Checks that every page of the range is donated and free; the first
+    /// page that is not decides the error.
     pub fn check_remove(&self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
-        for p in pfn..pfn.checked_add(nr).ok_or(DonatedError::NotDonated)? {
-            match self.lookup(p) {
-                None => return Err(DonatedError::NotDonated),
-                Some(true) => return Err(DonatedError::InUse),
-                Some(false) => {}
+        if nr == 0 {
+            return Ok(());
+        }
+        let Some(start) = pfn.checked_sub(self.first_pfn) else {
+            return Err(DonatedError::NotDonated);
+        };
+        let end = start.saturating_add(nr);
+        for (w, mask) in spans(start.min(self.pages), end.min(self.pages)) {
+            let missing = mask & !self.donated[w];
+            let bad = missing | (mask & self.donated[w] & !self.free[0][w]);
+            if bad != 0 {
+                let first = bad & bad.wrapping_neg();
+                return Err(if missing & first != 0 {
+                    DonatedError::NotDonated
+                } else {
+                    DonatedError::InUse
+                });
             }
+        }
+        if end > self.pages {
+            return Err(DonatedError::NotDonated);
         }
         Ok(())
     }
@@ -126,95 +247,120 @@ impl DonatedPages {
     /// Removes `nr` free pages from `pfn` (after `check_remove`).
     pub fn remove(&mut self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
         self.check_remove(pfn, nr)?;
-        // Consecutive frame numbers, all present: one contiguous run.
-        let at = self
-            .search(pfn as u32)
-            .map_err(|_| DonatedError::NotDonated)?;
-        let nr = nr as usize;
-        self.entries.copy_within(at + nr..self.len, at);
+        if nr == 0 {
+            return Ok(());
+        }
+        let start = pfn - self.first_pfn;
+        for (w, mask) in spans(start, start + nr) {
+            self.donated[w] &= !mask;
+            let old = self.free[0][w];
+            self.free[0][w] = old & !mask;
+            if old & !mask == 0 {
+                self.note(1, w, false);
+            }
+        }
         self.len -= nr;
-        self.free -= nr;
-        // The removed pages were free, so `first_free` was at most `at`.
-        self.first_free = self.first_free.min(at);
+        self.free_pages -= nr;
         Ok(())
+    }
+
+    /// Records at `level` whether word `word` of the level below has any
+    /// bit set, and so on up while a word's being zero changes.
+    fn note(&mut self, mut level: usize, mut word: usize, set: bool) {
+        while level < LEVELS {
+            let (w, b) = (word / BITS as usize, word as u64 % BITS);
+            let old = self.free[level][w];
+            let new = if set { old | 1 << b } else { old & !(1 << b) };
+            self.free[level][w] = new;
+            if (old == 0) == (new == 0) {
+                return;
+            }
+            level += 1;
+            word = w;
+        }
     }
 
     /// Every donated page and whether it is in use, by frame number.
     pub fn iter(&self) -> impl Iterator<Item = (u64, bool)> + '_ {
-        self.entries[..self.len]
-            .iter()
-            .map(|e| (u64::from(e & PFN_MASK), e & IN_USE != 0))
+        let mut at = 0;
+        core::iter::from_fn(move || {
+            let i = next_bit(self.donated, at, self.pages, true);
+            if i == self.pages {
+                return None;
+            }
+            at = i + 1;
+            Some((self.first_pfn + i, !bit(self.free[0], i)))
+        })
     }
 
     /// The donated pages as runs of consecutive frame numbers: (first
     /// frame number, pages), in order.
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let mut i = 0;
+        let mut at = 0;
         core::iter::from_fn(move || {
-            let first = *self.entries[..self.len].get(i)? & PFN_MASK;
-            let mut n = 1;
-            while self.entries[..self.len]
-                .get(i + n)
-                .is_some_and(|&e| e & PFN_MASK == first + n as u32)
-            {
-                n += 1;
+            let start = next_bit(self.donated, at, self.pages, true);
+            if start == self.pages {
+                return None;
             }
-            i += n;
-            Some((u64::from(first), n as u64))
+            at = next_bit(self.donated, start, self.pages, false);
+            Some((self.first_pfn + start, at - start))
         })
     }
 
     /// The first page of [pfn, pfn + nr) that is not a donated page, if
-    /// any. Costs one search and then one step per donated page it passes.
+    /// any. Reads a word per 64 pages it passes.
     pub fn first_missing(&self, pfn: u64, nr: u64) -> Option<u64> {
         let end = pfn.saturating_add(nr);
         if pfn >= end {
             return None;
         }
-        let Some(first) = u32::try_from(pfn).ok().filter(|p| p & IN_USE == 0) else {
+        let Some((start, _)) = self.covered(pfn, 1) else {
             return Some(pfn);
         };
-        let at = self.search(first).unwrap_or_else(|i| i);
-        let mut p = pfn;
-        for &e in &self.entries[at..self.len] {
-            if p == end || u64::from(e & PFN_MASK) != p {
-                break;
-            }
-            p += 1;
-        }
-        (p < end).then_some(p)
+        let limit = (end - self.first_pfn).min(self.pages);
+        let gap = next_bit(self.donated, start, limit, false);
+        let first = self.first_pfn + gap;
+        (first < end).then_some(first)
     }
 
-    /// Takes a free donated page, marking it in use.
+    /// Takes the lowest free donated page, marking it in use.
     pub fn take(&mut self) -> Option<u64> {
-        if self.free == 0 {
+        if self.free_pages == 0 {
             return None;
         }
-        let i = self.first_free
-            + self.entries[self.first_free..self.len]
-                .iter()
-                .position(|e| e & IN_USE == 0)?;
-        self.entries[i] |= IN_USE;
-        self.free -= 1;
-        self.first_free = i + 1;
-        Some(u64::from(self.entries[i] & PFN_MASK))
+        let top = &self.free[LEVELS - 1];
+        let mut i = self.first_free + top[self.first_free..].iter().position(|&w| w != 0)?;
+        self.first_free = i;
+        for level in (0..LEVELS).rev() {
+            i = i * BITS as usize + self.free[level][i].trailing_zeros() as usize;
+        }
+        let page = i as u64;
+        debug_assert!(page < self.pages && bit(self.donated, page));
+        let (w, b) = (i / BITS as usize, page % BITS);
+        self.free[0][w] &= !(1 << b);
+        if self.free[0][w] == 0 {
+            self.note(1, w, false);
+        }
+        self.free_pages -= 1;
+        Some(self.first_pfn + page)
     }
 
     /// Marks an in-use donated page free again; false if `pfn` is not a
     /// donated page in use.
     pub fn give_back(&mut self, pfn: u64) -> bool {
-        let Some(pfn) = u32::try_from(pfn).ok().filter(|p| p & IN_USE == 0) else {
+        if self.lookup(pfn) != Some(true) {
             return false;
-        };
-        match self.search(pfn) {
-            Ok(i) if self.entries[i] & IN_USE != 0 => {
-                self.entries[i] &= PFN_MASK;
-                self.free += 1;
-                self.first_free = self.first_free.min(i);
-                true
-            }
-            _ => false,
         }
+        let page = pfn - self.first_pfn;
+        let w = (page / BITS) as usize;
+        let old = self.free[0][w];
+        self.free[0][w] = old | 1 << (page % BITS);
+        if old == 0 {
+            self.note(1, w, true);
+        }
+        self.free_pages += 1;
+        self.first_free = self.first_free.min((page >> TOP_WORD_SHIFT) as usize);
+        true
     }
 }
 
@@ -222,9 +368,41 @@ impl DonatedPages {
 mod tests {
     use super::*;
 
+    /// A table covering `pages` pages from frame `first`.
+    fn table(first: u64, pages: u64) -> Box<DonatedPages> {
+        let words = vec![0u64; DonatedPages::words_for(pages)].leak();
+        let mut d = Box::new(DonatedPages::new());
+        d.attach(first, pages, words);
+        d
+    }
+
+    /// Checks the summary levels against the bits below them, and the
+    /// counts and `first_free` against the bits.
+    fn check(d: &DonatedPages) {
+        for level in 1..LEVELS {
+            for (w, &word) in d.free[level].iter().enumerate() {
+                for b in 0..BITS as usize {
+                    let below = d.free[level - 1].get(w * BITS as usize + b).copied();
+                    assert_eq!(
+                        word & (1 << b) != 0,
+                        below.is_some_and(|x| x != 0),
+                        "level {level} word {w} bit {b}"
+                    );
+                }
+            }
+        }
+        for (w, &free) in d.free[0].iter().enumerate() {
+            assert_eq!(free & !d.donated[w], 0, "a free page that is not donated");
+        }
+        let count = |m: &[u64]| m.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        assert_eq!(d.len, count(d.donated));
+        assert_eq!(d.free_pages, count(d.free[0]));
+        assert!(d.free[LEVELS - 1][..d.first_free].iter().all(|&w| w == 0));
+    }
+
     #[test]
     fn add_take_give_back_remove() {
-        let mut d = Box::new(DonatedPages::new());
+        let mut d = table(0, 1000);
         d.add(100, 4).unwrap();
         d.add(50, 2).unwrap();
         assert_eq!((d.len(), d.free()), (6, 6));
@@ -240,6 +418,7 @@ mod tests {
         assert!(d.give_back(50));
         assert!(!d.give_back(50), "already free");
         assert!(!d.give_back(7), "not donated");
+        assert!(!d.give_back(5000), "not covered");
         d.remove(50, 2).unwrap();
         assert_eq!(d.check_remove(99, 2), Err(DonatedError::NotDonated));
         d.remove(101, 2).unwrap();
@@ -247,11 +426,25 @@ mod tests {
         assert_eq!(d.lookup(101), None);
         assert_eq!(d.lookup(103), Some(false));
         assert_eq!((d.len(), d.free()), (2, 2));
+        check(&d);
+    }
+
+    #[test]
+    fn the_first_bad_page_decides_the_error() {
+        let mut d = table(0, 200);
+        d.add(10, 10).unwrap();
+        assert_eq!(d.take(), Some(10));
+        assert_eq!(d.check_remove(9, 3), Err(DonatedError::NotDonated));
+        assert_eq!(d.check_remove(10, 3), Err(DonatedError::InUse));
+        assert_eq!(d.check_remove(11, 10), Err(DonatedError::NotDonated));
+        assert_eq!(d.check_remove(11, 9), Ok(()));
+        assert_eq!(d.check_remove(195, 10), Err(DonatedError::NotDonated));
+        assert_eq!(d.check_remove(10, 0), Ok(()), "an empty range");
     }
 
     #[test]
     fn runs_and_first_missing() {
-        let mut d = Box::new(DonatedPages::new());
+        let mut d = table(0, 100);
         assert_eq!(d.runs().next(), None);
         assert_eq!(d.first_missing(5, 1), Some(5));
         assert_eq!(d.first_missing(5, 0), None, "an empty range");
@@ -268,10 +461,7 @@ mod tests {
         assert_eq!(d.first_missing(11, 10), Some(15));
         assert_eq!(d.first_missing(6, 2), Some(6));
         assert_eq!(d.first_missing(20, 2), Some(21), "past the last page");
-        assert_eq!(
-            d.first_missing(u64::from(PFN_MASK), 1),
-            Some(u64::from(PFN_MASK))
-        );
+        assert_eq!(d.first_missing(100, 1), Some(100), "not covered");
         assert_eq!(d.first_missing(u64::MAX - 1, 1), Some(u64::MAX - 1));
         for (first, n) in runs {
             for p in first..first + n {
@@ -280,12 +470,70 @@ mod tests {
         }
     }
 
+    #[test]
+    fn runs_cross_words_and_end_at_the_last_page() {
+        let mut d = table(1 << 20, 5000);
+        let first = 1 << 20;
+        d.add(first + 60, 200).unwrap();
+        d.add(first + 4990, 10).unwrap();
+        let runs: Vec<_> = d.runs().collect();
+        assert_eq!(runs, [(first + 60, 200), (first + 4990, 10)]);
+        assert_eq!(d.first_missing(first + 60, 300), Some(first + 260));
+        assert_eq!(d.first_missing(first + 4990, 10), None);
+        assert_eq!(d.first_missing(first + 4990, 11), Some(first + 5000));
+        assert_eq!(d.iter().count(), 210);
+        assert_eq!(d.first_missing(first - 1, 2), Some(first - 1));
+    }
+
+    /// Pages outside the table are refused and change nothing; inside it,
+    /// donations are limited by nothing but the pages it covers.
+    #[test]
+    fn coverage_is_the_only_limit() {
+        let first = 0x40000;
+        let pages = 600_000;
+        let mut d = table(first, pages);
+        assert_eq!(d.add(first - 1, 2), Err(DonatedError::NotCovered));
+        assert_eq!(d.add(first + pages - 1, 2), Err(DonatedError::NotCovered));
+        assert_eq!(d.add(u64::MAX, 2), Err(DonatedError::NotCovered));
+        assert_eq!(d.lookup(first + pages), None);
+        assert_eq!(d.len(), 0, "refused donations change nothing");
+        // Far more than the old fixed table of 8192 pages, across two
+        // words of the top level (2^18 pages each).
+        d.add(first, pages).unwrap();
+        check(&d);
+        assert_eq!((d.len(), d.free()), (pages as usize, pages as usize));
+        for i in 0..pages {
+            assert_eq!(d.take(), Some(first + i));
+        }
+        assert_eq!(d.take(), None);
+        check(&d);
+        // Free pages in reverse order: each take finds the lowest again.
+        let every: Vec<u64> = (0..pages).step_by(4099).collect();
+        for &i in every.iter().rev() {
+            assert!(d.give_back(first + i));
+        }
+        check(&d);
+        for &i in &every {
+            assert_eq!(d.take(), Some(first + i));
+        }
+        for i in 0..pages {
+            assert!(d.give_back(first + i));
+        }
+        d.remove(first, pages).unwrap();
+        assert!(d.is_empty());
+        check(&d);
+    }
+
     /// `take` always hands out the lowest free page, whatever order pages
     /// were added, taken, given back and removed in (checked against a
-    /// scan of every entry).
+    /// scan of every page), and the summary levels always agree with the
+    /// bits below them.
     #[test]
     fn take_finds_the_lowest_free_page_after_any_history() {
-        let mut d = Box::new(DonatedPages::new());
+        // Pages in clusters at word, summary-word and top-word boundaries.
+        let clusters = [0u64, 4000, 262_000, 300_000];
+        let pages = 300_700;
+        let mut d = table(0x80000, pages);
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = |n: u64| {
             seed ^= seed << 13;
@@ -293,43 +541,52 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        for _ in 0..20_000 {
+        for step in 0..20_000 {
+            let at = 0x80000 + clusters[next(4) as usize] + next(620);
             match next(4) {
                 0 => {
-                    let (pfn, nr) = (next(600), 1 + next(8));
-                    let _ = d.add(pfn, nr);
+                    let _ = d.add(at, 1 + next(80));
                 }
                 1 => {
                     let want = d.iter().find(|&(_, used)| !used).map(|(p, _)| p);
                     assert_eq!(d.take(), want);
                 }
                 2 => {
-                    let _ = d.give_back(next(620));
+                    let _ = d.give_back(at);
                 }
                 _ => {
-                    let (pfn, nr) = (next(620), 1 + next(3));
-                    let _ = d.remove(pfn, nr);
+                    let _ = d.remove(at, 1 + next(3));
                 }
             }
             let free = d.iter().filter(|&(_, used)| !used).count();
             assert_eq!(d.free(), free);
+            if step % 500 == 0 {
+                check(&d);
+            }
         }
+        check(&d);
         assert!(!d.is_empty(), "the history left pages to check");
     }
 
     #[test]
-    fn capacity_and_range_limits() {
-        let mut d = Box::new(DonatedPages::new());
-        assert_eq!(d.add(0, CAPACITY as u64 + 1), Err(DonatedError::Full));
-        assert_eq!(d.add(u64::from(PFN_MASK), 1), Err(DonatedError::TooHigh));
-        assert_eq!(d.add(u64::MAX, 2), Err(DonatedError::TooHigh));
-        d.add(10, CAPACITY as u64).unwrap();
-        assert_eq!(d.room(), 0);
-        assert_eq!(d.add(0, 1), Err(DonatedError::Full));
-        for _ in 0..CAPACITY {
-            assert!(d.take().is_some());
-        }
+    #[should_panic(expected = "attaching over donated pages")]
+    fn attaching_over_donated_pages_is_a_bug() {
+        let mut d = table(0, 64);
+        d.add(3, 1).unwrap();
+        d.attach(0, 64, vec![0u64; DonatedPages::words_for(64)].leak());
+    }
+
+    #[test]
+    fn an_unattached_table_refuses_everything() {
+        let mut d = DonatedPages::new();
+        assert_eq!(d.add(0, 1), Err(DonatedError::NotCovered));
+        assert_eq!(d.lookup(0), None);
         assert_eq!(d.take(), None);
-        assert_eq!(d.free(), 0);
+        assert!(!d.give_back(0));
+        assert_eq!(d.first_missing(0, 1), Some(0));
+        assert_eq!(DonatedPages::words_for(0), 0);
+        assert_eq!(DonatedPages::words_for(1), 4);
+        // 2 GiB: 8192 words of each per-page bit, 128 + 2 summary words.
+        assert_eq!(DonatedPages::words_for(1 << 19), 8192 * 2 + 128 + 2);
     }
 }

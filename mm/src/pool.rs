@@ -457,8 +457,7 @@ impl PagePool {
 
 fn donated_err(e: DonatedError) -> MmError {
     match e {
-        DonatedError::Full => MmError::NoMemory,
-        DonatedError::TooHigh => MmError::OutOfRange,
+        DonatedError::NotCovered => MmError::OutOfRange,
         DonatedError::NotDonated | DonatedError::AlreadyDonated | DonatedError::InUse => {
             MmError::InvalidArgument
         }

@@ -244,7 +244,11 @@ impl DonatedPool {
         let mut pool = PagePool::new((mem as usize).wrapping_sub(FAKE_PA as usize)).unwrap();
         // SAFETY: the first `boot` pages of the allocation, ours until drop.
         unsafe { pool.add_range(FAKE_PA, boot * PAGE as usize).unwrap() };
-        pool.attach_donated(Box::leak(Box::new(DonatedPages::new())));
+        let table = Box::leak(Box::new(DonatedPages::new()));
+        let covered = pages as u64;
+        let words = vec![0u64; DonatedPages::words_for(covered)].leak();
+        table.attach(FAKE_PA >> 12, covered, words);
+        pool.attach_donated(table);
         let first = (FAKE_PA >> 12) + boot as u64;
         pool.check_donate(first, donated).unwrap();
         pool.donate(first, donated).unwrap();

@@ -339,8 +339,6 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     // ends, the hypervisor's stage-1 tables at both ends), so the host can
     // always refill the pool.
     pool.set_reserve(DONATION_RESERVE);
-    // SAFETY: only the boot CPU runs, and nothing else refers to DONATED.
-    pool.attach_donated(unsafe { &mut *core::ptr::addr_of_mut!(DONATED) });
 
     // Each CPU's GIC redistributor, for the host's tick during guest runs.
     let mut gicr = [(0u64, 0u64); keel_boot::dt::MAX_GICR_REGIONS];
@@ -385,6 +383,20 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         boot_fail(format_args!("the stack never overflowed ({depth} frames)"));
     }
 
+    {
+        let pages = plan.ram_span.size() / PAGE;
+        let len = DonatedPages::words_for(pages);
+        // SAFETY: the plan set `plan.donated` aside for these words alone
+        // (page aligned, at least `len` of them); it is RAM, mapped
+        // read-write in keel's stage 1 (the MMU is on), and withheld from
+        // the host's stage 2, so nothing else refers to it, ever.
+        let words = unsafe { core::slice::from_raw_parts_mut(plan.donated.start as *mut u64, len) };
+        // SAFETY: only the boot CPU runs, and nothing else refers to
+        // DONATED: the pool gets it only now.
+        let donated = unsafe { &mut *core::ptr::addr_of_mut!(DONATED) };
+        donated.attach(plan.ram_span.start / PAGE, pages, words);
+        pool.attach_donated(donated);
+    }
     let s2 = build_host_stage2(info, plan, &mut pool);
     let stats = s2.stats();
     smp::HOST_VTTBR.store(s2.vttbr(), core::sync::atomic::Ordering::Release);

@@ -18,7 +18,7 @@ fn tcr_el2() -> u64 {
 const SCTLR_EL2_MMU_ON: u64 = 0x30c5_0830 | 1 | (1 << 2) | (1 << 3) | (1 << 12) | (1 << 19);
 
 /// Builds the stage-1 tables for the image, the stacks (guard pages left
-/// unmapped), the pool, the lent-page table and the console.
+/// unmapped), the pool, the lent- and donated-page tables and the console.
 pub fn build(
     s: &ImageSections,
     plan: &Layout,
@@ -55,13 +55,15 @@ pub fn build(
         Perm::ReadWrite,
         pages,
     )?;
-    s1.map(
-        plan.lent.start,
-        plan.lent.start,
-        plan.lent.size(),
-        Perm::ReadWrite,
-        pages,
-    )?;
+    for words in [plan.lent, plan.donated] {
+        s1.map(
+            words.start,
+            words.start,
+            words.size(),
+            Perm::ReadWrite,
+            pages,
+        )?;
+    }
     for &(start, end) in gicr {
         s1.map(start, start, end - start, Perm::Device, pages)?;
     }

@@ -232,14 +232,15 @@ extern "C" fn keel_main(dtb_pa: u64, load_base: u64) -> ! {
         Err(e) => boot_fail(format_args!("{e}")),
     };
     info!(
-        "reserved {:#x}..{:#x} ({} KiB: image {} KiB, stacks {} KiB, pool {} KiB, lent-page table {} KiB)",
+        "reserved {:#x}..{:#x} ({} KiB: image {} KiB, stacks {} KiB, pool {} KiB, lent-page table {} KiB, donated-page table {} KiB)",
         plan.reserved.start,
         plan.reserved.end,
         plan.reserved.size() / 1024,
         plan.image.size() / 1024,
         plan.stacks.size() / 1024,
         plan.pool.size() / 1024,
-        plan.lent.size() / 1024
+        plan.lent.size() / 1024,
+        plan.donated.size() / 1024
     );
 
     host::init(&info, &plan, dtb)

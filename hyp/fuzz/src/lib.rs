@@ -75,18 +75,24 @@ fn lent_words() -> &'static mut [u32] {
     unsafe { &mut *p }
 }
 
-/// The pool's donated-page table, like the VM table one per thread (a
-/// leaked one per input would be a leak libFuzzer reports), emptied for
-/// each input.
+/// The pool's donated-page table and its words (two bits per page of RAM,
+/// as at boot), like the VM table one per thread (a leaked one per input
+/// would be a leak libFuzzer reports), emptied for each input.
 fn donated() -> &'static mut DonatedPages {
+    const PAGES: u64 = RAM_SIZE / PAGE;
     thread_local! {
         static DONATED: *mut DonatedPages = Box::leak(Box::new(DonatedPages::new()));
+        static WORDS: *mut [u64] =
+            Box::leak(vec![0u64; DonatedPages::words_for(PAGES)].into_boxed_slice());
     }
     let p = DONATED.with(|d| *d);
-    // SAFETY: leaked, so it lives for ever; one machine at a time per
-    // thread uses it, and the previous one was dropped before `new` runs.
-    let d = unsafe { &mut *p };
+    let w = WORDS.with(|w| *w);
+    // SAFETY: both leaked, so they live for ever; one machine at a time per
+    // thread uses them, and the previous one was dropped before `new` runs
+    // (so nothing refers to the words while `attach` clears them).
+    let (d, words) = unsafe { (&mut *p, &mut *w) };
     *d = DonatedPages::new();
+    d.attach(RAM_BASE / PAGE, PAGES, words);
     d
 }
 

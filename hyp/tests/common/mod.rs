@@ -133,7 +133,7 @@ impl Machine {
             pool.add_range(cfg.pool.start, cfg.pool.len() as usize)
                 .unwrap()
         };
-        pool.attach_donated(Box::leak(Box::new(DonatedPages::new())));
+        pool.attach_donated(donated_table(RAM_BASE / PAGE, cfg.ram_size / PAGE));
         let mut s1 = Stage1::new(&mut pool).unwrap();
         s1.map(
             cfg.hyp.start,
@@ -346,4 +346,13 @@ impl Machine {
 /// The slot of a VM handle.
 pub fn slot(handle: u64) -> usize {
     (handle - keel_abi::VM_HANDLE_BASE) as usize
+}
+
+/// A donated-page table over `pages` pages from frame `first` (two bits a
+/// page, as boot sets aside for all of RAM), leaked like the machine's pool.
+pub fn donated_table(first: u64, pages: u64) -> &'static mut DonatedPages {
+    let words = vec![0u64; DonatedPages::words_for(pages)].leak();
+    let table = Box::leak(Box::new(DonatedPages::new()));
+    table.attach(first, pages, words);
+    table
 }

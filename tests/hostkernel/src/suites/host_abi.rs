@@ -56,6 +56,10 @@ pub static SUITE: Suite = Suite {
             run: donate_reclaim_whole_block,
         },
         Test {
+            name: "donate_reclaim_64m",
+            run: donate_reclaim_64m,
+        },
+        Test {
             name: "invalid_parameter",
             run: invalid_parameter,
         },
@@ -562,6 +566,52 @@ fn donate_reclaim_whole_block(boot: &BootInfo) -> TestResult {
         end[0] + end[1],
         before[0] + before[1],
         "table + free pool pages after donating and reclaiming a block"
+    );
+    Ok(())
+}
+
+/// First test block of [`donate_reclaim_64m`]'s 32 (64 MiB), above every
+/// other test's.
+const BLOCKS_64M: u64 = 32;
+
+/// 64 MiB (16384 pages, twice what keel once tracked) donated in one call
+/// and reclaimed in one call: the pool grows by every page, the host sees
+/// none of them meanwhile, and afterwards it has its 2 MiB blocks back,
+/// zeroed, with the pool and tables where they were.
+fn donate_reclaim_64m(boot: &BootInfo) -> TestResult {
+    let blocks = 32;
+    let base = test_block(boot, BLOCKS_64M)?;
+    for k in 1..blocks {
+        test_block(boot, BLOCKS_64M + k)?;
+    }
+    let (p, nr) = (pfn(base), blocks * BLOCK_PAGES);
+    let last = base + blocks * BLOCK - BLOCK;
+    fill(base, BLOCK);
+    fill(last, BLOCK);
+    let before = counters()?;
+    ok(Donate, p, nr)?;
+    for q in [p, p + nr / 2, p + nr - 1] {
+        expect_view(q, 1, HYP_NOPAGE, "donated 64 MiB")?;
+    }
+    let donated = counters()?;
+    ensure_eq!(
+        donated[1] + (donated[0] - before[0]),
+        before[1] + nr,
+        "free pool pages after donating 16384 pages (less the host tables the donation took)"
+    );
+    // The host's accesses to the last donated page abort.
+    access_aborts(last + BLOCK - 8)?;
+    ok(Reclaim, p, nr)?;
+    for q in [p, p + nr / 2, p + nr - 1] {
+        expect_view(q, 1, HOST_OWNED_2M, "reclaimed 64 MiB")?;
+    }
+    check_contents(base, BLOCK, true, "first reclaimed block")?;
+    check_contents(last, BLOCK, true, "last reclaimed block")?;
+    let end = counters()?;
+    ensure_eq!(
+        end[0] + end[1],
+        before[0] + before[1],
+        "table + free pool pages after donating and reclaiming 64 MiB"
     );
     Ok(())
 }
