@@ -8,16 +8,18 @@
 //! slot = | guard 4K (unmapped) | stack 16K | emergency stack 4K |
 //! ```
 //!
-//! `lent` is the lent-page table's words: one `u32` per page of the span
-//! from the lowest to the highest RAM address (`keel_hyp::lent`).
-//! `donated` is the donated-page table's words over the same span: two bits
-//! per page and their summaries (`keel_mm::donated`).
+//! `lent` is the lent-page table's words: one `u32` per page of RAM
+//! (`keel_hyp::lent`). `donated` is the donated-page table's words: two
+//! bits per page of RAM and their summaries (`keel_mm::donated`). Both are
+//! indexed by a page's position in RAM (`Layout::ram`), so the holes
+//! between RAM regions cost nothing.
 //!
 //! The boot CPU's slot is the first one: entry.S puts its stack there before
 //! any Rust runs, so the slot geometry here and there must agree.
 
 pub use crate::dt::PhysRange as Range;
 use keel_mm::donated::DonatedPages;
+use keel_mm::frames::RamFrames;
 
 fn contains(outer: &Range, inner: &Range) -> bool {
     outer.start <= inner.start && inner.end <= outer.end
@@ -45,12 +47,12 @@ pub struct Layout {
     pub image: Range,
     pub stacks: Range,
     pub pool: Range,
-    /// The lent-page table's words, one per page of `ram_span`.
+    /// The lent-page table's words, one per page of `ram`.
     pub lent: Range,
-    /// The donated-page table's words, for every page of `ram_span`.
+    /// The donated-page table's words, for every page of `ram`.
     pub donated: Range,
-    /// From the lowest RAM address to the highest.
-    pub ram_span: Range,
+    /// RAM's pages, as the per-page tables number them.
+    pub ram: RamFrames,
     /// All memory withheld from the host: image + stacks + pool + lent +
     /// donated.
     pub reserved: Range,
@@ -79,6 +81,8 @@ pub enum LayoutError {
     /// No room for the host's device tree.
     NoRoomForHostDtb,
     TooManyCpus(usize),
+    /// More separate RAM regions than the per-page tables can number.
+    TooManyRamRegions,
 }
 
 impl core::fmt::Display for LayoutError {
@@ -95,6 +99,11 @@ impl core::fmt::Display for LayoutError {
             ),
             LayoutError::NoRoomForHostDtb => write!(f, "no free RAM for the host's device tree"),
             LayoutError::TooManyCpus(n) => write!(f, "{n} CPUs; keel supports at most {MAX_CPUS}"),
+            LayoutError::TooManyRamRegions => write!(
+                f,
+                "more than {} separate RAM regions",
+                keel_mm::frames::MAX_RUNS
+            ),
         }
     }
 }
@@ -129,17 +138,11 @@ pub fn plan(
     let ram_bytes: u64 = ram.iter().map(Range::size).sum();
     let stacks = Range::new(image.end, image.end + cpus.max(1) as u64 * STACK_SLOT);
     let pool = Range::new(stacks.end, stacks.end + pool_pages(ram_bytes, cpus) * PAGE);
-    let ram_span = Range::new(
-        ram.iter().map(|r| r.start).min().unwrap_or(0) & !(PAGE - 1),
-        ram.iter()
-            .map(|r| r.end)
-            .max()
-            .unwrap_or(0)
-            .next_multiple_of(PAGE),
-    );
-    let lent_bytes = (ram_span.size() / PAGE * 4).next_multiple_of(PAGE);
+    let ram_frames = ram_frames(ram)?;
+    let ram_pages = ram_frames.pages();
+    let lent_bytes = (ram_pages * 4).next_multiple_of(PAGE);
     let lent = Range::new(pool.end, pool.end + lent_bytes);
-    let donated_words = DonatedPages::words_for(ram_span.size() / PAGE) as u64;
+    let donated_words = DonatedPages::words_for(ram_pages) as u64;
     let donated = Range::new(
         lent.end,
         lent.end + (donated_words * 8).next_multiple_of(PAGE),
@@ -158,10 +161,24 @@ pub fn plan(
         pool,
         lent,
         donated,
-        ram_span,
+        ram: ram_frames,
         reserved,
         host_dtb,
     })
+}
+
+/// RAM's pages: each region's, rounded out to whole pages, regions that
+/// touch or overlap merged.
+pub fn ram_frames(ram: &[Range]) -> Result<RamFrames, LayoutError> {
+    let mut runs = [(0u64, 0u64); keel_mm::frames::MAX_RUNS];
+    if ram.len() > runs.len() {
+        return Err(LayoutError::TooManyRamRegions);
+    }
+    for (run, r) in runs.iter_mut().zip(ram) {
+        let first = r.start / PAGE;
+        *run = (first, r.end.div_ceil(PAGE) - first);
+    }
+    RamFrames::new(&runs[..ram.len()]).ok_or(LayoutError::TooManyRamRegions)
 }
 
 /// The host's DTB goes in the first page-aligned gap of RAM, after the
@@ -204,7 +221,7 @@ mod tests {
         assert_eq!(l.donated.start, l.lent.end);
         assert_eq!(l.reserved.end, l.donated.end);
         assert_eq!(l.pool.size(), pool_pages(2 << 30, 1) * PAGE);
-        assert_eq!(l.ram_span, RAM[0]);
+        assert_eq!(l.ram.runs().collect::<Vec<_>>(), [(0x40000, 0x80000)]);
         assert_eq!(l.lent.size(), (2 << 30) / PAGE * 4, "a word per page");
         // Two bits per page (64 KiB each per 2 GiB) and 130 summary words.
         assert_eq!(l.donated.size(), (128 << 10) + PAGE);
@@ -222,18 +239,40 @@ mod tests {
     }
 
     #[test]
-    fn lent_and_donated_words_span_every_ram_region() {
+    fn lent_and_donated_words_cover_ram_and_not_the_holes() {
+        // 1 GiB and a page and a half 3 GiB above it, then 2 GiB far above
+        // (the 1 TiB hole between costs nothing).
         let ram = [
             Range::new(0x4000_0000, 0x8000_0000),
             Range::new(0x1_0000_0000, 0x1_0000_1800),
+            Range::new(0x100_0000_0000, 0x100_8000_0000),
         ];
         let l = plan(IMAGE, &ram, 2, &[], 0x1000).unwrap();
-        assert_eq!(l.ram_span, Range::new(0x4000_0000, 0x1_0000_2000));
-        let words = l.ram_span.size() / PAGE;
+        let runs: Vec<_> = l.ram.runs().collect();
+        assert_eq!(
+            runs,
+            [(0x40000, 0x40000), (0x100000, 2), (0x1000_0000, 0x80000)]
+        );
+        let words = 0x40000 + 2 + 0x80000;
+        assert_eq!(l.ram.pages(), words);
         assert_eq!(l.lent.size(), (words * 4).next_multiple_of(PAGE));
         let donated = DonatedPages::words_for(words) as u64 * 8;
         assert_eq!(l.donated.size(), donated.next_multiple_of(PAGE));
         assert_eq!(l.reserved.end, l.donated.end);
+    }
+
+    #[test]
+    fn ram_regions_that_touch_are_one_run() {
+        let ram = [
+            Range::new(0x8000_0000, 0x8000_2000),
+            Range::new(0x4000_0000, 0x4000_0800),
+            Range::new(0x4000_0800, 0x4000_1000),
+        ];
+        let frames = ram_frames(&ram).unwrap();
+        let runs: Vec<_> = frames.runs().collect();
+        assert_eq!(runs, [(0x40000, 1), (0x80000, 2)]);
+        let many = [Range::new(0, 0x1000); 9];
+        assert_eq!(ram_frames(&many), Err(LayoutError::TooManyRamRegions));
     }
 
     #[test]

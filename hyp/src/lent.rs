@@ -3,12 +3,15 @@
 //! stage 2 records that such a page is shared; this table records with
 //! whom, which the page tables have no room for.
 //!
-//! One packed word per page of RAM, indexed by frame number (the
+//! One packed word per page of RAM, indexed by the page's position in RAM
+//! ([`RamFrames`]: holes between RAM regions cost nothing; the
 //! hypervisor's share of a `struct page`): every lookup and update is one
 //! load or store, and any amount of RAM can be shared, as in pKVM. The
 //! words are 4 bytes per 4 KiB page (0.1% of RAM), set aside at boot and
 //! given to [`Lent::attach`]. A page outside them is never recorded: a
 //! share of it is refused (NO_MEMORY) before anything changes.
+
+use keel_mm::frames::RamFrames;
 
 /// A word's fields: 0 is a page nobody borrows; the pins are its low bits.
 const RECORDED: u32 = 1 << 31;
@@ -55,8 +58,8 @@ impl Entry {
 }
 
 pub struct Lent {
-    /// Frame number of `words[0]`.
-    first: u64,
+    /// The pages covered: `words[i]` is the page at index `i` of `ram`.
+    ram: RamFrames,
     words: &'static mut [u32],
 }
 
@@ -70,35 +73,34 @@ impl Lent {
     /// A table that covers no page until [`attach`](Self::attach)ed.
     pub const fn new() -> Self {
         Lent {
-            first: 0,
+            ram: RamFrames::EMPTY,
             words: &mut [],
         }
     }
 
-    /// Covers the pages from frame `first` on, one word of `words` each
-    /// (cleared here), in place of what the table covered before, which
-    /// must be nothing recorded.
-    pub fn attach(&mut self, first: u64, words: &'static mut [u32]) {
+    /// Covers the pages of `ram`, one word of `words` each (at least its
+    /// pages; cleared here), in place of what the table covered before,
+    /// which must be nothing recorded.
+    pub fn attach(&mut self, ram: RamFrames, words: &'static mut [u32]) {
         assert!(
             self.words.iter().all(|&w| w == 0),
             "attaching over recorded pages"
         );
+        let (words, _) = words.split_at_mut(ram.pages() as usize);
         words.fill(0);
-        self.first = first;
+        self.ram = ram;
         self.words = words;
     }
 
     /// Whether every page of [pfn, pfn + nr) can be recorded.
     pub fn covers(&self, pfn: u64, nr: u64) -> bool {
-        pfn.checked_sub(self.first)
-            .and_then(|i| i.checked_add(nr))
-            .is_some_and(|end| end <= self.words.len() as u64)
+        nr == 0 || self.ram.span(pfn, nr).is_some()
     }
 
-    /// Where `pfn`'s word would be (`words` bounds it).
+    /// Where `pfn`'s word is, if the table covers it.
     #[inline(always)]
     fn index(&self, pfn: u64) -> Option<usize> {
-        usize::try_from(pfn.wrapping_sub(self.first)).ok()
+        self.ram.index(pfn).map(|i| i as usize)
     }
 
     #[inline(always)]
@@ -185,7 +187,7 @@ mod tests {
     fn table(first: u64, pages: usize) -> Lent {
         let mut l = Lent::new();
         l.attach(
-            first,
+            RamFrames::one(first, pages as u64),
             Box::leak(vec![0x5a5a_5a5a; pages].into_boxed_slice()),
         );
         l
@@ -266,7 +268,34 @@ mod tests {
     fn attach_refuses_a_table_in_use() {
         let mut l = table(0, 4);
         assert!(l.insert(2, 1, Direction::ToHost));
-        l.attach(0, Box::leak(vec![0; 4].into_boxed_slice()));
+        l.attach(
+            RamFrames::one(0, 4),
+            Box::leak(vec![0; 4].into_boxed_slice()),
+        );
+    }
+
+    /// RAM in two runs: a word for each RAM page and none for the hole,
+    /// which is never recorded.
+    #[test]
+    fn holes_between_ram_runs_have_no_words() {
+        let ram = RamFrames::new(&[(0x40000, 8), (0x900000, 8)]).unwrap();
+        let mut l = Lent::new();
+        l.attach(ram, Box::leak(vec![0; 16].into_boxed_slice()));
+        assert!(l.insert(0x40007, 1, Direction::ToHost));
+        assert!(l.insert(0x900000, 2, Direction::ToGuest));
+        assert_eq!(l.words.iter().filter(|&&w| w != 0).count(), 2);
+        assert_eq!(l.get(0x40007).unwrap().vm, 1);
+        assert_eq!(l.get(0x900000).unwrap().vm, 2);
+        assert!(!l.insert(0x40008, 1, Direction::ToHost), "the hole");
+        assert!(!l.covers(0x40007, 2) && l.covers(0x900000, 8));
+        assert_eq!(
+            l.first_missing(0x40006, 3, Direction::ToHost),
+            Some(0x40006)
+        );
+        assert_eq!(
+            l.first_missing(0x40007, 2, Direction::ToHost),
+            Some(0x40008)
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::hvc::Return;
 use keel_hyp::mem::PAGE;
 use keel_hyp::vm::{Vcpu, VcpuState, MAX_VCPUS, MAX_VMS};
+use keel_mm::frames::RamFrames;
 
 const OWNED: u64 = 0;
 const SHARED_OWNED: u64 = 1;
@@ -1168,7 +1169,8 @@ fn shares_of_pages_the_lent_table_does_not_cover_change_nothing() {
     let m = Machine::small();
     let half = m.cfg.ram_size / PAGE / 2;
     let words = Box::leak(vec![0u32; half as usize].into_boxed_slice());
-    m.hyp.vms.lock().lent.attach(RAM_BASE / PAGE, words);
+    let ram = RamFrames::one(RAM_BASE / PAGE, half);
+    m.hyp.vms.lock().lent.attach(ram, words);
     let end = RAM_BASE + half * PAGE;
     let h = m.create(1);
     let s = slot(h);

@@ -10,6 +10,7 @@ use keel_hyp::mem::{
     ANN_HYP_PRIVATE, PAGE, VM_HANDLE_BASE,
 };
 use keel_mm::donated::DonatedPages;
+use keel_mm::frames::RamFrames;
 use keel_mm::owner::Page;
 use keel_mm::stage1::{Perm, Stage1};
 use keel_mm::{Annotation, Geometry, LeafKind, NoTlb, PagePool, PageState, S2Attrs, Stage2};
@@ -68,8 +69,7 @@ impl Machine {
         let donated = Box::leak(Box::new(DonatedPages::new()));
         let pages = RAM_SIZE / PAGE;
         donated.attach(
-            RAM_BASE / PAGE,
-            pages,
+            RamFrames::one(RAM_BASE / PAGE, pages),
             vec![0u64; DonatedPages::words_for(pages)].leak(),
         );
         pool.attach_donated(donated);

@@ -3,14 +3,17 @@
 //! (HOST_RECLAIM) when it is free, and refused while it is in use.
 //!
 //! Two bits per page of RAM, in words boot sets aside and gives to
-//! [`DonatedPages::attach`] (like the lent-page words): whether the page is
-//! donated, and whether it is free. Membership, release and reclaim are
+//! [`DonatedPages::attach`] (like the lent-page words), indexed by the
+//! page's position in RAM ([`RamFrames`], so holes cost nothing): whether
+//! the page is donated, and whether it is free. Membership, release and reclaim are
 //! exact and touch one bit per page (a word per 64 pages for a range), and
 //! donations are limited by RAM alone. The free bits have two summary
 //! levels above them (a bit per word of the level below that has any bit
 //! set), so [`take`](DonatedPages::take), which hands out the lowest free
 //! page, reads a few words whatever is free and where. The cost is 2 bits
 //! and a little per 4 KiB page: 64 KiB and half a KiB per GiB of RAM.
+
+use crate::frames::RamFrames;
 
 /// Levels of free bits: a bit per page, then a bit per word of the level
 /// below. The top level has a bit per 2^18 pages (1 GiB).
@@ -33,8 +36,8 @@ pub enum DonatedError {
 }
 
 pub struct DonatedPages {
-    /// Frame number of the first page covered.
-    first_pfn: u64,
+    /// The pages covered, and each one's bit.
+    ram: RamFrames,
     /// Pages covered.
     pages: u64,
     /// A bit per page: donated.
@@ -101,7 +104,7 @@ impl DonatedPages {
     /// donation is refused.
     pub const fn new() -> Self {
         DonatedPages {
-            first_pfn: 0,
+            ram: RamFrames::EMPTY,
             pages: 0,
             donated: &mut [],
             free: [&mut [], &mut [], &mut []],
@@ -125,11 +128,12 @@ impl DonatedPages {
         total as usize
     }
 
-    /// Covers `pages` pages from frame `first_pfn` on, with `words` (at
-    /// least [`words_for`](Self::words_for) of them, cleared here), in place
-    /// of what the table covered before, which must hold no donated page.
-    pub fn attach(&mut self, first_pfn: u64, pages: u64, words: &'static mut [u64]) {
+    /// Covers the pages of `ram`, with `words` (at least
+    /// [`words_for`](Self::words_for) its pages, cleared here), in place of
+    /// what the table covered before, which must hold no donated page.
+    pub fn attach(&mut self, ram: RamFrames, words: &'static mut [u64]) {
         assert_eq!(self.len, 0, "attaching over donated pages");
+        let pages = ram.pages();
         let need = Self::words_for(pages);
         assert!(
             words.len() >= need,
@@ -148,7 +152,7 @@ impl DonatedPages {
             n = n.div_ceil(BITS as usize);
         }
         *self = DonatedPages {
-            first_pfn,
+            ram,
             pages,
             donated,
             free,
@@ -172,14 +176,17 @@ impl DonatedPages {
 
     /// The bits of `nr` pages from `pfn`, if the table covers them all.
     fn covered(&self, pfn: u64, nr: u64) -> Option<(u64, u64)> {
-        let start = pfn.checked_sub(self.first_pfn)?;
-        let end = start.checked_add(nr)?;
-        (end <= self.pages).then_some((start, end))
+        self.ram.span(pfn, nr).map(|s| (s.start, s.end))
+    }
+
+    /// The frame of bit `i` (one the table covers).
+    fn frame(&self, i: u64) -> u64 {
+        self.ram.frame(i).map_or(u64::MAX, |(pfn, _)| pfn)
     }
 
     /// Whether `pfn` is a donated page, and if so whether it is in use.
     pub fn lookup(&self, pfn: u64) -> Option<bool> {
-        let (i, _) = self.covered(pfn, 1)?;
+        let i = self.ram.index(pfn)?;
         bit(self.donated, i).then(|| !bit(self.free[0], i))
     }
 
@@ -198,11 +205,10 @@ impl DonatedPages {
     /// Adds `nr` free pages from `pfn` (after `check_add`).
     pub fn add(&mut self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
         self.check_add(pfn, nr)?;
-        if nr == 0 {
+        let Some((start, end)) = self.covered(pfn, nr) else {
             return Ok(());
-        }
-        let start = pfn - self.first_pfn;
-        for (w, mask) in spans(start, start + nr) {
+        };
+        for (w, mask) in spans(start, end) {
             self.donated[w] |= mask;
             let old = self.free[0][w];
             self.free[0][w] = old | mask;
@@ -222,11 +228,10 @@ impl DonatedPages {
         if nr == 0 {
             return Ok(());
         }
-        let Some(start) = pfn.checked_sub(self.first_pfn) else {
+        let Some((start, left)) = self.ram.locate(pfn) else {
             return Err(DonatedError::NotDonated);
         };
-        let end = start.saturating_add(nr);
-        for (w, mask) in spans(start.min(self.pages), end.min(self.pages)) {
+        for (w, mask) in spans(start, start + nr.min(left)) {
             let missing = mask & !self.donated[w];
             let bad = missing | (mask & self.donated[w] & !self.free[0][w]);
             if bad != 0 {
@@ -238,7 +243,7 @@ impl DonatedPages {
                 });
             }
         }
-        if end > self.pages {
+        if nr > left {
             return Err(DonatedError::NotDonated);
         }
         Ok(())
@@ -247,11 +252,10 @@ impl DonatedPages {
     /// Removes `nr` free pages from `pfn` (after `check_remove`).
     pub fn remove(&mut self, pfn: u64, nr: u64) -> Result<(), DonatedError> {
         self.check_remove(pfn, nr)?;
-        if nr == 0 {
+        let Some((start, end)) = self.covered(pfn, nr) else {
             return Ok(());
-        }
-        let start = pfn - self.first_pfn;
-        for (w, mask) in spans(start, start + nr) {
+        };
+        for (w, mask) in spans(start, end) {
             self.donated[w] &= !mask;
             let old = self.free[0][w];
             self.free[0][w] = old & !mask;
@@ -289,21 +293,19 @@ impl DonatedPages {
                 return None;
             }
             at = i + 1;
-            Some((self.first_pfn + i, !bit(self.free[0], i)))
+            Some((self.frame(i), !bit(self.free[0], i)))
         })
     }
 
     /// The donated pages as runs of consecutive frame numbers: (first
-    /// frame number, pages), in order.
+    /// frame number, pages), in order (a run of RAM ends one).
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         let mut at = 0;
         core::iter::from_fn(move || {
             let start = next_bit(self.donated, at, self.pages, true);
-            if start == self.pages {
-                return None;
-            }
-            at = next_bit(self.donated, start, self.pages, false);
-            Some((self.first_pfn + start, at - start))
+            let (first, left) = self.ram.frame(start)?;
+            at = next_bit(self.donated, start, start + left, false);
+            Some((first, at - start))
         })
     }
 
@@ -314,12 +316,13 @@ impl DonatedPages {
         if pfn >= end {
             return None;
         }
-        let Some((start, _)) = self.covered(pfn, 1) else {
+        let Some((start, left)) = self.ram.locate(pfn) else {
             return Some(pfn);
         };
-        let limit = (end - self.first_pfn).min(self.pages);
+        // Past the end of its run of RAM, no page is donated.
+        let limit = start + (end - pfn).min(left);
         let gap = next_bit(self.donated, start, limit, false);
-        let first = self.first_pfn + gap;
+        let first = pfn + (gap - start);
         (first < end).then_some(first)
     }
 
@@ -342,16 +345,18 @@ impl DonatedPages {
             self.note(1, w, false);
         }
         self.free_pages -= 1;
-        Some(self.first_pfn + page)
+        Some(self.frame(page))
     }
 
     /// Marks an in-use donated page free again; false if `pfn` is not a
     /// donated page in use.
     pub fn give_back(&mut self, pfn: u64) -> bool {
-        if self.lookup(pfn) != Some(true) {
+        let Some(page) = self.ram.index(pfn) else {
+            return false;
+        };
+        if !bit(self.donated, page) || bit(self.free[0], page) {
             return false;
         }
-        let page = pfn - self.first_pfn;
         let w = (page / BITS) as usize;
         let old = self.free[0][w];
         self.free[0][w] = old | 1 << (page % BITS);
@@ -372,7 +377,7 @@ mod tests {
     fn table(first: u64, pages: u64) -> Box<DonatedPages> {
         let words = vec![0u64; DonatedPages::words_for(pages)].leak();
         let mut d = Box::new(DonatedPages::new());
-        d.attach(first, pages, words);
+        d.attach(RamFrames::one(first, pages), words);
         d
     }
 
@@ -568,12 +573,57 @@ mod tests {
         assert!(!d.is_empty(), "the history left pages to check");
     }
 
+    /// RAM in two runs with a hole between: the table has bits for RAM
+    /// alone, donations across the hole are refused, and runs, gaps and
+    /// takes come out as frame numbers on either side of it.
+    #[test]
+    fn holes_between_ram_runs_cost_nothing_and_hold_nothing() {
+        let (a, b) = (0x40000, 0x8_0000_0000 >> 12);
+        let ram = RamFrames::new(&[(b, 100), (a, 100)]).unwrap();
+        let mut d = Box::new(DonatedPages::new());
+        d.attach(ram, vec![0u64; DonatedPages::words_for(200)].leak());
+        assert_eq!(
+            d.add(a + 99, 2),
+            Err(DonatedError::NotCovered),
+            "into the hole"
+        );
+        assert_eq!(
+            d.add(b - 1, 2),
+            Err(DonatedError::NotCovered),
+            "from the hole"
+        );
+        assert_eq!(d.add(a + 100, 1), Err(DonatedError::NotCovered));
+        // The last page of the first run and the first of the second have
+        // neighbouring bits; they are still two runs of frames.
+        d.add(a + 98, 2).unwrap();
+        d.add(b, 3).unwrap();
+        assert_eq!(d.runs().collect::<Vec<_>>(), [(a + 98, 2), (b, 3)]);
+        assert_eq!(d.first_missing(a + 98, 2), None);
+        assert_eq!(d.first_missing(a + 98, 3), Some(a + 100), "the hole");
+        assert_eq!(d.first_missing(b + 1, 2), None);
+        assert_eq!(d.first_missing(b + 1, 3), Some(b + 3));
+        assert_eq!(d.check_remove(a + 98, 3), Err(DonatedError::NotDonated));
+        let taken: Vec<_> = (0..5).map(|_| d.take().unwrap()).collect();
+        assert_eq!(taken, [a + 98, a + 99, b, b + 1, b + 2]);
+        assert_eq!(d.take(), None);
+        assert!(d.give_back(b + 1));
+        assert_eq!(
+            d.iter().filter(|&(_, used)| !used).collect::<Vec<_>>(),
+            [(b + 1, false)]
+        );
+        assert_eq!(d.take(), Some(b + 1));
+        check(&d);
+    }
+
     #[test]
     #[should_panic(expected = "attaching over donated pages")]
     fn attaching_over_donated_pages_is_a_bug() {
         let mut d = table(0, 64);
         d.add(3, 1).unwrap();
-        d.attach(0, 64, vec![0u64; DonatedPages::words_for(64)].leak());
+        d.attach(
+            RamFrames::one(0, 64),
+            vec![0u64; DonatedPages::words_for(64)].leak(),
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod desc;
 pub mod donated;
+pub mod frames;
 pub mod owner;
 pub mod pool;
 pub mod stage1;

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 
 use common::*;
 use keel_mm::donated::DonatedPages;
+use keel_mm::frames::RamFrames;
 use keel_mm::pool::STASH_ENTRIES;
 use keel_mm::{Change, LeafKind, MmError, PagePool, PageState, S2Attrs};
 
@@ -247,7 +248,7 @@ impl DonatedPool {
         let table = Box::leak(Box::new(DonatedPages::new()));
         let covered = pages as u64;
         let words = vec![0u64; DonatedPages::words_for(covered)].leak();
-        table.attach(FAKE_PA >> 12, covered, words);
+        table.attach(RamFrames::one(FAKE_PA >> 12, covered), words);
         pool.attach_donated(table);
         let first = (FAKE_PA >> 12) + boot as u64;
         pool.check_donate(first, donated).unwrap();

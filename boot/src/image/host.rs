@@ -4,7 +4,7 @@
 use keel_arch::{barrier, exception, features, sysreg, tlb, TrapFrame};
 use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
 use keel_boot::layout::Layout;
-use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE, PAGE};
+use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE};
 use keel_hyp::vm::{GuestTlb, Vms};
 use keel_mm::donated::DonatedPages;
 use keel_mm::stage1::{Perm, Stage1};
@@ -384,8 +384,7 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     }
 
     {
-        let pages = plan.ram_span.size() / PAGE;
-        let len = DonatedPages::words_for(pages);
+        let len = DonatedPages::words_for(plan.ram.pages());
         // SAFETY: the plan set `plan.donated` aside for these words alone
         // (page aligned, at least `len` of them); it is RAM, mapped
         // read-write in keel's stage 1 (the MMU is on), and withheld from
@@ -394,7 +393,7 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         // SAFETY: only the boot CPU runs, and nothing else refers to
         // DONATED: the pool gets it only now.
         let donated = unsafe { &mut *core::ptr::addr_of_mut!(DONATED) };
-        donated.attach(plan.ram_span.start / PAGE, pages, words);
+        donated.attach(plan.ram, words);
         pool.attach_donated(donated);
     }
     let s2 = build_host_stage2(info, plan, &mut pool);
@@ -429,13 +428,13 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
         },
     };
     {
-        let words = (plan.ram_span.size() / PAGE) as usize;
+        let words = plan.ram.pages() as usize;
         // SAFETY: the plan set `plan.lent` aside for these words alone
-        // (4 bytes per page of the RAM span, page aligned); it is RAM,
+        // (4 bytes per page of RAM, page aligned); it is RAM,
         // mapped read-write in keel's stage 1 (the MMU is on), and withheld
         // from the host's stage 2, so nothing else refers to it, ever.
         let lent = unsafe { core::slice::from_raw_parts_mut(plan.lent.start as *mut u32, words) };
-        VMS.lock().lent.attach(plan.ram_span.start / PAGE, lent);
+        VMS.lock().lent.attach(plan.ram, lent);
     }
     let hyp = Hyp::new(mem, &VMS);
     // What guests read of the ID registers: the CPUs' common values (this

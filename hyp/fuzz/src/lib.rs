@@ -21,6 +21,7 @@ use keel_hyp::hvc::{Call, Return};
 use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE, PAGE};
 use keel_hyp::vm::{Vcpu, Vms};
 use keel_mm::donated::DonatedPages;
+use keel_mm::frames::RamFrames;
 use keel_mm::stage1::{Perm, Stage1};
 use keel_mm::{Geometry, NoTlb, PagePool, PageState, S2Attrs, Stage2};
 use spin::Mutex;
@@ -57,7 +58,8 @@ fn vms() -> &'static Mutex<Vms<NoTlb>> {
     }
     let v = VMS.with(|v| *v);
     let mut vms = Vms::new();
-    vms.lent.attach(RAM_BASE / PAGE, lent_words());
+    vms.lent
+        .attach(RamFrames::one(RAM_BASE / PAGE, RAM_SIZE / PAGE), lent_words());
     *v.lock() = vms;
     v
 }
@@ -92,7 +94,7 @@ fn donated() -> &'static mut DonatedPages {
     // (so nothing refers to the words while `attach` clears them).
     let (d, words) = unsafe { (&mut *p, &mut *w) };
     *d = DonatedPages::new();
-    d.attach(RAM_BASE / PAGE, PAGES, words);
+    d.attach(RamFrames::one(RAM_BASE / PAGE, PAGES), words);
     d
 }
 

@@ -20,6 +20,7 @@ use keel_hyp::hvc::{Call, Return};
 use keel_hyp::mem::{HypMmu, Memory, Ram, Range, ANN_HYP_PRIVATE, PAGE};
 use keel_hyp::vm::{Vcpu, Vms};
 use keel_mm::donated::DonatedPages;
+use keel_mm::frames::RamFrames;
 use keel_mm::stage1::{Perm, Stage1};
 use keel_mm::{Geometry, NoTlb, PagePool, PageState, S2Attrs, Stage2};
 use spin::Mutex;
@@ -165,9 +166,10 @@ impl Machine {
         let vms: &'static spin::Mutex<Vms<NoTlb>> = Box::leak(Box::new(Mutex::new(Vms::new())));
         // One word per page of RAM for the lent-page table, as at boot.
         let words = vec![0u32; (cfg.ram_size / PAGE) as usize];
+        let ram = RamFrames::one(RAM_BASE / PAGE, cfg.ram_size / PAGE);
         vms.lock()
             .lent
-            .attach(RAM_BASE / PAGE, Box::leak(words.into_boxed_slice()));
+            .attach(ram, Box::leak(words.into_boxed_slice()));
         let m = Machine {
             cfg,
             hyp: Hyp::new(mem, vms),
@@ -353,6 +355,6 @@ pub fn slot(handle: u64) -> usize {
 pub fn donated_table(first: u64, pages: u64) -> &'static mut DonatedPages {
     let words = vec![0u64; DonatedPages::words_for(pages)].leak();
     let table = Box::leak(Box::new(DonatedPages::new()));
-    table.attach(first, pages, words);
+    table.attach(RamFrames::one(first, pages), words);
     table
 }
