@@ -58,9 +58,15 @@ impl Entry {
 }
 
 pub struct Lent {
-    /// The pages covered: `words[i]` is the page at index `i` of `ram`.
+    /// The pages covered: the page at index `i` of `ram` has word `i` of
+    /// `head` then `tail`.
     ram: RamFrames,
-    words: &'static mut [u32],
+    /// The first frame of RAM: `head` holds the words of its first run,
+    /// so most lookups are one subtraction and one bounds check.
+    first: u64,
+    head: &'static mut [u32],
+    /// The words of the other runs.
+    tail: &'static mut [u32],
 }
 
 impl Default for Lent {
@@ -74,7 +80,9 @@ impl Lent {
     pub const fn new() -> Self {
         Lent {
             ram: RamFrames::EMPTY,
-            words: &mut [],
+            first: 0,
+            head: &mut [],
+            tail: &mut [],
         }
     }
 
@@ -83,38 +91,64 @@ impl Lent {
     /// which must be nothing recorded.
     pub fn attach(&mut self, ram: RamFrames, words: &'static mut [u32]) {
         assert!(
-            self.words.iter().all(|&w| w == 0),
+            self.words().all(|w| w == 0),
             "attaching over recorded pages"
         );
         let (words, _) = words.split_at_mut(ram.pages() as usize);
         words.fill(0);
-        self.ram = ram;
-        self.words = words;
+        let (first, head_pages) = ram.runs().next().unwrap_or((0, 0));
+        let (head, tail) = words.split_at_mut(head_pages as usize);
+        *self = Lent {
+            ram,
+            first,
+            head,
+            tail,
+        };
+    }
+
+    /// Every word, in the order of RAM.
+    fn words(&self) -> impl Iterator<Item = u32> + '_ {
+        self.head.iter().chain(self.tail.iter()).copied()
     }
 
     /// Whether every page of [pfn, pfn + nr) can be recorded.
+    #[inline]
     pub fn covers(&self, pfn: u64, nr: u64) -> bool {
+        let i = pfn.wrapping_sub(self.first);
+        let head = self.head.len() as u64;
+        if i < head {
+            return nr <= head - i;
+        }
         nr == 0 || self.ram.span(pfn, nr).is_some()
     }
 
-    /// Where `pfn`'s word is, if the table covers it.
-    #[inline(always)]
-    fn index(&self, pfn: u64) -> Option<usize> {
-        self.ram.index(pfn).map(|i| i as usize)
+    /// Where `pfn`'s word is in `tail`, if the table covers it and it is
+    /// not in the first run (out of line: most machines have one run).
+    #[inline(never)]
+    fn tail_index(&self, pfn: u64) -> Option<usize> {
+        let i = self.ram.index(pfn)?;
+        usize::try_from(i).ok()?.checked_sub(self.head.len())
     }
 
     #[inline(always)]
     fn word(&self, pfn: u64) -> Option<u32> {
-        self.words.get(self.index(pfn)?).copied()
+        match self.head.get(pfn.wrapping_sub(self.first) as usize) {
+            Some(&w) => Some(w),
+            None => self.tail.get(self.tail_index(pfn)?).copied(),
+        }
     }
 
     #[inline(always)]
     fn word_mut(&mut self, pfn: u64) -> Option<&mut u32> {
-        let i = self.index(pfn)?;
-        self.words.get_mut(i)
+        let i = pfn.wrapping_sub(self.first) as usize;
+        if i < self.head.len() {
+            return self.head.get_mut(i);
+        }
+        let i = self.tail_index(pfn)?;
+        self.tail.get_mut(i)
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, pfn: u64) -> Option<Entry> {
         Entry::unpack(pfn, self.word(pfn)?)
     }
@@ -235,7 +269,7 @@ mod tests {
     fn pins_stop_at_the_most_a_page_holds() {
         let mut l = table(0, 4);
         assert!(l.insert(1, 7, Direction::ToHost));
-        l.words[1] += MAX_PINS - 1;
+        l.head[1] += MAX_PINS - 1;
         assert!(l.pin(1));
         assert_eq!(l.get(1).unwrap().pins, MAX_PINS);
         assert!(!l.pin(1), "the count is full");
@@ -257,7 +291,7 @@ mod tests {
             assert!(!l.pin(pfn) && !l.unpin(pfn));
             assert_eq!(l.remove(pfn), None);
         }
-        assert!(l.words.iter().all(|&w| w == 0));
+        assert!(l.words().all(|w| w == 0));
         let empty = Lent::new();
         assert!(!empty.covers(0, 1) && empty.covers(0, 0));
         assert_eq!(empty.get(0), None);
@@ -283,7 +317,8 @@ mod tests {
         l.attach(ram, Box::leak(vec![0; 16].into_boxed_slice()));
         assert!(l.insert(0x40007, 1, Direction::ToHost));
         assert!(l.insert(0x900000, 2, Direction::ToGuest));
-        assert_eq!(l.words.iter().filter(|&&w| w != 0).count(), 2);
+        assert_eq!(l.words().filter(|&w| w != 0).count(), 2);
+        assert_eq!((l.head.len(), l.tail.len()), (8, 8));
         assert_eq!(l.get(0x40007).unwrap().vm, 1);
         assert_eq!(l.get(0x900000).unwrap().vm, 2);
         assert!(!l.insert(0x40008, 1, Direction::ToHost), "the hole");

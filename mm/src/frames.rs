@@ -104,7 +104,19 @@ impl RamFrames {
     /// run, if it is RAM.
     #[inline(always)]
     pub fn locate(&self, pfn: u64) -> Option<(u64, u64)> {
-        self.runs[..self.count].iter().find_map(|r| {
+        // The first run in line (most machines have one); an empty run
+        // never matches, so this holds for no RAM too.
+        let r = &self.runs[0];
+        let off = pfn.wrapping_sub(r.first);
+        if off < r.pages {
+            return Some((off, r.pages - off));
+        }
+        self.locate_beyond_first(pfn)
+    }
+
+    #[inline(never)]
+    fn locate_beyond_first(&self, pfn: u64) -> Option<(u64, u64)> {
+        self.runs[1..self.count.max(1)].iter().find_map(|r| {
             let off = pfn.wrapping_sub(r.first);
             (off < r.pages).then(|| (r.base + off, r.pages - off))
         })
@@ -118,7 +130,7 @@ impl RamFrames {
 
     /// The indices of `nr` frames from `pfn`, if they are all RAM (so
     /// within one run).
-    #[inline]
+    #[inline(always)]
     pub fn span(&self, pfn: u64, nr: u64) -> Option<core::ops::Range<u64>> {
         let (i, left) = self.locate(pfn)?;
         (nr <= left).then(|| i..i + nr)

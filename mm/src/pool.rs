@@ -202,16 +202,24 @@ impl PagePool {
     /// # Safety
     /// As for [`free`](Self::free); the contents must be as said, and
     /// nothing may write the page afterwards.
+    #[inline]
     pub unsafe fn free_split(&mut self, pa: u64, leaf: u64, level: u8) {
-        if self.stashed == STASH_ENTRIES {
-            let oldest = self.stash[0].pa;
-            self.unstash(0);
-            // SAFETY: a stashed page is a free page of this pool.
-            unsafe { self.release(oldest, 1) };
+        if self.stashed >= STASH_ENTRIES {
+            self.evict_oldest();
         }
         self.stash[self.stashed] = Stashed { pa, leaf, level };
         self.stashed += 1;
         self.free_pages += 1;
+    }
+
+    /// Puts the oldest stashed page back in the heap or the donated table
+    /// (out of line: the merges that stash pages stay small).
+    #[inline(never)]
+    fn evict_oldest(&mut self) {
+        let oldest = self.stash[0].pa;
+        self.unstash(0);
+        // SAFETY: a stashed page is a free page of this pool.
+        unsafe { self.release(oldest, 1) };
     }
 
     /// A free page holding the subdivision of leaf descriptor `leaf` at
