@@ -38,8 +38,6 @@ pub enum DonatedError {
 pub struct DonatedPages {
     /// The pages covered, and each one's bit.
     ram: RamFrames,
-    /// Pages covered.
-    pages: u64,
     /// A bit per page: donated.
     donated: &'static mut [u64],
     /// `free[0]`: a bit per page, donated and not in use; `free[l]`: a bit
@@ -105,7 +103,6 @@ impl DonatedPages {
     pub const fn new() -> Self {
         DonatedPages {
             ram: RamFrames::EMPTY,
-            pages: 0,
             donated: &mut [],
             free: [&mut [], &mut [], &mut []],
             len: 0,
@@ -153,7 +150,6 @@ impl DonatedPages {
         }
         *self = DonatedPages {
             ram,
-            pages,
             donated,
             free,
             len: 0,
@@ -288,8 +284,9 @@ impl DonatedPages {
     pub fn iter(&self) -> impl Iterator<Item = (u64, bool)> + '_ {
         let mut at = 0;
         core::iter::from_fn(move || {
-            let i = next_bit(self.donated, at, self.pages, true);
-            if i == self.pages {
+            let pages = self.ram.pages();
+            let i = next_bit(self.donated, at, pages, true);
+            if i == pages {
                 return None;
             }
             at = i + 1;
@@ -302,7 +299,7 @@ impl DonatedPages {
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         let mut at = 0;
         core::iter::from_fn(move || {
-            let start = next_bit(self.donated, at, self.pages, true);
+            let start = next_bit(self.donated, at, self.ram.pages(), true);
             let (first, left) = self.ram.frame(start)?;
             at = next_bit(self.donated, start, start + left, false);
             Some((first, at - start))
@@ -338,7 +335,7 @@ impl DonatedPages {
             i = i * BITS as usize + self.free[level][i].trailing_zeros() as usize;
         }
         let page = i as u64;
-        debug_assert!(page < self.pages && bit(self.donated, page));
+        debug_assert!(page < self.ram.pages() && bit(self.donated, page));
         let (w, b) = (i / BITS as usize, page % BITS);
         self.free[0][w] &= !(1 << b);
         if self.free[0][w] == 0 {
