@@ -3,13 +3,14 @@
 //! firmware, the PL011 console and the semihosting exit.
 //!
 //! The architecture-neutral parts (ESR decoding, exception-injection
-//! arithmetic, feature checks on ID register values) build everywhere and are tested on the build machine; the rest
+//! arithmetic, feature checks on ID register values, PSCI's relay policy) build everywhere and are tested on the build machine; the rest
 //! exists only when compiling for aarch64.
 #![cfg_attr(not(test), no_std)]
 
 pub mod esr;
 pub mod features;
 pub mod inject;
+pub mod psci;
 
 #[cfg(target_arch = "aarch64")]
 pub mod barrier;

@@ -481,7 +481,8 @@ static inline long keel_vm_destroy(keel_u64 handle)
 	return keel_call_status(KEEL_FN_VM_DESTROY, handle, 0, 0, 0);
 }
 
-/* VCPU_INIT: vCPU starts at EL1h, MMU off, at entry_ipa with x0 = x0. */
+/* VCPU_INIT: vCPU starts at EL1h, MMU off, at entry_ipa with x0 = x0.
+ * Only before any vCPU of the VM has run: KEEL_DENIED after. */
 static inline long keel_vcpu_init(keel_u64 handle, keel_u64 vcpu,
 				  keel_u64 entry_ipa, keel_u64 x0)
 {

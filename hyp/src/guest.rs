@@ -69,8 +69,16 @@ fn is_set_way_maintenance(esr: u64) -> bool {
 
 /// PSCI function IDs (SMC32 0x8400_00xx, SMC64 0xC400_00xx).
 fn is_psci(id: u64) -> bool {
-    matches!(id, 0x8400_0000..=0x8400_001F | 0xC400_0000..=0xC400_001F)
+    u32::try_from(id).is_ok_and(keel_arch::psci::is_psci)
 }
+
+/// SMCCC_VERSION and SMCCC_ARCH_FEATURES: what a guest asks of the conduit
+/// itself, answered by keel (the conduit's owner), not by the host.
+const SMCCC_VERSION: u32 = 0x8000_0000;
+const SMCCC_ARCH_FEATURES: u32 = 0x8000_0001;
+/// SMCCC 1.1: the version whose HVC conduit (results in x0..x3, x4..x17
+/// kept) keel's guest calls follow.
+const SMCCC_1_1: u64 = 0x1_0001;
 
 fn set_status(x: &mut [u64; 31], r: Result<(), CallError>) {
     x[0] = match r {
@@ -147,7 +155,8 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
     }
 
     /// Ends the vCPU's run for good: a FAULT exit with `esr`, and every
-    /// later VCPU_RUN exits the same way until VCPU_INIT.
+    /// later VCPU_RUN exits the same way (VCPU_INIT is DENIED once the VM
+    /// has run, so only VM_DESTROY ends it).
     pub fn fault(&self, vcpu: &mut Vcpu, esr: u64) -> Action {
         vcpu.state = VcpuState::Failed(esr);
         Action::Exit([exit::FAULT, esr, 0, 0])
@@ -169,6 +178,11 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         }
         let [ipa, nr, ..] = call.args;
         let op = match call.id {
+            // x1 and x2 must be 0, as pKVM requires.
+            func::HYP_MEMINFO if ipa != 0 || nr != 0 => {
+                x[0] = status::INVALID_PARAMETER as u64;
+                return Action::Resume;
+            }
             func::HYP_MEMINFO => {
                 self.stats.count_hypercall();
                 Return::raw(&[keel_abi::GRANULE]).apply(x);
@@ -181,8 +195,14 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 x[0] = status::NOT_SUPPORTED as u64;
                 return Action::Resume;
             }
-            // PSCI through HVC, the conduit pKVM and KVM guests are given.
-            id if is_psci(id) => return self.guest_psci(slot, x),
+            // PSCI through HVC, the conduit pKVM and KVM guests are given,
+            // and SMCCC's own calls about that conduit.
+            id if is_psci(id)
+                || id == u64::from(SMCCC_VERSION)
+                || id == u64::from(SMCCC_ARCH_FEATURES) =>
+            {
+                return self.guest_psci(slot, x)
+            }
             id => {
                 vcpu.pending = Pending::Hypercall;
                 return Action::Exit([exit::HYPERCALL, id, x[1], x[2]]);
@@ -208,9 +228,23 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         Action::Resume
     }
 
+    /// A guest's PSCI call (through HVC or SMC), or SMCCC_VERSION and
+    /// SMCCC_ARCH_FEATURES.
     fn guest_psci(&self, slot: usize, x: &mut [u64; 31]) -> Action {
+        // SMCCC passes function IDs in w0 (and PSCI_FEATURES its argument
+        // in w1).
         let fid = x[0] as u32;
         match fid {
+            // SMCCC 1.1 (which Linux needs before it looks for the KVM
+            // vendor services); no architectural workaround call is offered.
+            SMCCC_VERSION => {
+                x[0] = SMCCC_1_1;
+                Action::Resume
+            }
+            SMCCC_ARCH_FEATURES => {
+                x[0] = psci::NOT_SUPPORTED as u64;
+                Action::Resume
+            }
             psci::SYSTEM_OFF | psci::SYSTEM_RESET => {
                 let how = u64::from(fid == psci::SYSTEM_RESET);
                 if let Slot::Used(vm) = &mut self.vms.lock().slots[slot] {
@@ -229,7 +263,8 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                     psci::SYSTEM_OFF,
                     psci::SYSTEM_RESET,
                 ];
-                x[0] = if known.contains(&(x[1] as u32)) {
+                let asked = x[1] as u32;
+                x[0] = if asked == SMCCC_VERSION || known.contains(&asked) {
                     0
                 } else {
                     psci::NOT_SUPPORTED as u64

@@ -134,7 +134,8 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
     /// HYP_STATS counter `index`.
     fn stat(stats: &Stats, mem: &Memory<T, M>, vms: &Vms<G>, index: u64) -> Option<u64> {
         use core::sync::atomic::Ordering::Relaxed;
-        let (mut splits, mut merges) = (mem.host.stats().splits, mem.host.stats().merges);
+        let mut splits = mem.host.stats().splits + vms.retired_splits;
+        let mut merges = mem.host.stats().merges + vms.retired_merges;
         for s in &vms.slots {
             if let Slot::Used(vm) = s {
                 splits += vm.s2.stats().splits;
@@ -203,14 +204,13 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
             return Err(Return::status(status::INVALID_PARAMETER));
         }
         let (vttbr, vtcr, off) = (vm.s2.vttbr(), vm.s2.vtcr(), vm.off);
-        let vcpu = &mut vm.vcpus[index as usize];
         let exit = |r: [u64; 4]| {
             Err(Return {
                 regs: [0, r[0], r[1], r[2], r[3]],
                 count: 5,
             })
         };
-        match vcpu.state {
+        match vm.vcpus[index as usize].state {
             VcpuState::Uninit => return Err(Return::status(status::INVALID_PARAMETER)),
             VcpuState::Running => return Err(Return::status(status::BUSY)),
             VcpuState::Failed(esr) => return exit([keel_abi::exit::FAULT, esr, 0, 0]),
@@ -219,6 +219,8 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
         if let Some(how) = off {
             return exit([keel_abi::exit::SYSTEM_OFF, how, 0, 0]);
         }
+        vm.started = true;
+        let vcpu = &mut vm.vcpus[index as usize];
         vcpu.complete(completion);
         vcpu.state = VcpuState::Running;
         self.stats.count_hypercall();
@@ -230,7 +232,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
         })
     }
 
-    /// Ends VCPU_RUN: the vCPU may be run, initialized or destroyed again.
+    /// Ends VCPU_RUN: the vCPU may be run again, or its VM destroyed.
     pub fn end_run(&self, ticket: &RunTicket) {
         let _vms = self.vms.lock();
         // SAFETY: the ticket's vCPU lives in the static VM table, and only

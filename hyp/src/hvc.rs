@@ -80,7 +80,9 @@ pub const IMPLEMENTED_FEATURES: u64 = keel_abi::FEATURES_BITMAP;
 /// a discovery call.
 pub fn discovery(call: &Call, limits: &Limits) -> Option<Return> {
     let ret = match call.id {
-        func::FEATURES => Return::raw(&[IMPLEMENTED_FEATURES]),
+        // x0..x3 are the bitmap of functions 0..127 (as KVM answers it):
+        // only functions 0..31 exist, so x1..x3 are 0.
+        func::FEATURES => Return::raw(&[IMPLEMENTED_FEATURES, 0, 0, 0]),
         func::CALL_UID => Return::raw(&keel_abi::KVM_UID),
         func::REVISION => Return::raw(&[keel_abi::REVISION_MAJOR, keel_abi::REVISION_MINOR]),
         func::HYP_FEATURES => {
@@ -127,7 +129,8 @@ mod tests {
         let r = dispatch(Caller::Host, 0, &call(func::HYP_FEATURES), &LIMITS);
         assert_eq!(r.regs[..4], [0, (1 << 12) | (1 << 21) | (1 << 30), 8, 4]);
         let r = dispatch(Caller::Guest, 0, &call(func::FEATURES), &LIMITS);
-        assert_eq!((r.regs[0] & 1, r.count), (1, 1));
+        assert_eq!(r.count, 4, "FEATURES writes x0..x3");
+        assert_eq!(r.regs[..4], [keel_abi::FEATURES_BITMAP, 0, 0, 0]);
     }
 
     #[test]

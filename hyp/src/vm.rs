@@ -143,6 +143,12 @@ pub struct Vm<G: TlbMaintenance> {
     /// False once destroyed: the VM never runs again, and its slot (with its
     /// stage-2 tables) is freed when the last of its pages is reclaimed.
     pub alive: bool,
+    /// Set when one of its vCPUs first enters the guest. From then on the
+    /// host can no longer set a vCPU's registers (VCPU_INIT is DENIED):
+    /// restarting a vCPU at an address and x0 of the host's choosing, once
+    /// the guest has secrets in its memory, would hand the host its control
+    /// flow.
+    pub started: bool,
 }
 
 /// A slot lives in a static table and is never moved, so the size of
@@ -158,6 +164,10 @@ pub enum Slot<G: TlbMaintenance> {
 pub struct Vms<G: TlbMaintenance> {
     pub slots: [Slot<G>; MAX_VMS],
     pub lent: Lent,
+    /// Block splits and merges of the stage 2s of VMs whose slots were
+    /// freed, so that HYP_STATS 2 and 3 count since boot.
+    pub retired_splits: u64,
+    pub retired_merges: u64,
 }
 
 /// TLB maintenance for a VM's stage 2: made before the table exists, then
@@ -185,6 +195,8 @@ impl<G: TlbMaintenance> Vms<G> {
         Vms {
             slots: [const { Slot::Free }; MAX_VMS],
             lent: Lent::new(),
+            retired_splits: 0,
+            retired_merges: 0,
         }
     }
 
@@ -227,7 +239,10 @@ impl<G: TlbMaintenance> Vms<G> {
         };
         if let Slot::Used(v) = slot {
             v.pages = v.pages.saturating_sub(pages);
+            let (splits, merges) = (v.s2.stats().splits, v.s2.stats().merges);
             if !v.alive && v.pages == 0 && v.s2.destroy(pool).is_ok() {
+                self.retired_splits += splits;
+                self.retired_merges += merges;
                 *slot = Slot::Free;
             }
         }
@@ -378,6 +393,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             off: None,
             pages: 0,
             alive: true,
+            started: false,
         });
         Ok(handle_of(slot))
     }
@@ -399,7 +415,8 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         Ok(())
     }
 
-    /// VCPU_INIT.
+    /// VCPU_INIT: sets a vCPU's entry and x0, before any vCPU of the VM
+    /// has run (DENIED after; BUSY for the vCPU that runs now).
     pub fn vcpu_init(
         &mut self,
         handle: u64,
@@ -411,10 +428,13 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         if index >= vm.nr_vcpus as u64 || !entry.is_multiple_of(4) || entry >= 1 << GUEST_IPA_BITS {
             return Err(CallError::Invalid);
         }
-        let vcpu = &mut vm.vcpus[index as usize];
-        if vcpu.state == VcpuState::Running {
+        if vm.vcpus[index as usize].state == VcpuState::Running {
             return Err(CallError::Busy);
         }
+        if vm.started {
+            return Err(CallError::Denied);
+        }
+        let vcpu = &mut vm.vcpus[index as usize];
         *vcpu = Vcpu::new();
         vcpu.x[0] = x0;
         vcpu.pc = entry;

@@ -12,7 +12,7 @@ use keel_abi::{exit, func, stat, status};
 use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::hvc::Return;
 use keel_hyp::mem::PAGE;
-use keel_hyp::vm::{Vcpu, VcpuState, MAX_VCPUS, MAX_VMS};
+use keel_hyp::vm::{Slot, Vcpu, VcpuState, MAX_VCPUS, MAX_VMS};
 use keel_mm::frames::RamFrames;
 
 const OWNED: u64 = 0;
@@ -267,7 +267,9 @@ fn donate_1g_share_one_page_unshare_restores_the_block() {
     assert_eq!(m.mem_state(pa + 5 * PAGE), (h, NOPAGE, 0));
 
     // Destroy, reclaim the whole GiB: zeroed, the host block rebuilt, the
-    // slot free again.
+    // slot free again. The splits and merges counted stay counted (since
+    // boot) when the VM's slot and stage 2 go.
+    let counted = (m.stat(stat::BLOCK_SPLITS), m.stat(stat::BLOCK_MERGES));
     assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
     assert_eq!(m.mem_state(pa), (h, NOPAGE, 0), "still the dead VM's");
     assert_eq!(m.reclaim(pa, nr), OK);
@@ -277,6 +279,18 @@ fn donate_1g_share_one_page_unshare_restores_the_block() {
     assert_eq!(m.hyp.mem.lock().mmu.zeroed, nr, "every page zeroed once");
     assert_eq!(m.mem_state(pa + 5 * PAGE), (0, OWNED, GIB));
     assert_eq!(m.host_tables(), host_tables);
+    assert!(m
+        .hyp
+        .vms
+        .lock()
+        .slots
+        .iter()
+        .all(|s| matches!(s, Slot::Free)));
+    let now = (m.stat(stat::BLOCK_SPLITS), m.stat(stat::BLOCK_MERGES));
+    assert!(
+        now.0 >= counted.0 && now.1 >= counted.1,
+        "splits and merges since boot: {counted:?} -> {now:?}"
+    );
     assert_eq!(m.create(1), h);
 }
 
@@ -789,18 +803,128 @@ fn mmio_exits_and_completions() {
     m.hyp.end_run(&t);
     let r = m.hyp.begin_run(h, 0, 0).err().expect("failed for good");
     assert_eq!(r.regs[..3], [0, exit::FAULT, esr]);
+    // The host cannot restart it: the VM has run.
     assert_eq!(
         m.checked(func::VCPU_INIT, &[h, 0, 0x8_0000, 0]),
-        OK,
-        "reset"
+        DENIED,
+        "no reset by the host"
     );
+    let r = m.hyp.begin_run(h, 0, 0).err().expect("still failed");
+    assert_eq!(r.regs[..3], [0, exit::FAULT, esr]);
+}
+
+/// What a Linux guest asks before it uses the KVM vendor services:
+/// PSCI_FEATURES(SMCCC_VERSION), SMCCC_VERSION (1.1), SMCCC_ARCH_FEATURES,
+/// then FEATURES with all of x0..x3 (a 128-bit bitmap) and HYP_MEMINFO with
+/// x1 = x2 = 0. keel answers each in place; none exits to the host.
+#[test]
+fn smccc_discovery_as_a_pkvm_guest_sees_it() {
+    let m = Machine::small();
+    let h = m.create(1);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x1000, 0]), OK);
     let (t, v) = m.run(h, 0);
-    let esr = dabt(4, false, 1, true, true, 0x0f);
-    assert_eq!(
-        m.trap(h, v, esr, 0, hpfar),
-        Action::Exit([exit::FAULT, esr, 0, 0])
-    );
+    let mut call = |regs: &[u64], esr: u64| {
+        v.x = [0x5a5a; 31];
+        v.x[..regs.len()].copy_from_slice(regs);
+        let a = m.trap(h, v, esr, 0, 0);
+        (a, v.x)
+    };
+    for esr in [ESR_HVC, ESR_SMC] {
+        let (a, x) = call(&[0x8400_000A, 0x8000_0000], esr);
+        assert_eq!(
+            (a, x[0]),
+            (Action::Resume, 0),
+            "PSCI_FEATURES(SMCCC_VERSION)"
+        );
+        // PSCI_FEATURES takes its function ID in w1.
+        let (_, x) = call(&[0x8400_000A, 0x1_8000_0000], esr);
+        assert_eq!(x[0], 0, "PSCI_FEATURES(SMCCC_VERSION) in w1");
+        let (a, x) = call(&[0x8000_0000], esr);
+        assert_eq!((a, x[0]), (Action::Resume, 0x1_0001), "SMCCC_VERSION");
+        assert_eq!(x[1..18], [0x5a5a; 17], "SMCCC_VERSION keeps x1..x17");
+        let (a, x) = call(&[0x8000_0001, 0x8000_8000], esr);
+        assert_eq!(
+            (a, x[0]),
+            (Action::Resume, NOT_SUPPORTED as u64),
+            "SMCCC_ARCH_FEATURES(ARCH_WORKAROUND_1)"
+        );
+    }
+    // FEATURES: x0..x3 are the bitmap (functions 0..127); x4.. are kept.
+    let (_, x) = call(&[func::FEATURES, 7, 7, 7], ESR_HVC);
+    assert_eq!(x[..4], [keel_abi::FEATURES_BITMAP, 0, 0, 0]);
+    assert_eq!(x[4..18], [0x5a5a; 14]);
+    // HYP_MEMINFO: x1 = x2 = 0, or INVALID_PARAMETER.
+    for (x1, x2, want) in [
+        (0, 0, 4096),
+        (1, 0, INVALID as u64),
+        (0, 1, INVALID as u64),
+        (u64::MAX, u64::MAX, INVALID as u64),
+    ] {
+        let (a, x) = call(&[func::HYP_MEMINFO, x1, x2], ESR_HVC);
+        assert_eq!(
+            (a, x[0]),
+            (Action::Resume, want),
+            "HYP_MEMINFO({x1:#x}, {x2:#x})"
+        );
+    }
     m.hyp.end_run(&t);
+}
+
+/// Once any vCPU of a VM has entered the guest, the host can no longer set
+/// a vCPU's registers: VCPU_INIT is DENIED for every vCPU (run, initialized
+/// and never run, or never initialized), and changes nothing. Before that
+/// it may set them again and again.
+#[test]
+fn vcpu_init_is_refused_once_the_vm_has_run() {
+    let m = Machine::small();
+    let h = m.create(3);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x1000, 1]), OK);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x2000, 2]), OK, "again");
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 1, 0x3000, 3]), OK);
+    // A VCPU_RUN that does not enter (a vCPU never initialized) starts
+    // nothing.
+    assert_eq!(
+        m.hyp.begin_run(h, 2, 0).err(),
+        Some(Return::status(INVALID))
+    );
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 1, 0x3000, 4]), OK);
+    let (t, v) = m.run(h, 0);
+    assert_eq!((v.pc, v.x[0]), (0x2000, 2));
+    v.pc = 0x2100;
+    v.x[0] = 0x77;
+    m.hyp.end_run(&t);
+    for (i, what) in [
+        (0, "the vCPU that ran"),
+        (1, "initialized"),
+        (2, "never initialized"),
+    ] {
+        assert_eq!(
+            m.checked(func::VCPU_INIT, &[h, i, 0x4000, 9]),
+            DENIED,
+            "{what}"
+        );
+    }
+    // Bad arguments are still INVALID_PARAMETER first.
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 3, 0x4000, 0]), INVALID);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x4002, 0]), INVALID);
+    // Nothing changed: vCPU 0 resumes where it was, vCPU 1 starts where it
+    // was set before the VM ran, vCPU 2 still cannot run.
+    let (t, v) = m.run(h, 0);
+    assert_eq!((v.pc, v.x[0]), (0x2100, 0x77));
+    m.hyp.end_run(&t);
+    let t = m.hyp.begin_run(h, 1, 0).expect("vCPU 1");
+    // SAFETY: Running: the ticket's vCPU is ours until end_run.
+    let v = unsafe { &mut *t.vcpu };
+    assert_eq!((v.pc, v.x[0]), (0x3000, 4));
+    m.hyp.end_run(&t);
+    assert_eq!(
+        m.hyp.begin_run(h, 2, 0).err(),
+        Some(Return::status(INVALID))
+    );
+    // Another VM is not affected.
+    let h2 = m.create(1);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h2, 0, 0x1000, 0]), OK);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h2, 0, 0x1000, 0]), OK);
 }
 
 #[test]
@@ -828,7 +952,7 @@ fn hypercall_exits_and_guest_calls() {
     );
     // Calls the hypervisor answers in place.
     let guest = |v: &mut Vcpu, id: u64, esr: u64| {
-        v.x[0] = id;
+        v.x[..3].copy_from_slice(&[id, 0, 0]);
         let a = m.trap(h, v, esr, 0, 0);
         (a, v.x[0])
     };

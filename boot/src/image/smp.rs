@@ -5,7 +5,8 @@
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use keel_arch::firmware::{self, psci};
+use keel_arch::firmware;
+use keel_arch::firmware::psci::{self, Relay};
 use keel_arch::{exception, sysreg, CpuLocal, TrapFrame};
 use log::info;
 
@@ -134,22 +135,15 @@ extern "C" fn keel_secondary_main(index: u64) -> ! {
     }
 }
 
-/// PSCI SYSTEM_SUSPEND would resume the whole machine at a host address
-/// without keel; it is not offered.
-pub fn is_system_suspend(fid: u32) -> bool {
-    matches!(fid, 0x8400_000E | 0xC400_000E)
-}
-
-/// The host's PSCI call, as keel relays it; None when it goes to firmware
-/// unchanged.
+/// The host's PSCI call, as keel relays it (`psci::host_relay`, an
+/// allow-list); None when the SMC goes to firmware unchanged.
 pub fn psci_call(frame: &TrapFrame) -> Option<i64> {
     let fid = frame.x[0] as u32;
     let [a1, a2, a3] = [frame.x[1], frame.x[2], frame.x[3]];
-    Some(match fid {
-        psci::CPU_ON | psci::CPU_ON_32 => cpu_on(fid, a1, a2, a3),
-        psci::CPU_SUSPEND | psci::CPU_SUSPEND_32 => cpu_suspend(fid, a1, a2, a3),
-        f if is_system_suspend(f) => psci::NOT_SUPPORTED,
-        psci::FEATURES if is_system_suspend(a1 as u32) => psci::NOT_SUPPORTED,
-        _ => return None,
+    Some(match psci::host_relay(fid, a1) {
+        Relay::CpuOn => cpu_on(fid, a1, a2, a3),
+        Relay::CpuSuspend => cpu_suspend(fid, a1, a2, a3),
+        Relay::Refuse => psci::NOT_SUPPORTED,
+        Relay::Firmware | Relay::Forward => return None,
     })
 }

@@ -132,6 +132,7 @@ pub fn vm_destroy(handle: u64) -> Result<(), Error> {
     call(func::VM_DESTROY, handle, 0, 0, 0).map(drop)
 }
 
+/// VCPU_INIT: only before any vCPU of the VM has run (DENIED after).
 pub fn vcpu_init(handle: u64, vcpu: u64, entry_ipa: u64, x0: u64) -> Result<(), Error> {
     call(func::VCPU_INIT, handle, vcpu, entry_ipa, x0).map(drop)
 }

@@ -778,6 +778,15 @@ impl Driver<'_> {
             ]);
             let ipa = self.ipa(Some(vm));
             let nr = if self.rng.chance(4) { 0 } else { self.nr() };
+            if id == func::HYP_MEMINFO && self.rng.chance(2) {
+                // As pKVM guests ask it.
+                return Op::Guest {
+                    vm,
+                    id,
+                    ipa: 0,
+                    nr: 0,
+                };
+            }
             return Op::Guest { vm, id, ipa, nr };
         }
         let id = self.rng.pick(&[
@@ -970,7 +979,13 @@ impl Driver<'_> {
                         }
                     }
                     func::HYP_MEMINFO => {
-                        if (action, x[0]) != (Action::Resume, PAGE) {
+                        // x1 = x2 = 0, as pKVM requires.
+                        let want = if ipa == 0 && nr == 0 {
+                            PAGE
+                        } else {
+                            INVALID as u64
+                        };
+                        if (action, x[0]) != (Action::Resume, want) {
                             return Err(format!("HYP_MEMINFO: {action:?} {x:x?}"));
                         }
                     }

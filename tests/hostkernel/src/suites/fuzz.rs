@@ -331,6 +331,8 @@ struct Vm {
     completion: [u64; MAX_VCPUS],
     off: bool,
     payload: bool,
+    /// A vCPU of it has entered the guest: VCPU_INIT is DENIED from then.
+    started: bool,
 }
 
 const NO_VM: Vm = Vm {
@@ -340,6 +342,7 @@ const NO_VM: Vm = Vm {
     completion: [0; MAX_VCPUS],
     off: false,
     payload: false,
+    started: false,
 };
 
 /// One bit per sacrificial page.
@@ -1084,6 +1087,16 @@ impl Fuzzer {
 
     fn vcpu_init(&mut self, h: u64, i: u64, entry: u64, seed: u64) -> TestResult {
         let r = self.call(func::VCPU_INIT, [h, i, entry, seed, 0])?;
+        let valid = entry.is_multiple_of(4) && entry < 1 << 39;
+        if let Some((slot, _, _)) = self.known_cpu(h, i) {
+            let s = r.0[0] as i64;
+            if self.vms[slot].started && valid && s != status::DENIED {
+                return Err(self.fail(format_args!(
+                    "VCPU_INIT of handle {:#x} vCPU {:#x}, whose VM has run, returned {} (not DENIED)",
+                    h, i, s
+                )));
+            }
+        }
         if r.0[0] == 0 {
             let Some((slot, i, _)) = self.known_cpu(h, i) else {
                 return Err(self.fail(format_args!(
@@ -1383,6 +1396,9 @@ impl Fuzzer {
         let h = HANDLE_BASE + slot as u64;
         let was = self.vms[slot].cpu[i];
         let completion = self.vms[slot].completion[i];
+        // It enters now, or a vCPU of its VM entered before (a vCPU only
+        // fails or stops, and a VM only goes off, by running).
+        self.vms[slot].started = true;
         let r = self.call(func::VCPU_RUN, [h, i as u64, completion, 0, 0])?;
         if r.0[0] != 0 {
             return Err(self.fail(format_args!(

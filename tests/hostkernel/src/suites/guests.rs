@@ -730,11 +730,29 @@ fn exits_and_completions(_: &BootInfo) -> TestResult {
 
 fn discovery_and_psci(_: &BootInfo) -> TestResult {
     let mut g = Guest::new(slot(1), IPA, 16, 2)?;
-    let (f, _) = g.call(func::FEATURES, 0, 0)?;
+    // What Linux asks first: PSCI_FEATURES(SMCCC_VERSION), then
+    // SMCCC_VERSION (1.1 or it never looks for the KVM services).
     ensure_eq!(
-        f as u64 & keel_abi::FEATURES_BITMAP,
-        keel_abi::FEATURES_BITMAP,
-        "FEATURES from the guest (contract bits)"
+        g.call(0x8400_000A, 0x8000_0000, 0)?.0,
+        0,
+        "PSCI_FEATURES(SMCCC_VERSION) over HVC"
+    );
+    ensure_eq!(
+        g.call(0x8000_0000, 0, 0)?.0,
+        0x1_0001,
+        "SMCCC_VERSION over HVC"
+    );
+    ensure_eq!(
+        g.call(0x8000_0001, 0x8000_8000, 0)?.0,
+        -1,
+        "SMCCC_ARCH_FEATURES(ARCH_WORKAROUND_1)"
+    );
+    // FEATURES: x0..x3 are one bitmap; the contract's functions are 0..31.
+    let (f, f1) = g.call(func::FEATURES, 5, 5)?;
+    ensure_eq!(
+        (f as u64 & keel_abi::FEATURES_BITMAP, f1),
+        (keel_abi::FEATURES_BITMAP, 0),
+        "FEATURES from the guest (contract bits; x1)"
     );
     let (u0, u1) = g.call(func::CALL_UID, 0, 0)?;
     ensure_eq!(
@@ -749,6 +767,11 @@ fn discovery_and_psci(_: &BootInfo) -> TestResult {
         "HYP_FEATURES x0, x1"
     );
     ensure_eq!(g.call(func::HYP_MEMINFO, 0, 0)?.0, 4096, "HYP_MEMINFO");
+    ensure_eq!(
+        g.call(func::HYP_MEMINFO, 1, 0)?.0,
+        status::INVALID_PARAMETER,
+        "HYP_MEMINFO with x1 = 1"
+    );
     // Host calls and the keel extensions are not for guests.
     for id in func::HOST_CALLS
         .iter()
@@ -787,6 +810,19 @@ fn discovery_and_psci(_: &BootInfo) -> TestResult {
         g.op(Op::Smc, 0xC400_0003, 0, 0)?.0 as i64,
         -1,
         "PSCI CPU_ON from the guest"
+    );
+    // The guest has run: the host can no longer point its vCPU at code of
+    // its choosing. The guest carries on where it was.
+    expect(
+        func::VCPU_INIT,
+        [g.handle, 0, g.ipa, 0x5eed],
+        status::DENIED,
+        "VCPU_INIT once the VM has run",
+    )?;
+    ensure_eq!(
+        g.call(func::HYP_MEMINFO, 0, 0)?.0,
+        4096,
+        "the guest after the refused VCPU_INITs"
     );
     g.teardown()
 }
@@ -1716,16 +1752,19 @@ fn fault_stays_failed(_: &BootInfo) -> TestResult {
             "VCPU_RUN of the failed vCPU"
         );
     }
-    // VCPU_INIT starts it afresh.
-    let mut g = g.start(0x10)?;
+    // The host cannot restart it (the VM has run): VCPU_INIT is DENIED and
+    // changes nothing, so the vCPU stays failed until VM_DESTROY.
+    expect(
+        func::VCPU_INIT,
+        [g.handle, 0, IPA, 0x10],
+        status::DENIED,
+        "VCPU_INIT of a VM that has run",
+    )?;
+    let (reason, d) = g.run()?;
     ensure_eq!(
-        g.op(Op::Read, IPA, 0, 0)?.0 & 0xffff_ffff,
-        {
-            let w: u32 =
-                u32::from_le_bytes([payload()[0], payload()[1], payload()[2], payload()[3]]);
-            u64::from(w)
-        },
-        "first word of the guest after VCPU_INIT"
+        (reason, d[0]),
+        (exit::FAULT, esr),
+        "VCPU_RUN after the refused VCPU_INIT"
     );
     g.teardown()
 }

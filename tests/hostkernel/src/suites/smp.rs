@@ -154,7 +154,7 @@ fn psci_version_and_features(_: &BootInfo) -> TestResult {
     let version = smp::psci_call(psci::VERSION, 0, 0, 0);
     ensure_eq!(version, PSCI_VERSION_1_1, "PSCI VERSION");
     // (function, FEATURES answer): QEMU's PSCI 1.1 offers these...
-    let cases: [(u64, i64); 9] = [
+    let cases: [(u64, i64); 10] = [
         (psci::VERSION, psci::SUCCESS),
         (psci::CPU_ON, psci::SUCCESS),
         (psci::CPU_OFF, psci::SUCCESS),
@@ -166,7 +166,24 @@ fn psci_version_and_features(_: &BootInfo) -> TestResult {
         // run before keel's after a resume), nor an unknown function.
         (psci::SYSTEM_SUSPEND, psci::NOT_SUPPORTED),
         (0x8400_00ff, psci::NOT_SUPPORTED),
+        // CPU_DEFAULT_SUSPEND takes an entry point keel would never see.
+        (0xC400_000C, psci::NOT_SUPPORTED),
     ];
+    // keel relays PSCI through an allow-list: what it passes on reaches
+    // QEMU (MIGRATE_INFO_TYPE: 2, no Trusted OS to migrate), what it
+    // refuses does not (CPU_DEFAULT_SUSPEND, CPU_FREEZE, MEM_PROTECT).
+    ensure_eq!(
+        smp::psci_call(0x8400_0006, 0, 0, 0),
+        2,
+        "PSCI MIGRATE_INFO_TYPE"
+    );
+    for fid in [0xC400_000C, 0x8400_000B, 0x8400_0013] {
+        ensure_eq!(
+            smp::psci_call(fid, 0, 0, 0),
+            psci::NOT_SUPPORTED,
+            "a PSCI call keel does not relay"
+        );
+    }
     for (fid, want) in cases {
         let got = smp::psci_call(psci::FEATURES, fid, 0, 0);
         ensure!(
