@@ -7,12 +7,22 @@ pub const CPU_SUSPEND: u32 = 0xC400_0001;
 pub const CPU_OFF: u32 = 0x8400_0002;
 pub const CPU_ON_32: u32 = 0x8400_0003;
 pub const CPU_ON: u32 = 0xC400_0003;
+pub const AFFINITY_INFO_32: u32 = 0x8400_0004;
 pub const AFFINITY_INFO: u32 = 0xC400_0004;
 pub const SYSTEM_OFF: u32 = 0x8400_0008;
 pub const SYSTEM_RESET: u32 = 0x8400_0009;
 pub const FEATURES: u32 = 0x8400_000A;
-pub const DENIED: i64 = -3;
+
+pub const SUCCESS: i64 = 0;
 pub const NOT_SUPPORTED: i64 = -1;
+pub const INVALID_PARAMETERS: i64 = -2;
+pub const DENIED: i64 = -3;
+pub const ALREADY_ON: i64 = -4;
+pub const INVALID_ADDRESS: i64 = -9;
+
+/// AFFINITY_INFO's answers.
+pub const AFFINITY_ON: u64 = 0;
+pub const AFFINITY_OFF: u64 = 1;
 
 /// What keel does with a host SMC whose function ID is `fid`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,10 +60,11 @@ pub fn host_relay(fid: u32, arg1: u64) -> Relay {
     match fid {
         CPU_ON | CPU_ON_32 => Relay::CpuOn,
         CPU_SUSPEND | CPU_SUSPEND_32 => Relay::CpuSuspend,
-        FEATURES => match u32::try_from(arg1) {
-            Ok(asked) if is_psci(asked) && host_relay(asked, 0) == Relay::Refuse => Relay::Refuse,
-            _ => Relay::Forward,
-        },
+        // PSCI_FEATURES takes the function it asks about in w1.
+        FEATURES if is_psci(arg1 as u32) && host_relay(arg1 as u32, 0) == Relay::Refuse => {
+            Relay::Refuse
+        }
+        FEATURES => Relay::Forward,
         // VERSION, CPU_OFF, AFFINITY_INFO, MIGRATE, MIGRATE_INFO_TYPE,
         // MIGRATE_INFO_UP_CPU, SYSTEM_OFF, SYSTEM_RESET,
         // SET_SUSPEND_MODE, SYSTEM_RESET2 (SMC32 and SMC64 forms).
@@ -128,7 +139,7 @@ mod tests {
 
     #[test]
     fn features_refuses_what_the_relay_refuses() {
-        for asked in [0x8400_000Eu64, 0xC400_000C, 0x8400_0013] {
+        for asked in [0x8400_000Eu64, 0xC400_000C, 0x8400_0013, 0x1_8400_000E] {
             assert_eq!(host_relay(FEATURES, asked), Relay::Refuse, "{asked:#x}");
         }
         for asked in [
@@ -136,7 +147,7 @@ mod tests {
             u64::from(CPU_SUSPEND),
             u64::from(VERSION),
             0x8000_0000,
-            0x1_8400_000E,
+            0x1_8400_0000,
         ] {
             assert_eq!(host_relay(FEATURES, asked), Relay::Forward, "{asked:#x}");
         }

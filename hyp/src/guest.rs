@@ -4,13 +4,14 @@
 
 use keel_abi::{exit, func, status};
 use keel_arch::esr::{ec, Esr};
+use keel_arch::psci;
 use keel_mm::TlbMaintenance;
 
 use crate::host::Hyp;
 use crate::hvc::{self, Call, Return};
 use crate::mem::{CallError, HypMmu};
 use crate::sysreg::{self, SysregAccess};
-use crate::vm::{Pending, Slot, Vcpu, VcpuState, VmOps};
+use crate::vm::{Pending, Slot, Vcpu, VcpuState, VmOps, GUEST_IPA_BITS};
 
 /// What trapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,15 +45,6 @@ pub enum Action {
     Undefined(u64),
 }
 
-/// PSCI function IDs a guest may use.
-mod psci {
-    pub const VERSION: u32 = 0x8400_0000;
-    pub const FEATURES: u32 = 0x8400_000A;
-    pub const SYSTEM_OFF: u32 = 0x8400_0008;
-    pub const SYSTEM_RESET: u32 = 0x8400_0009;
-    pub const NOT_SUPPORTED: i64 = -1;
-}
-
 /// DC ISW, DC CSW, DC CISW: a trapped system instruction (EC 0x18) with
 /// Op0 = 1, Op1 = 0, CRn = 7, CRm = 6/10/14, Op2 = 2.
 fn is_set_way_maintenance(esr: u64) -> bool {
@@ -67,18 +59,36 @@ fn is_set_way_maintenance(esr: u64) -> bool {
     op0 == 1 && op1 == 0 && crn == 7 && op2 == 2 && matches!(crm, 6 | 10 | 14)
 }
 
-/// PSCI function IDs (SMC32 0x8400_00xx, SMC64 0xC400_00xx).
-fn is_psci(id: u64) -> bool {
-    u32::try_from(id).is_ok_and(keel_arch::psci::is_psci)
+/// Calls keel answers itself, whatever the conduit: SMCCC fast calls (w0,
+/// bit 31) owned by the Arm architecture (owner 0: SMCCC_VERSION,
+/// SMCCC_ARCH_FEATURES, the workaround calls) or by the standard secure
+/// services (owner 4: PSCI, TRNG, SDEI, ...). A host answering those could
+/// steer a protected guest (the entropy it seeds its RNG with, its view of
+/// the firmware); the ones keel does not offer are NOT_SUPPORTED.
+fn keel_answers(id: u64) -> bool {
+    let w0 = id as u32;
+    w0 >> 31 == 1 && matches!((w0 >> 24) & 0x3f, 0 | 4)
 }
 
 /// SMCCC_VERSION and SMCCC_ARCH_FEATURES: what a guest asks of the conduit
-/// itself, answered by keel (the conduit's owner), not by the host.
+/// itself.
 const SMCCC_VERSION: u32 = 0x8000_0000;
 const SMCCC_ARCH_FEATURES: u32 = 0x8000_0001;
 /// SMCCC 1.1: the version whose HVC conduit (results in x0..x3, x4..x17
 /// kept) keel's guest calls follow.
 const SMCCC_1_1: u64 = 0x1_0001;
+
+/// The index of the vCPU with MPIDR affinity `mpidr` in a VM of `nr`
+/// vCPUs (vCPU i has Aff0 = i and the other affinity fields 0), for PSCI
+/// call `fid` (an SMC32 call passes 32 bits).
+fn target_index(nr: usize, mpidr: u64, fid: u32) -> Option<usize> {
+    let mpidr = if fid & 0x4000_0000 == 0 {
+        mpidr & 0xffff_ffff
+    } else {
+        mpidr
+    };
+    usize::try_from(mpidr).ok().filter(|&i| i < nr)
+}
 
 fn set_status(x: &mut [u64; 31], r: Result<(), CallError>) {
     x[0] = match r {
@@ -126,7 +136,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             ec::SMC64 => {
                 // A trapped SMC returns to itself: step over it.
                 vcpu.pc += 4;
-                self.guest_psci(slot, x)
+                self.guest_psci(slot, vcpu, x)
             }
             ec::DABT_LOWER => self.guest_data_abort(vcpu, x, trap),
             ec::SYSREG if is_set_way_maintenance(trap.esr) => {
@@ -183,9 +193,10 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 x[0] = status::INVALID_PARAMETER as u64;
                 return Action::Resume;
             }
+            // x1..x3 are 0 on return, as pKVM returns them.
             func::HYP_MEMINFO => {
                 self.stats.count_hypercall();
-                Return::raw(&[keel_abi::GRANULE]).apply(x);
+                Return::raw(&[keel_abi::GRANULE, 0, 0, 0]).apply(x);
                 return Action::Resume;
             }
             func::MEM_SHARE => VmOps::guest_share,
@@ -196,13 +207,9 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 return Action::Resume;
             }
             // PSCI through HVC, the conduit pKVM and KVM guests are given,
-            // and SMCCC's own calls about that conduit.
-            id if is_psci(id)
-                || id == u64::from(SMCCC_VERSION)
-                || id == u64::from(SMCCC_ARCH_FEATURES) =>
-            {
-                return self.guest_psci(slot, x)
-            }
+            // SMCCC's own calls about that conduit, and the other standard
+            // secure services.
+            id if keel_answers(id) => return self.guest_psci(slot, vcpu, x),
             id => {
                 vcpu.pending = Pending::Hypercall;
                 return Action::Exit([exit::HYPERCALL, id, x[1], x[2]]);
@@ -228,9 +235,9 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         Action::Resume
     }
 
-    /// A guest's PSCI call (through HVC or SMC), or SMCCC_VERSION and
-    /// SMCCC_ARCH_FEATURES.
-    fn guest_psci(&self, slot: usize, x: &mut [u64; 31]) -> Action {
+    /// A guest's PSCI call (through HVC or SMC), SMCCC_VERSION and
+    /// SMCCC_ARCH_FEATURES, or another call `keel_answers` (NOT_SUPPORTED).
+    fn guest_psci(&self, slot: usize, vcpu: &mut Vcpu, x: &mut [u64; 31]) -> Action {
         // SMCCC passes function IDs in w0 (and PSCI_FEATURES its argument
         // in w1).
         let fid = x[0] as u32;
@@ -252,6 +259,32 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 }
                 Action::Exit([exit::SYSTEM_OFF, how, 0, 0])
             }
+            psci::CPU_ON | psci::CPU_ON_32 => self.guest_cpu_on(slot, vcpu, x),
+            psci::CPU_OFF => {
+                // Off once this run ends (the host's run of it returns);
+                // the host learns it from the exit, whose completion value
+                // goes nowhere.
+                vcpu.pending = Pending::Off;
+                Action::Exit([exit::HYPERCALL, u64::from(fid), x[1], x[2]])
+            }
+            // x1 target MPIDR, x2 lowest affinity level (0: one vCPU).
+            psci::AFFINITY_INFO | psci::AFFINITY_INFO_32 => {
+                let vms = self.vms.lock();
+                let Slot::Used(vm) = &vms.slots[slot] else {
+                    x[0] = psci::INVALID_PARAMETERS as u64;
+                    return Action::Resume;
+                };
+                x[0] = match (target_index(vm.nr_vcpus, x[1], fid), x[2]) {
+                    (Some(t), 0) if core::ptr::eq(&vm.vcpus[t], vcpu) => psci::AFFINITY_ON,
+                    // A vCPU turning itself off is on until its run ends.
+                    (Some(t), 0) => match vm.vcpus[t].state {
+                        VcpuState::Uninit => psci::AFFINITY_OFF,
+                        _ => psci::AFFINITY_ON,
+                    },
+                    _ => psci::INVALID_PARAMETERS as u64,
+                };
+                Action::Resume
+            }
             psci::VERSION => {
                 x[0] = 0x1_0000;
                 Action::Resume
@@ -260,6 +293,11 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 let known = [
                     psci::VERSION,
                     psci::FEATURES,
+                    psci::CPU_ON,
+                    psci::CPU_ON_32,
+                    psci::CPU_OFF,
+                    psci::AFFINITY_INFO,
+                    psci::AFFINITY_INFO_32,
                     psci::SYSTEM_OFF,
                     psci::SYSTEM_RESET,
                 ];
@@ -276,6 +314,46 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 Action::Resume
             }
         }
+    }
+
+    /// PSCI CPU_ON from a guest (x1 target MPIDR, x2 entry IPA, x3 context
+    /// ID): an off vCPU of its VM becomes ready to start at the entry, EL1h
+    /// with its MMU off and x0 = the context ID, as VCPU_INIT would set it
+    /// (the guest chooses, not the host). Refused in place: a target that
+    /// is not a vCPU of the VM (INVALID_PARAMETERS), one that is on
+    /// (ALREADY_ON), an entry outside the IPA space or not 4-byte aligned
+    /// (INVALID_ADDRESS). Done: a HYPERCALL exit tells the host (x2 the
+    /// function, x3 the target, x4 the entry) so that it runs the vCPU;
+    /// the completion value is the guest's x0, and a host that started it
+    /// passes 0 (SUCCESS).
+    fn guest_cpu_on(&self, slot: usize, vcpu: &mut Vcpu, x: &mut [u64; 31]) -> Action {
+        let fid = x[0] as u32;
+        let (target, mut entry, context) = (x[1], x[2], x[3]);
+        if fid == psci::CPU_ON_32 {
+            entry &= 0xffff_ffff;
+        }
+        let mut vms = self.vms.lock();
+        let status = match &mut vms.slots[slot] {
+            Slot::Used(vm) => match target_index(vm.nr_vcpus, target, fid) {
+                None => psci::INVALID_PARAMETERS,
+                Some(t) if core::ptr::eq(&vm.vcpus[t], vcpu) => psci::ALREADY_ON,
+                Some(_) if !entry.is_multiple_of(4) || entry >= 1 << GUEST_IPA_BITS => {
+                    psci::INVALID_ADDRESS
+                }
+                Some(t) if vm.vcpus[t].state != VcpuState::Uninit => psci::ALREADY_ON,
+                Some(t) => {
+                    vm.vcpus[t] = Vcpu::start_at(entry, context);
+                    psci::SUCCESS
+                }
+            },
+            Slot::Free => psci::INVALID_PARAMETERS,
+        };
+        if status != psci::SUCCESS {
+            x[0] = status as u64;
+            return Action::Resume;
+        }
+        vcpu.pending = Pending::Hypercall;
+        Action::Exit([exit::HYPERCALL, u64::from(fid), target, entry])
     }
 
     /// A stage-2 fault on an IPA the guest has no memory at is an MMIO

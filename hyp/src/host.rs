@@ -10,7 +10,7 @@ use crate::hvc::{self, Call, Caller, Limits, Return};
 use crate::mem::{CallError, Guests, HypMmu, Memory};
 use crate::stats::Stats;
 use crate::sysreg::GuestIdRegs;
-use crate::vm::{GuestTlb, Slot, Vcpu, VcpuState, VmOps, Vms, MAX_VCPUS, MAX_VMS};
+use crate::vm::{GuestTlb, Pending, Slot, Vcpu, VcpuState, VmOps, Vms, MAX_VCPUS, MAX_VMS};
 
 /// Everything the hypervisor keeps.
 pub struct Hyp<T: TlbMaintenance, M: HypMmu, G: GuestTlb> {
@@ -238,7 +238,10 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
         // SAFETY: the ticket's vCPU lives in the static VM table, and only
         // the holder of the ticket touches it while it is Running.
         let vcpu = unsafe { &mut *ticket.vcpu };
-        if vcpu.state == VcpuState::Running {
+        if vcpu.pending == Pending::Off {
+            // The guest's CPU_OFF: nothing of the vCPU is kept.
+            *vcpu = Vcpu::new();
+        } else if vcpu.state == VcpuState::Running {
             vcpu.state = VcpuState::Ready;
         }
     }

@@ -38,7 +38,9 @@ pub struct Fp {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VcpuState {
-    /// Never initialized (VCPU_INIT).
+    /// Off: never started (by VCPU_INIT, or the guest's PSCI CPU_ON), or
+    /// turned off by the guest (CPU_OFF). VCPU_RUN refuses it; a guest's
+    /// CPU_ON starts it.
     Uninit,
     Ready,
     /// Inside VCPU_RUN on some CPU.
@@ -61,6 +63,9 @@ pub enum Pending {
     },
     /// A HYPERCALL exit: the value goes to the guest's x0.
     Hypercall,
+    /// The guest turned this vCPU off (PSCI CPU_OFF): it is off from the
+    /// end of this run (end_run), when nothing on this CPU uses it any more.
+    Off,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -91,10 +96,23 @@ impl Vcpu {
         }
     }
 
+    /// A vCPU that starts at `entry` (EL1h, MMU off) with `x0`, every other
+    /// register at its reset value: what VCPU_INIT and a guest's PSCI
+    /// CPU_ON make.
+    pub fn start_at(entry: u64, x0: u64) -> Self {
+        let mut v = Vcpu::new();
+        v.x[0] = x0;
+        v.pc = entry;
+        v.pstate = PSTATE_EL1H;
+        v.el1[0] = SCTLR_EL1_RESET;
+        v.state = VcpuState::Ready;
+        v
+    }
+
     /// Applies the completion value of the previous exit.
     pub fn complete(&mut self, value: u64) {
         match self.pending {
-            Pending::None => {}
+            Pending::None | Pending::Off => {}
             Pending::Hypercall => self.x[0] = value,
             Pending::Mmio {
                 read,
@@ -434,13 +452,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         if vm.started {
             return Err(CallError::Denied);
         }
-        let vcpu = &mut vm.vcpus[index as usize];
-        *vcpu = Vcpu::new();
-        vcpu.x[0] = x0;
-        vcpu.pc = entry;
-        vcpu.pstate = PSTATE_EL1H;
-        vcpu.el1[0] = SCTLR_EL1_RESET;
-        vcpu.state = VcpuState::Ready;
+        vm.vcpus[index as usize] = Vcpu::start_at(entry, x0);
         Ok(())
     }
 

@@ -849,6 +849,32 @@ fn smccc_discovery_as_a_pkvm_guest_sees_it() {
             "SMCCC_ARCH_FEATURES(ARCH_WORKAROUND_1)"
         );
     }
+    // Function IDs are w0: the upper half of x0 is not looked at.
+    let (a, x) = call(&[0x1_8000_0000], ESR_HVC);
+    assert_eq!(
+        (a, x[0]),
+        (Action::Resume, 0x1_0001),
+        "SMCCC_VERSION, x0[63:32] set"
+    );
+    // The other standard secure services and architecture calls stay in
+    // keel (the host must not seed a guest's entropy, say): TRNG_VERSION,
+    // TRNG_RND64, SDEI_VERSION, ARCH_WORKAROUND_1, SOC_ID.
+    for id in [
+        0x8400_0050,
+        0xC400_0053,
+        0xC400_0020,
+        0x8000_8000,
+        0x8000_0002,
+    ] {
+        for esr in [ESR_HVC, ESR_SMC] {
+            let (a, x) = call(&[id], esr);
+            assert_eq!(
+                (a, x[0]),
+                (Action::Resume, NOT_SUPPORTED as u64),
+                "{id:#x} {esr:#x}"
+            );
+        }
+    }
     // FEATURES: x0..x3 are the bitmap (functions 0..127); x4.. are kept.
     let (_, x) = call(&[func::FEATURES, 7, 7, 7], ESR_HVC);
     assert_eq!(x[..4], [keel_abi::FEATURES_BITMAP, 0, 0, 0]);
@@ -860,14 +886,126 @@ fn smccc_discovery_as_a_pkvm_guest_sees_it() {
         (0, 1, INVALID as u64),
         (u64::MAX, u64::MAX, INVALID as u64),
     ] {
-        let (a, x) = call(&[func::HYP_MEMINFO, x1, x2], ESR_HVC);
+        let (a, x) = call(&[func::HYP_MEMINFO, x1, x2, 9], ESR_HVC);
         assert_eq!(
             (a, x[0]),
             (Action::Resume, want),
             "HYP_MEMINFO({x1:#x}, {x2:#x})"
         );
+        if want == 4096 {
+            assert_eq!(x[1..4], [0; 3], "HYP_MEMINFO: x1..x3 = 0, as pKVM");
+        }
     }
     m.hyp.end_run(&t);
+    // Other owners' calls (the standard hypervisor services, SiP) and
+    // yielding calls are the host's to answer.
+    for id in [0xC500_0020u64, 0xC200_0001, 0x0400_0050] {
+        let (t, v) = m.run(h, 0);
+        v.x[..3].copy_from_slice(&[id, 1, 2]);
+        let a = m.trap(h, v, ESR_HVC, 0, 0);
+        assert_eq!(a, Action::Exit([exit::HYPERCALL, id, 1, 2]), "{id:#x}");
+        m.hyp.end_run(&t);
+    }
+}
+
+/// PSCI CPU_ON, CPU_OFF and AFFINITY_INFO from a guest: the guest (not
+/// the host) starts its other vCPUs, at entries it chooses.
+#[test]
+fn guest_psci_starts_and_stops_its_vcpus() {
+    const CPU_ON: u64 = 0xC400_0003;
+    const CPU_OFF: u64 = 0x8400_0002;
+    const AFFINITY_INFO: u64 = 0xC400_0004;
+    const FEATURES: u64 = 0x8400_000A;
+    const INVALID_PARAMETERS: u64 = -2i64 as u64;
+    const ALREADY_ON: u64 = -4i64 as u64;
+    const INVALID_ADDRESS: u64 = -9i64 as u64;
+    let m = Machine::small();
+    let h = m.create(3);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x1000, 0]), OK);
+    let (t, v) = m.run(h, 0);
+    let call = |v: &mut Vcpu, regs: &[u64]| {
+        v.x[..4].copy_from_slice(&[0; 4]);
+        v.x[..regs.len()].copy_from_slice(regs);
+        let a = m.trap(h, v, ESR_HVC, 0, 0);
+        (a, v.x[0])
+    };
+    for fid in [CPU_ON, CPU_OFF, AFFINITY_INFO] {
+        assert_eq!(call(v, &[FEATURES, fid]).1, 0, "PSCI_FEATURES({fid:#x})");
+    }
+    assert_eq!(call(v, &[AFFINITY_INFO, 0]).1, 0, "vCPU 0 is on");
+    assert_eq!(call(v, &[AFFINITY_INFO, 1]).1, 1, "vCPU 1 is off");
+    assert_eq!(call(v, &[AFFINITY_INFO, 3]).1, INVALID_PARAMETERS);
+    assert_eq!(
+        call(v, &[AFFINITY_INFO, 1, 1]).1,
+        INVALID_PARAMETERS,
+        "level 1"
+    );
+    // Refused in place, nothing changes: no such vCPU, the caller itself, a
+    // bad entry.
+    for (regs, want) in [
+        ([CPU_ON, 3, 0x2000, 0], INVALID_PARAMETERS),
+        ([CPU_ON, 1 << 31 | 1, 0x2000, 0], INVALID_PARAMETERS),
+        ([CPU_ON, 0, 0x2000, 0], ALREADY_ON),
+        ([CPU_ON, 1, 0x2002, 0], INVALID_ADDRESS),
+        ([CPU_ON, 1, 1 << 39, 0], INVALID_ADDRESS),
+    ] {
+        assert_eq!(call(v, &regs), (Action::Resume, want), "{regs:x?}");
+    }
+    assert_eq!(call(v, &[AFFINITY_INFO, 1]).1, 1, "still off");
+    assert_eq!(
+        m.hyp.begin_run(h, 1, 0).err(),
+        Some(Return::status(INVALID)),
+        "an off vCPU does not run"
+    );
+    // CPU_ON: the host hears of it (a HYPERCALL exit), and the vCPU starts
+    // where the guest said, with its context ID in x0.
+    assert_eq!(
+        call(v, &[CPU_ON, 1, 0x2000, 0x55]).0,
+        Action::Exit([exit::HYPERCALL, CPU_ON, 1, 0x2000])
+    );
+    m.hyp.end_run(&t);
+    let (t, v) = m.run(h, 0);
+    assert_eq!(v.x[0], 0, "the host's completion: SUCCESS");
+    assert_eq!(call(v, &[CPU_ON, 1, 0x3000, 0]).1, ALREADY_ON);
+    assert_eq!(call(v, &[AFFINITY_INFO, 1]).1, 0, "vCPU 1 is on");
+    let t1 = m.hyp.begin_run(h, 1, 0xdead).expect("vCPU 1 runs");
+    // SAFETY: Running: the ticket's vCPU is ours until end_run.
+    let v1 = unsafe { &mut *t1.vcpu };
+    assert_eq!((v1.pc, v1.x[0], v1.pstate), (0x2000, 0x55, 0x3c5));
+    assert_eq!(v1.x[1..], [0; 30]);
+    // Running elsewhere: still ALREADY_ON.
+    assert_eq!(call(v, &[CPU_ON, 1, 0x3000, 0]).1, ALREADY_ON);
+    // CPU_OFF: on until its run ends, then off; the host may not run it.
+    assert_eq!(
+        call(v1, &[CPU_OFF]).0,
+        Action::Exit([exit::HYPERCALL, CPU_OFF, 0, 0])
+    );
+    assert_eq!(call(v, &[AFFINITY_INFO, 1]).1, 0, "on until the run ends");
+    m.hyp.end_run(&t1);
+    assert_eq!(call(v, &[AFFINITY_INFO, 1]).1, 1, "off");
+    assert_eq!(
+        m.hyp.begin_run(h, 1, 0).err(),
+        Some(Return::status(INVALID))
+    );
+    // And on again, afresh: nothing of its last life is kept.
+    assert_eq!(
+        call(v, &[CPU_ON, 1, 0x4000, 0x66]).0,
+        Action::Exit([exit::HYPERCALL, CPU_ON, 1, 0x4000])
+    );
+    m.hyp.end_run(&t);
+    let t1 = m.hyp.begin_run(h, 1, 0).expect("vCPU 1 again");
+    // SAFETY: as above.
+    let v1 = unsafe { &mut *t1.vcpu };
+    assert_eq!((v1.pc, v1.x[0]), (0x4000, 0x66));
+    assert_eq!(v1.x[1..], [0; 30]);
+    m.hyp.end_run(&t1);
+    // The host still cannot set registers (the VM has run), and vCPU 2
+    // stays off until the guest starts it.
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 2, 0x1000, 0]), DENIED);
+    assert_eq!(
+        m.hyp.begin_run(h, 2, 0).err(),
+        Some(Return::status(INVALID))
+    );
 }
 
 /// Once any vCPU of a VM has entered the guest, the host can no longer set

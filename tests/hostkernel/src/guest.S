@@ -76,10 +76,11 @@ keel_guest_start:
     bl      99f
     b       1b
 
-10: /* HVC: x0 = a1, x1 = a2, x2 = a3; report (x0, x1) */
+10: /* HVC: x0 = a1, x1 = a2, x2 = a3, x3 = a3; report (x0, x1) */
     mov     x0, x11
     mov     x1, x12
     mov     x2, x13
+    mov     x3, x13
     hvc     #0
     mov     x2, x1
     mov     x1, x0

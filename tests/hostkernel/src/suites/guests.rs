@@ -91,6 +91,10 @@ pub static SUITE: Suite = Suite {
             run: fault_stays_failed,
         },
         Test {
+            name: "guest_starts_its_vcpus",
+            run: guest_starts_its_vcpus,
+        },
+        Test {
             name: "back_to_boot_state",
             run: back_to_boot_state,
         },
@@ -314,13 +318,16 @@ pub enum Event {
     Exit(u64, [u64; 3]),
 }
 
-/// One VM with one vCPU running guest.S over `pages` pages from `pa`,
-/// donated at `ipa`.
+/// One VM running guest.S over `pages` pages from `pa`, donated at `ipa`,
+/// with one vCPU (or more: `create_smp`).
 pub struct Guest {
     pub handle: u64,
     pub ipa: u64,
     pub pa: u64,
     pub pages: u64,
+    /// The vCPU that `run` (and so every command) runs: 0 unless a test
+    /// switches it.
+    pub vcpu: u64,
     completion: u64,
     cmd: [u64; 4],
     pub console: [u8; 64],
@@ -370,6 +377,11 @@ impl Guest {
 
     /// As `new`, without running the guest.
     pub fn create(pa: u64, ipa: u64, pages: u64) -> Result<Guest, Failure> {
+        Self::create_smp(pa, ipa, pages, 1)
+    }
+
+    /// As `create`, with `vcpus` vCPUs.
+    pub fn create_smp(pa: u64, ipa: u64, pages: u64, vcpus: u64) -> Result<Guest, Failure> {
         let (o, s, _) = host_view(pa)?;
         ensure!(
             o == owner::HOST && s == 0,
@@ -387,12 +399,13 @@ impl Guest {
             payload().len()
         );
         copy_payload(pa);
-        let handle = ok(func::VM_CREATE, [1, 0, 0, 0], "VM_CREATE")?.0[1];
+        let handle = ok(func::VM_CREATE, [vcpus, 0, 0, 0], "VM_CREATE")?.0[1];
         let g = Guest {
             handle,
             ipa,
             pa,
             pages,
+            vcpu: 0,
             completion: 0,
             cmd: [0; 4],
             console: [0; 64],
@@ -431,7 +444,7 @@ impl Guest {
     /// One VCPU_RUN with the pending completion.
     pub fn run(&mut self) -> Result<(u64, [u64; 3]), Failure> {
         let c = core::mem::take(&mut self.completion);
-        let r = ok(func::VCPU_RUN, [self.handle, 0, c, 0], "VCPU_RUN")?.0;
+        let r = ok(func::VCPU_RUN, [self.handle, self.vcpu, c, 0], "VCPU_RUN")?.0;
         Ok((r[1], [r[2], r[3], r[4]]))
     }
 
@@ -795,7 +808,8 @@ fn discovery_and_psci(_: &BootInfo) -> TestResult {
         (0x8400_0008u64, 0i64),
         (0x8400_0009, 0),
         (0x8400_0000, 0),
-        (0xC400_0003, -1),
+        (0xC400_0003, 0),
+        (0xC400_0001, -1),
     ] {
         let (s, _) = g.op(Op::Smc, 0x8400_000A, fid, 0)?;
         ensure!(
@@ -808,8 +822,8 @@ fn discovery_and_psci(_: &BootInfo) -> TestResult {
     }
     ensure_eq!(
         g.op(Op::Smc, 0xC400_0003, 0, 0)?.0 as i64,
-        -1,
-        "PSCI CPU_ON from the guest"
+        -4,
+        "PSCI CPU_ON of the calling vCPU: ALREADY_ON"
     );
     // The guest has run: the host can no longer point its vCPU at code of
     // its choosing. The guest carries on where it was.
@@ -1767,6 +1781,92 @@ fn fault_stays_failed(_: &BootInfo) -> TestResult {
         "VCPU_RUN after the refused VCPU_INIT"
     );
     g.teardown()
+}
+
+/// PSCI CPU_ON, AFFINITY_INFO and CPU_OFF from a guest with two vCPUs: the
+/// host cannot start vCPU 1 (the VM has run), the guest can, at an entry
+/// and context of its choosing; the host hears of it through a HYPERCALL
+/// exit and runs it. A vCPU that turned itself off does not run until the
+/// guest starts it again.
+fn guest_starts_its_vcpus(_: &BootInfo) -> TestResult {
+    const CPU_ON: u64 = 0xC400_0003;
+    const CPU_OFF: u64 = 0x8400_0002;
+    const AFFINITY_INFO: u64 = 0xC400_0004;
+    let before = pool_now()?;
+    let mut g = Guest::create_smp(slot(13), IPA, 16, 2)?.start(0x10)?;
+    let vcpu_run = |g: &Guest, vcpu: u64| hc(func::VCPU_RUN, [g.handle, vcpu, 0, 0]);
+    expect(
+        func::VCPU_INIT,
+        [g.handle, 1, IPA, 0],
+        status::DENIED,
+        "VCPU_INIT of vCPU 1 once vCPU 0 has run",
+    )?;
+    ensure_eq!(
+        vcpu_run(&g, 1)?.status(),
+        status::INVALID_PARAMETER,
+        "VCPU_RUN of vCPU 1, off"
+    );
+    ensure_eq!(g.call(AFFINITY_INFO, 1, 0)?.0, 1, "AFFINITY_INFO(1): off");
+    // CPU_ON(1, entry = the payload, context = the entry: guest.S passes
+    // a3 in x2 and x3).
+    match g.post(Op::Hvc, CPU_ON, 1, IPA)? {
+        Event::Exit(exit::HYPERCALL, d) => ensure_eq!(d, [CPU_ON, 1, IPA], "the CPU_ON exit"),
+        e => fail!("CPU_ON from vCPU 0: {:x?}", e),
+    }
+    // vCPU 1 starts at the payload with x0 = the context: its hello.
+    g.vcpu = 1;
+    match g.serve()? {
+        Event::Report(a, HELLO) if a == IPA => {}
+        e => fail!(
+            "vCPU 1 after CPU_ON: expected its hello with x0 = {:#x}, got {:x?}",
+            IPA,
+            e
+        ),
+    }
+    ensure_eq!(
+        g.call(AFFINITY_INFO, 0, 0)?.0,
+        0,
+        "AFFINITY_INFO(0) from vCPU 1"
+    );
+    ensure_eq!(
+        g.call(CPU_ON, 0, IPA)?.0,
+        -4,
+        "CPU_ON of vCPU 0 (on) from vCPU 1"
+    );
+    // vCPU 1 turns itself off.
+    match g.post(Op::Hvc, CPU_OFF, 0, 0)? {
+        Event::Exit(exit::HYPERCALL, [CPU_OFF, ..]) => {}
+        e => fail!("CPU_OFF from vCPU 1: {:x?}", e),
+    }
+    ensure_eq!(
+        vcpu_run(&g, 1)?.status(),
+        status::INVALID_PARAMETER,
+        "VCPU_RUN of vCPU 1 after its CPU_OFF"
+    );
+    // vCPU 0 carries on from its CPU_ON with the host's SUCCESS.
+    g.vcpu = 0;
+    match g.complete(0)? {
+        Event::Report(0, _) => {}
+        e => fail!("vCPU 0 after its CPU_ON exit: {:x?}", e),
+    }
+    ensure_eq!(
+        g.call(AFFINITY_INFO, 1, 0)?.0,
+        1,
+        "AFFINITY_INFO(1) after CPU_OFF"
+    );
+    ensure_eq!(
+        g.call(CPU_ON, 1, IPA + 2)?.0,
+        -9,
+        "CPU_ON with a misaligned entry"
+    );
+    ensure_eq!(
+        g.call(CPU_ON, 2, IPA)?.0,
+        -2,
+        "CPU_ON of a vCPU the VM lacks"
+    );
+    g.teardown()?;
+    ensure_eq!(pool_now()?, before, "table and free pool pages at the end");
+    Ok(())
 }
 
 fn back_to_boot_state(_: &BootInfo) -> TestResult {

@@ -177,6 +177,15 @@ fn psci_version_and_features(_: &BootInfo) -> TestResult {
         2,
         "PSCI MIGRATE_INFO_TYPE"
     );
+    // An SMC firmware does not know (SiP, OEM, an undefined PSCI ID): an
+    // SMCCC NOT_SUPPORTED for the host, and keel carries on.
+    for fid in [0xC200_0001, 0x8300_0000, 0x8400_001F] {
+        ensure_eq!(
+            smp::psci_call(fid, 0, 0, 0),
+            psci::NOT_SUPPORTED,
+            "an SMC firmware does not know"
+        );
+    }
     for fid in [0xC400_000C, 0x8400_000B, 0x8400_0013] {
         ensure_eq!(
             smp::psci_call(fid, 0, 0, 0),
