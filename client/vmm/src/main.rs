@@ -33,8 +33,9 @@ const REG_SECRET: u64 = 0x08;
 const REG_SHARED: u64 = 0x10;
 const REG_STATUS: u64 = 0x18;
 const PAGE: u64 = 4096;
-const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
-const PSCI_SYSTEM_RESET: u64 = 0x8400_0009;
+/// PSCI CPU_OFF: keel has turned the vCPU off and says so with a
+/// HYPERCALL exit.
+const PSCI_CPU_OFF: u64 = 0x8400_0002;
 const BLOCK_2M: u64 = 2 << 20;
 const MIB: u64 = 1 << 20;
 /// What the guest writes (guest.S): the VMM checks it finds exactly these.
@@ -154,11 +155,10 @@ fn run_vcpu(keel: &Keel, vm: u64, console: &mut Console, start: Instant) -> io::
                 }
                 // Reads of any register give 0.
             }
-            // keel answers PSCI on the SMC conduit; a guest using HVC for
-            // it reaches the VMM, which powers it off just the same.
-            exit::HYPERCALL if e.x2 == PSCI_SYSTEM_OFF || e.x2 == PSCI_SYSTEM_RESET => {
-                return Ok(Ended::Off)
-            }
+            // keel answers PSCI itself (SYSTEM_OFF is exit 1); the one
+            // vCPU turning itself off ends the guest too. (CPU_ON, the
+            // other PSCI exit, needs a second vCPU: keel refuses it here.)
+            exit::HYPERCALL if e.x2 == PSCI_CPU_OFF => return Ok(Ended::Off),
             exit::HYPERCALL => completion = keel_abi::status::NOT_SUPPORTED as u64,
             exit::IRQ => {}
             exit::SYSTEM_OFF => return Ok(Ended::Off),

@@ -760,6 +760,9 @@ fn discovery_and_psci(_: &BootInfo) -> TestResult {
         -1,
         "SMCCC_ARCH_FEATURES(ARCH_WORKAROUND_1)"
     );
+    // The standard secure services stay in keel: TRNG_VERSION is refused
+    // in place (no exit: the host cannot pose as the guest's TRNG).
+    ensure_eq!(g.call(0x8400_0050, 0, 0)?.0, -1, "TRNG_VERSION");
     // FEATURES: x0..x3 are one bitmap; the contract's functions are 0..31.
     let (f, f1) = g.call(func::FEATURES, 5, 5)?;
     ensure_eq!(
