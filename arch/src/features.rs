@@ -255,6 +255,28 @@ pub fn host_fgt(ids: &FgtIds) -> Fgt {
     }
 }
 
+/// Features whose EL1/EL0 registers a CPU may lack, and which keel then
+/// switches too: pointer authentication (FEAT_PAuth: its key registers) and
+/// SME (TPIDR2_EL0, which no trap covers on a CPU without FEAT_FGT).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExtFeatures {
+    pub pauth: bool,
+    pub sme: bool,
+}
+
+impl ExtFeatures {
+    /// From ID_AA64ISAR1_EL1 (APA, API, GPA, GPI), ID_AA64ISAR2_EL1 (GPA3,
+    /// APA3) and ID_AA64PFR1_EL1 (SME).
+    pub fn from_ids(isar1: u64, isar2: u64, pfr1: u64) -> Self {
+        let field = |v: u64, lsb: u32| (v >> lsb) & 0xf;
+        ExtFeatures {
+            pauth: [4, 8, 24, 28].iter().any(|&l| field(isar1, l) != 0)
+                || [8, 12].iter().any(|&l| field(isar2, l) != 0),
+            sme: field(pfr1, 24) != 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,5 +411,31 @@ mod tests {
             (hcrx::SCTLR2EN, hcrx::GCSEN, hcrx::ENFPM),
             (0x8000, 0x40_0000, 0x80_0000)
         );
+    }
+
+    #[test]
+    fn ext_features_are_pauth_fields_and_sme() {
+        let none = ExtFeatures::from_ids(0, 0, 0);
+        assert_eq!(none, ExtFeatures::default());
+        // ISAR1 APA [7:4], API [11:8], GPA [27:24], GPI [31:28]; ISAR2
+        // GPA3 [11:8], APA3 [15:12]: any of them means the keys exist.
+        for (isar1, isar2) in [
+            (1 << 4, 0),
+            (1 << 8, 0),
+            (1 << 24, 0),
+            (1 << 28, 0),
+            (0, 1 << 8),
+            (0, 1 << 12),
+        ] {
+            let f = ExtFeatures::from_ids(isar1, isar2, 0);
+            assert!(f.pauth && !f.sme, "{isar1:#x} {isar2:#x}");
+        }
+        // Neighbouring fields do not: ISAR1 DPB, JSCVT, FCMA, LRCPC; ISAR2
+        // WFxT, RPRES, MOPS.
+        let f = ExtFeatures::from_ids(0x00ff_f00f | 0xf << 12, 0xf00ff, 0);
+        assert!(!f.pauth);
+        // PFR1 SME [27:24]; MTE [11:8] and SSBS [7:4] do not count.
+        assert!(ExtFeatures::from_ids(0, 0, 1 << 24).sme);
+        assert_eq!(ExtFeatures::from_ids(0, 0, 0xff0), none);
     }
 }

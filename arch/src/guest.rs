@@ -8,6 +8,7 @@
 //! which restores the saved registers and stack pointer and returns from
 //! `enter` with the exit code. The stack between the two is simply dropped.
 
+use crate::features::ExtFeatures;
 use crate::TrapFrame;
 
 /// The EL1 (and EL0) system registers switched between host and guest.
@@ -76,6 +77,81 @@ el1_regs! {
     23 CNTV_CTL "cntv_ctl_el0",
     24 CNTV_CVAL "cntv_cval_el0",
     25 MDSCR "mdscr_el1",
+}
+
+/// The pointer-authentication keys (APIA, APIB, APDA, APDB, APGA; Lo then
+/// Hi) and TPIDR2_EL0: switched between host and guest where the CPU has
+/// them ([`ExtFeatures`]), or a guest would read the host's keys (and forge
+/// its pointers) and leave its own for the host to run with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExtRegs {
+    /// The ten key halves, then TPIDR2_EL0.
+    pub r: [u64; EXT_REGS],
+}
+
+/// Registers in [`ExtRegs::r`].
+pub const EXT_REGS: usize = 11;
+const TPIDR2: usize = 10;
+
+macro_rules! key_regs {
+    ($m:ident, $($i:literal $reg:literal),*) => {
+        $( $m!($i, $reg); )*
+    };
+}
+
+impl ExtRegs {
+    /// Reads the live registers of the features `has` names (the others
+    /// stay 0).
+    pub fn save(has: ExtFeatures) -> Self {
+        let mut s = ExtRegs::default();
+        if has.pauth {
+            macro_rules! rd {
+                ($i:literal, $reg:literal) => {
+                    // SAFETY: reading a key register (FEAT_PAuth is
+                    // implemented) from EL2 has no side effects.
+                    unsafe { core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) s.r[$i], options(nomem, nostack, preserves_flags)) };
+                };
+            }
+            key_regs!(rd, 0 "s3_0_c2_c1_0", 1 "s3_0_c2_c1_1", 2 "s3_0_c2_c1_2", 3 "s3_0_c2_c1_3",
+                4 "s3_0_c2_c2_0", 5 "s3_0_c2_c2_1", 6 "s3_0_c2_c2_2", 7 "s3_0_c2_c2_3",
+                8 "s3_0_c2_c3_0", 9 "s3_0_c2_c3_1");
+        }
+        if has.sme {
+            // SAFETY: TPIDR2_EL0 exists (FEAT_SME); reading it has no side
+            // effects.
+            unsafe {
+                core::arch::asm!("mrs {}, s3_3_c13_c0_5", out(reg) s.r[TPIDR2], options(nomem, nostack, preserves_flags))
+            };
+        }
+        s
+    }
+
+    /// Writes the registers of the features `has` names back.
+    ///
+    /// # Safety
+    /// As [`El1Regs::restore`]: only while the EL1 they belong to is about
+    /// to run (keel itself signs no pointers and uses no SME).
+    pub unsafe fn restore(&self, has: ExtFeatures) {
+        if has.pauth {
+            macro_rules! wr {
+                ($i:literal, $reg:literal) => {
+                    // SAFETY: see the function's contract; the register
+                    // exists (FEAT_PAuth).
+                    unsafe { core::arch::asm!(concat!("msr ", $reg, ", {}"), in(reg) self.r[$i], options(nostack, preserves_flags)) };
+                };
+            }
+            key_regs!(wr, 0 "s3_0_c2_c1_0", 1 "s3_0_c2_c1_1", 2 "s3_0_c2_c1_2", 3 "s3_0_c2_c1_3",
+                4 "s3_0_c2_c2_0", 5 "s3_0_c2_c2_1", 6 "s3_0_c2_c2_2", 7 "s3_0_c2_c2_3",
+                8 "s3_0_c2_c3_0", 9 "s3_0_c2_c3_1");
+        }
+        if has.sme {
+            // SAFETY: see the function's contract; TPIDR2_EL0 exists.
+            unsafe {
+                core::arch::asm!("msr s3_3_c13_c0_5, {}", in(reg) self.r[TPIDR2], options(nostack, preserves_flags))
+            };
+        }
+    }
 }
 
 /// FP/SIMD registers: V0..V31, FPSR, FPCR.

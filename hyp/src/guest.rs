@@ -265,7 +265,8 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
                 // the host learns it from the exit, whose completion value
                 // goes nowhere.
                 vcpu.pending = Pending::Off;
-                Action::Exit([exit::HYPERCALL, u64::from(fid), x[1], x[2]])
+                // CPU_OFF takes no arguments: nothing else of the guest's.
+                Action::Exit([exit::HYPERCALL, u64::from(fid), 0, 0])
             }
             // x1 target MPIDR, x2 lowest affinity level (0: one vCPU).
             psci::AFFINITY_INFO | psci::AFFINITY_INFO_32 => {

@@ -22,6 +22,10 @@ pub const MAX_VCPUS: usize = 4;
 pub const GUEST_IPA_BITS: u8 = 39;
 /// How many EL1 system registers a vCPU keeps (arch::guest::El1Regs).
 pub const EL1_REGS: usize = 26;
+/// The registers of features a CPU may lack (keel_arch::guest::ExtRegs:
+/// the pointer-authentication keys and TPIDR2_EL0), switched where it has
+/// them.
+pub const EXT_REGS: usize = 11;
 /// PSTATE a vCPU starts with: EL1h, all of DAIF masked.
 pub const PSTATE_EL1H: u64 = 0x3c5;
 /// SCTLR_EL1 at vCPU reset: RES1 bits only (MMU and caches off).
@@ -74,6 +78,7 @@ pub struct Vcpu {
     pub pc: u64,
     pub pstate: u64,
     pub el1: [u64; EL1_REGS],
+    pub ext: [u64; EXT_REGS],
     pub fp: Fp,
     pub state: VcpuState,
     pub pending: Pending,
@@ -86,6 +91,7 @@ impl Vcpu {
             pc: 0,
             pstate: 0,
             el1: [0; EL1_REGS],
+            ext: [0; EXT_REGS],
             fp: Fp {
                 v: [0; 32],
                 fpsr: 0,

@@ -985,8 +985,9 @@ fn guest_psci_starts_and_stops_its_vcpus() {
     assert_eq!(call(v, &[CPU_ON, 1, 0x3000, 0]).1, ALREADY_ON);
     // CPU_OFF: on until its run ends, then off; the host may not run it.
     assert_eq!(
-        call(v1, &[CPU_OFF]).0,
-        Action::Exit([exit::HYPERCALL, CPU_OFF, 0, 0])
+        call(v1, &[CPU_OFF, 0x5ec, 0x5ec]).0,
+        Action::Exit([exit::HYPERCALL, CPU_OFF, 0, 0]),
+        "CPU_OFF: nothing of the guest's x1, x2 reaches the host"
     );
     assert_eq!(call(v, &[AFFINITY_INFO, 1]).1, 0, "on until the run ends");
     m.hyp.end_run(&t1);

@@ -9,7 +9,8 @@
 //! VCPU_RUN returns the exit to the host.
 
 use keel_arch::exception::kind;
-use keel_arch::guest::{self as world, el1, El1Regs, FpRegs, HostSave};
+use keel_arch::features::ExtFeatures;
+use keel_arch::guest::{self as world, el1, El1Regs, ExtRegs, FpRegs, HostSave};
 use keel_arch::{barrier, features, inject, sysreg, TrapFrame};
 use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::host::RunTicket;
@@ -71,6 +72,9 @@ struct GuestRun {
 /// What the host had in the registers a guest run changes.
 struct HostState {
     el1: El1Regs,
+    /// The CPU's optional EL1 registers (keys, TPIDR2_EL0) and which exist.
+    ext: ExtRegs,
+    has: ExtFeatures,
     fp: FpRegs,
     elr: u64,
     spsr: u64,
@@ -90,8 +94,15 @@ struct HostState {
 fn save_host() -> HostState {
     let mut fp = FpRegs::default();
     fp.save();
+    let has = ExtFeatures::from_ids(
+        sysreg::id_aa64isar1_el1(),
+        sysreg::id_aa64isar2_el1(),
+        sysreg::id_aa64pfr1_el1(),
+    );
     HostState {
         el1: El1Regs::save(),
+        ext: ExtRegs::save(has),
+        has,
         fp,
         elr: sysreg::elr_el2(),
         spsr: sysreg::spsr_el2(),
@@ -125,6 +136,7 @@ fn restore_host(h: &HostState) {
         }
         sysreg::set_fgt(h.fgt.0, &h.fgt.1);
         h.el1.restore();
+        h.ext.restore(h.has);
         sysreg::set_elr_el2(h.elr);
         sysreg::set_spsr_el2(h.spsr);
     }
@@ -143,6 +155,7 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
     // nothing runs at EL1 until the ERET into the guest.
     unsafe {
         El1Regs { r: vcpu.el1 }.restore();
+        ExtRegs { r: vcpu.ext }.restore(host.has);
         sysreg::set_vttbr_el2(ticket.vttbr);
         sysreg::set_vtcr_el2(ticket.vtcr | VTCR_RES1);
         sysreg::set_cptr_el2(CPTR_GUEST);
@@ -193,6 +206,7 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     set_guest_run(0);
     // The trap handler stored the guest's registers and the exit.
     vcpu.el1 = El1Regs::save().r;
+    vcpu.ext = ExtRegs::save(host.has).r;
     let mut fp = FpRegs::default();
     fp.save();
     vcpu.fp.v = fp.v;

@@ -70,6 +70,8 @@ keel_guest_start:
     b.eq    130f
     cmp     x10, #14
     b.eq    140f
+    cmp     x10, #15
+    b.eq    150f
     /* unknown: report (-1, op) */
     mov     x1, #-1
     mov     x2, x10
@@ -323,6 +325,17 @@ keel_guest_start:
     isb
     mov     x1, x5
     mov     x2, #0
+    bl      99f
+    b       1b
+
+150: /* KEYS: report (APIAKeyLo_EL1, TPIDR2_EL0 if a3 else 0), then
+      * APIAKeyLo_EL1 = a1 and, if a3, TPIDR2_EL0 = a2 */
+    mrs     x1, s3_0_c2_c1_0
+    mov     x2, #0
+    cbz     x13, 151f
+    mrs     x2, s3_3_c13_c0_5
+    msr     s3_3_c13_c0_5, x12
+151: msr    s3_0_c2_c1_0, x11
     bl      99f
     b       1b
 

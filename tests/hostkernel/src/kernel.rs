@@ -130,7 +130,9 @@ id_reg! {
     id_aa64pfr0 => "id_aa64pfr0_el1",
     id_aa64dfr0 => "id_aa64dfr0_el1",
     id_aa64isar0 => "id_aa64isar0_el1",
-    id_aa64mmfr0 => "id_aa64mmfr0_el1"
+    id_aa64mmfr0 => "id_aa64mmfr0_el1",
+    id_aa64isar1 => "id_aa64isar1_el1",
+    id_aa64pfr1 => "id_aa64pfr1_el1"
 }
 
 #[panic_handler]

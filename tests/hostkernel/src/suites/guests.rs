@@ -95,6 +95,10 @@ pub static SUITE: Suite = Suite {
             run: guest_starts_its_vcpus,
         },
         Test {
+            name: "keys_are_switched",
+            run: keys_are_switched,
+        },
+        Test {
             name: "back_to_boot_state",
             run: back_to_boot_state,
         },
@@ -141,6 +145,7 @@ pub enum Op {
     Regs = 12,
     Sysregs = 13,
     Undef = 14,
+    Keys = 15,
 }
 
 // ---- hypercalls ----
@@ -1870,6 +1875,70 @@ fn guest_starts_its_vcpus(_: &BootInfo) -> TestResult {
     g.teardown()?;
     ensure_eq!(pool_now()?, before, "table and free pool pages at the end");
     Ok(())
+}
+
+/// The host's APIAKeyLo_EL1 (pointer authentication).
+fn host_apia_lo() -> u64 {
+    let v: u64;
+    // SAFETY: reading a key register (FEAT_PAuth: checked by the caller).
+    unsafe { core::arch::asm!("mrs {}, s3_0_c2_c1_0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// The host's TPIDR2_EL0 (SME).
+fn host_tpidr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading TPIDR2_EL0 (FEAT_SME: checked by the caller).
+    unsafe { core::arch::asm!("mrs {}, s3_3_c13_c0_5", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Sets the host's APIAKeyLo_EL1 and TPIDR2_EL0 (this kernel signs no
+/// pointers and uses no SME).
+fn set_host_keys(apia: u64, tpidr2: u64, sme: bool) {
+    // SAFETY: as in host_apia_lo and host_tpidr2; nothing here uses them.
+    unsafe {
+        core::arch::asm!("msr s3_0_c2_c1_0, {}", in(reg) apia, options(nostack));
+        if sme {
+            core::arch::asm!("msr s3_3_c13_c0_5, {}", in(reg) tpidr2, options(nostack));
+        }
+    }
+}
+
+/// Pointer-authentication keys and SME's TPIDR2_EL0, which the guest may
+/// use untrapped, are the guest's own: it never reads the host's, and the
+/// host never runs with the guest's.
+fn keys_are_switched(_: &BootInfo) -> TestResult {
+    let isar1 = crate::kernel::id_aa64isar1();
+    let pauth = [4, 8, 24, 28].iter().any(|&l| id_field(isar1, l) != 0);
+    let sme = id_field(crate::kernel::id_aa64pfr1(), 24) != 0;
+    ensure!(
+        pauth,
+        "the CPU has pointer authentication (ISAR1 {:#x})",
+        isar1
+    );
+    let (host_key, host_tp2) = (0x1111_2222_3333_4444, 0x5555_6666_7777_8888);
+    set_host_keys(host_key, host_tp2, sme);
+    let mut g = Guest::new(slot(14), IPA, 16, 0x20)?;
+    let a3 = u64::from(sme);
+    ensure_eq!(
+        g.op(Op::Keys, 0xaaaa_0001, 0xbbbb_0001, a3)?,
+        (0, 0),
+        "a new vCPU's APIAKeyLo and TPIDR2 (not the host's)"
+    );
+    ensure_eq!(
+        (host_apia_lo(), if sme { host_tpidr2() } else { host_tp2 }),
+        (host_key, host_tp2),
+        "the host's APIAKeyLo and TPIDR2 after the guest set its own"
+    );
+    ensure_eq!(
+        g.op(Op::Keys, 0xaaaa_0002, 0xbbbb_0002, a3)?,
+        (0xaaaa_0001, if sme { 0xbbbb_0001 } else { 0 }),
+        "the guest's own values across its exits"
+    );
+    ensure_eq!(host_apia_lo(), host_key, "the host's APIAKeyLo at the end");
+    set_host_keys(0, 0, sme);
+    g.teardown()
 }
 
 fn back_to_boot_state(_: &BootInfo) -> TestResult {
