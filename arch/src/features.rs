@@ -255,6 +255,12 @@ pub fn host_fgt(ids: &FgtIds) -> Fgt {
     }
 }
 
+/// Whether the CPU has a PMUv3 (ID_AA64DFR0_EL1.PMUVer [11:8] neither 0,
+/// none, nor 0xf, an IMPLEMENTATION DEFINED PMU).
+pub fn has_pmuv3(dfr0: u64) -> bool {
+    !matches!((dfr0 >> 8) & 0xf, 0 | 0xf)
+}
+
 /// Features whose EL1/EL0 registers a CPU may lack, and which keel then
 /// switches too: pointer authentication (FEAT_PAuth: its key registers) and
 /// SME (TPIDR2_EL0, which no trap covers on a CPU without FEAT_FGT).
@@ -437,5 +443,15 @@ mod tests {
         // PFR1 SME [27:24]; MTE [11:8] and SSBS [7:4] do not count.
         assert!(ExtFeatures::from_ids(0, 0, 1 << 24).sme);
         assert_eq!(ExtFeatures::from_ids(0, 0, 0xff0), none);
+    }
+
+    #[test]
+    fn pmuv3_is_dfr0_bits_11_8() {
+        assert!(!has_pmuv3(0));
+        assert!(!has_pmuv3(0xf << 8));
+        assert!(!has_pmuv3(0xffff_f0ff));
+        for v in [1, 4, 5, 6, 7, 8] {
+            assert!(has_pmuv3(v << 8), "{v}");
+        }
     }
 }

@@ -56,6 +56,11 @@ sysreg_read! {
     pmsidr_el1 => "s3_0_c9_c9_7",
     trbidr_el1 => "s3_0_c9_c11_7",
     pmcr_el0 => "pmcr_el0",
+    id_aa64dfr0_el1 => "id_aa64dfr0_el1",
+    // ICH_VMCR_EL2 by encoding (see set_icc_sre_el2).
+    ich_vmcr_el2 => "s3_4_c12_c11_7",
+    pmcntenset_el0 => "pmcntenset_el0",
+    pmintenset_el1 => "pmintenset_el1",
     cntpct_el0 => "cntpct_el0",
     cntfrq_el0 => "cntfrq_el0",
     hcr_el2 => "hcr_el2",
@@ -71,6 +76,10 @@ sysreg_read! {
 }
 
 sysreg_write! {
+    set_pmcntenset_el0 => "pmcntenset_el0",
+    set_pmcntenclr_el0 => "pmcntenclr_el0",
+    set_pmintenset_el1 => "pmintenset_el1",
+    set_pmintenclr_el1 => "pmintenclr_el1",
     set_elr_el2 => "elr_el2",
     set_spsr_el2 => "spsr_el2",
     set_esr_el1 => "esr_el1",
@@ -100,6 +109,7 @@ sysreg_write! {
     // names still accept these.
     set_icc_sre_el2 => "s3_4_c12_c9_5",
     set_ich_hcr_el2 => "s3_4_c12_c11_0",
+    set_ich_vmcr_el2 => "s3_4_c12_c11_7",
 }
 
 /// Physical-address size in bits from ID_AA64MMFR0_EL1.PARange.

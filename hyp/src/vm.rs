@@ -79,6 +79,10 @@ pub struct Vcpu {
     pub pstate: u64,
     pub el1: [u64; EL1_REGS],
     pub ext: [u64; EXT_REGS],
+    /// ICH_VMCR_EL2: the guest's GIC CPU interface state (its ICC_PMR,
+    /// BPR and group enables, which reach the virtual interface while it
+    /// runs). Switched, or one guest would read what another wrote there.
+    pub vmcr: u64,
     pub fp: Fp,
     pub state: VcpuState,
     pub pending: Pending,
@@ -92,6 +96,7 @@ impl Vcpu {
             pstate: 0,
             el1: [0; EL1_REGS],
             ext: [0; EXT_REGS],
+            vmcr: 0,
             fp: Fp {
                 v: [0; 32],
                 fpsr: 0,

@@ -89,6 +89,9 @@ struct HostState {
     hcrx: Option<u64>,
     /// The FEAT_FGT version (0: none) and the fine-grained trap registers.
     fgt: (u64, features::Fgt),
+    /// PMCNTENSET_EL0 and PMINTENSET_EL1, if the CPU has a PMUv3: the
+    /// host's counters and overflow interrupts stop while a guest runs.
+    pmu: Option<(u64, u64)>,
 }
 
 fn save_host() -> HostState {
@@ -118,6 +121,8 @@ fn save_host() -> HostState {
             let version = features::fgt_version(sysreg::id_aa64mmfr0_el1());
             (version, sysreg::fgt(version))
         },
+        pmu: features::has_pmuv3(sysreg::id_aa64dfr0_el1())
+            .then(|| (sysreg::pmcntenset_el0(), sysreg::pmintenset_el1())),
     }
 }
 
@@ -135,6 +140,10 @@ fn restore_host(h: &HostState) {
             sysreg::set_hcrx_el2(hcrx);
         }
         sysreg::set_fgt(h.fgt.0, &h.fgt.1);
+        if let Some((counters, interrupts)) = h.pmu {
+            sysreg::set_pmcntenset_el0(counters);
+            sysreg::set_pmintenset_el1(interrupts);
+        }
         h.el1.restore();
         h.ext.restore(h.has);
         sysreg::set_elr_el2(h.elr);
@@ -156,6 +165,13 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
     unsafe {
         El1Regs { r: vcpu.el1 }.restore();
         ExtRegs { r: vcpu.ext }.restore(host.has);
+        sysreg::set_ich_vmcr_el2(vcpu.vmcr);
+        // The host's PMU counts nothing of the guest (its events would be a
+        // side channel), and raises no overflow interrupt inside it.
+        if host.pmu.is_some() {
+            sysreg::set_pmcntenclr_el0(0xffff_ffff);
+            sysreg::set_pmintenclr_el1(0xffff_ffff);
+        }
         sysreg::set_vttbr_el2(ticket.vttbr);
         sysreg::set_vtcr_el2(ticket.vtcr | VTCR_RES1);
         sysreg::set_cptr_el2(CPTR_GUEST);
@@ -207,6 +223,7 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     // The trap handler stored the guest's registers and the exit.
     vcpu.el1 = El1Regs::save().r;
     vcpu.ext = ExtRegs::save(host.has).r;
+    vcpu.vmcr = sysreg::ich_vmcr_el2();
     let mut fp = FpRegs::default();
     fp.save();
     vcpu.fp.v = fp.v;

@@ -72,6 +72,8 @@ keel_guest_start:
     b.eq    140f
     cmp     x10, #15
     b.eq    150f
+    cmp     x10, #16
+    b.eq    160f
     /* unknown: report (-1, op) */
     mov     x1, #-1
     mov     x2, x10
@@ -336,6 +338,13 @@ keel_guest_start:
     mrs     x2, s3_3_c13_c0_5
     msr     s3_3_c13_c0_5, x12
 151: msr    s3_0_c2_c1_0, x11
+    bl      99f
+    b       1b
+
+160: /* PMR: report (ICC_PMR_EL1, ICC_BPR1_EL1), then ICC_PMR_EL1 = a1 */
+    mrs     x1, s3_0_c4_c6_0
+    mrs     x2, s3_0_c12_c12_3
+    msr     s3_0_c4_c6_0, x11
     bl      99f
     b       1b
 

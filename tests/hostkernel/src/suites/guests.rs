@@ -99,6 +99,14 @@ pub static SUITE: Suite = Suite {
             run: keys_are_switched,
         },
         Test {
+            name: "host_pmu_stops_in_guests",
+            run: host_pmu_stops_in_guests,
+        },
+        Test {
+            name: "gic_interface_state_is_per_vcpu",
+            run: gic_interface_state_is_per_vcpu,
+        },
+        Test {
             name: "back_to_boot_state",
             run: back_to_boot_state,
         },
@@ -146,6 +154,7 @@ pub enum Op {
     Sysregs = 13,
     Undef = 14,
     Keys = 15,
+    Pmr = 16,
 }
 
 // ---- hypercalls ----
@@ -1939,6 +1948,61 @@ fn keys_are_switched(_: &BootInfo) -> TestResult {
     ensure_eq!(host_apia_lo(), host_key, "the host's APIAKeyLo at the end");
     set_host_keys(0, 0, sme);
     g.teardown()
+}
+
+/// The host's PMU counts nothing while a guest runs (its events would tell
+/// the host what the guest does): the cycle counter, enabled by the host to
+/// count at EL1 and EL2, advances over a guest's long loop by much less
+/// than the loop's own length on the guest's clock. (Without -icount
+/// QEMU's cycle counter is its virtual clock, in ns.)
+fn host_pmu_stops_in_guests(_: &BootInfo) -> TestResult {
+    use crate::suites::bench;
+    ensure_eq!(bench::unit(), "cycles", "the host's clock is the PMU's");
+    let mut g = Guest::new(slot(15), IPA, 16, 0x30)?;
+    let freq: u64;
+    // SAFETY: reading CNTFRQ_EL0 has no side effects.
+    unsafe { core::arch::asm!("mrs {}, cntfrq_el0", out(reg) freq, options(nomem, nostack)) };
+    let c0 = bench::now();
+    let (t, s) = g.op(Op::ShareLoop, IPA + 8 * PAGE, 3000, 0)?;
+    let c1 = bench::now();
+    ensure!(t != u64::MAX, "the guest's loop: status {}", s as i64);
+    let loop_ns = t * 1_000_000_000 / freq;
+    ensure!(
+        (c1 - c0) * 4 < loop_ns,
+        "the host's cycle counter advanced {} over a guest loop of {} ns",
+        c1 - c0,
+        loop_ns
+    );
+    // And it counts again once the run is over.
+    let c2 = bench::now();
+    for _ in 0..1000 {
+        core::hint::spin_loop();
+    }
+    ensure!(bench::now() > c2, "the cycle counter after the runs");
+    g.teardown()
+}
+
+/// A guest's GIC CPU interface state (ICC_PMR_EL1 here, which reaches the
+/// virtual interface while it runs) is its own: another VM never reads it,
+/// and it survives the guest's exits.
+fn gic_interface_state_is_per_vcpu(_: &BootInfo) -> TestResult {
+    let mut a = Guest::new(slot(16), IPA, 16, 0x40)?;
+    let (pmr, _) = a.op(Op::Pmr, 0xa0, 0, 0)?;
+    ensure_eq!(pmr, 0, "a new vCPU's ICC_PMR_EL1");
+    let mut b = Guest::new(slot(17), IPA, 16, 0x41)?;
+    ensure_eq!(
+        b.op(Op::Pmr, 0x50, 0, 0)?.0,
+        0,
+        "another VM's ICC_PMR_EL1 after the first wrote 0xa0"
+    );
+    ensure_eq!(
+        a.op(Op::Pmr, 0xa0, 0, 0)?.0,
+        0xa0,
+        "the first VM's own, again"
+    );
+    ensure_eq!(b.op(Op::Pmr, 0, 0, 0)?.0, 0x50, "the second VM's own");
+    b.teardown()?;
+    a.teardown()
 }
 
 fn back_to_boot_state(_: &BootInfo) -> TestResult {
