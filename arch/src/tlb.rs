@@ -25,6 +25,13 @@ pub fn vmalls12e1is() {
     unsafe { asm!("tlbi vmalls12e1is", options(nostack, preserves_flags)) };
 }
 
+/// TLBI ALLE1IS: every EL1&0 entry, of every VMID (what EL2 software that
+/// ran before keel may have left, for VMIDs keel's guests will use).
+pub fn alle1is() {
+    // SAFETY: TLB invalidation only drops cached translations.
+    unsafe { asm!("tlbi alle1is", options(nostack, preserves_flags)) };
+}
+
 /// Invalidates one page of the hypervisor's own (EL2) stage 1.
 pub fn invalidate_el2_va(va: u64) {
     dsb_ishst();

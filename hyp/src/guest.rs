@@ -17,8 +17,10 @@ use crate::vm::{Pending, Slot, Vcpu, VcpuState, VmOps, GUEST_IPA_BITS};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrapKind {
     Sync,
+    /// A physical IRQ or FIQ: the host's, an IRQ exit.
     Irq,
-    /// FIQ or SError: nothing a guest may cause and continue from.
+    /// SError: nothing a guest may cause and continue from (a FAULT exit
+    /// with ESR_EL2, which describes it).
     Other,
 }
 
@@ -168,7 +170,9 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
     /// later VCPU_RUN exits the same way (VCPU_INIT is DENIED once the VM
     /// has run, so only VM_DESTROY ends it).
     pub fn fault(&self, vcpu: &mut Vcpu, esr: u64) -> Action {
-        vcpu.state = VcpuState::Failed(esr);
+        // Failed once the run ends (end_run, under the lock): it is Running
+        // until then, and another CPU must not destroy its VM meanwhile.
+        vcpu.pending = Pending::Fault(esr);
         Action::Exit([exit::FAULT, esr, 0, 0])
     }
 

@@ -238,11 +238,15 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
         // SAFETY: the ticket's vCPU lives in the static VM table, and only
         // the holder of the ticket touches it while it is Running.
         let vcpu = unsafe { &mut *ticket.vcpu };
-        if vcpu.pending == Pending::Off {
+        match vcpu.pending {
             // The guest's CPU_OFF: nothing of the vCPU is kept.
-            *vcpu = Vcpu::new();
-        } else if vcpu.state == VcpuState::Running {
-            vcpu.state = VcpuState::Ready;
+            Pending::Off => *vcpu = Vcpu::new(),
+            Pending::Fault(esr) => {
+                vcpu.state = VcpuState::Failed(esr);
+                vcpu.pending = Pending::None;
+            }
+            _ if vcpu.state == VcpuState::Running => vcpu.state = VcpuState::Ready,
+            _ => {}
         }
     }
 }

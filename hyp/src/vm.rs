@@ -70,6 +70,10 @@ pub enum Pending {
     /// The guest turned this vCPU off (PSCI CPU_OFF): it is off from the
     /// end of this run (end_run), when nothing on this CPU uses it any more.
     Off,
+    /// The vCPU cannot continue (this ESR): it is Failed from the end of
+    /// this run. Until then it stays Running, so that no other CPU may
+    /// destroy its VM or set it up while this one still uses it.
+    Fault(u64),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -123,7 +127,7 @@ impl Vcpu {
     /// Applies the completion value of the previous exit.
     pub fn complete(&mut self, value: u64) {
         match self.pending {
-            Pending::None | Pending::Off => {}
+            Pending::None | Pending::Off | Pending::Fault(_) => {}
             Pending::Hypercall => self.x[0] = value,
             Pending::Mmio {
                 read,

@@ -916,6 +916,34 @@ fn smccc_discovery_as_a_pkvm_guest_sees_it() {
     }
 }
 
+/// A vCPU that faults is Failed only once its run has ended: until the
+/// CPU running it is done with it (end_run), it is Running, and its VM can
+/// be neither destroyed nor set up from another CPU (else a new VM could
+/// take the slot while the old run still writes the vCPU).
+#[test]
+fn a_faulting_vcpu_runs_until_its_run_ends() {
+    let m = Machine::small();
+    let h = m.create(1);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x1000, 0]), OK);
+    let (t, v) = m.run(h, 0);
+    // An instruction abort where the guest has no memory: FAULT.
+    let esr = (0x20 << 26) | (1 << 25) | 0x07;
+    let a = m.trap(h, v, esr, 0x1000, 0x10);
+    assert_eq!(a, Action::Exit([exit::FAULT, esr, 0, 0]));
+    assert_eq!(v.state, VcpuState::Running, "until end_run");
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), BUSY);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x1000, 0]), BUSY);
+    assert_eq!(
+        m.hyp.begin_run(h, 0, 0).err(),
+        Some(Return::status(BUSY)),
+        "a second run of it"
+    );
+    m.hyp.end_run(&t);
+    let r = m.hyp.begin_run(h, 0, 0).err().expect("failed");
+    assert_eq!(r.regs[..3], [0, exit::FAULT, esr]);
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+}
+
 /// PSCI CPU_ON, CPU_OFF and AFFINITY_INFO from a guest: the guest (not
 /// the host) starts its other vCPUs, at entries it chooses.
 #[test]

@@ -262,7 +262,9 @@ pub fn trap(k: u64, frame: &mut TrapFrame) {
     let trap = Trap {
         kind: match k {
             kind::LOWER64_SYNC => TrapKind::Sync,
-            kind::LOWER64_IRQ => TrapKind::Irq,
+            // A physical FIQ is an interrupt for the host like an IRQ (ESR_EL2
+            // says nothing of either).
+            kind::LOWER64_IRQ | kind::LOWER64_FIQ => TrapKind::Irq,
             _ => TrapKind::Other,
         },
         esr: sysreg::esr_el2(),

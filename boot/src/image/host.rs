@@ -278,7 +278,10 @@ pub fn configure_el2_for_host(vtcr: u64, vttbr: u64) {
         sysreg::set_vtcr_el2(vtcr | VTCR_RES1);
         sysreg::set_vttbr_el2(vttbr);
         barrier::isb();
-        tlb::vmalls12e1is();
+        // Every VMID: the host's (0), and those keel's guests will have,
+        // which earlier EL2 software (firmware, a kexec'd hypervisor) may
+        // have used too.
+        tlb::alle1is();
         barrier::dsb_ish();
         sysreg::set_hcr_el2(HCR_HOST);
     }
