@@ -333,9 +333,11 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
     /// passes 0 (SUCCESS).
     fn guest_cpu_on(&self, slot: usize, vcpu: &mut Vcpu, x: &mut [u64; 31]) -> Action {
         let fid = x[0] as u32;
-        let (target, mut entry, context) = (x[1], x[2], x[3]);
+        let (target, mut entry, mut context) = (x[1], x[2], x[3]);
         if fid == psci::CPU_ON_32 {
+            // SMC32: w2 and w3.
             entry &= 0xffff_ffff;
+            context &= 0xffff_ffff;
         }
         let mut vms = self.vms.lock();
         let status = match &mut vms.slots[slot] {
