@@ -204,7 +204,10 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
             return Err(Return::status(status::INVALID_PARAMETER));
         }
         let (vttbr, vtcr, off) = (vm.s2.vttbr(), vm.s2.vtcr(), vm.off);
+        // A run that ends before the guest (a failed vCPU, a VM that is
+        // off) still succeeds with its exit, and counts as a call handled.
         let exit = |r: [u64; 4]| {
+            self.stats.count_hypercall();
             Err(Return {
                 regs: [0, r[0], r[1], r[2], r[3]],
                 count: 5,

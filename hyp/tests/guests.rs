@@ -939,8 +939,15 @@ fn a_faulting_vcpu_runs_until_its_run_ends() {
         "a second run of it"
     );
     m.hyp.end_run(&t);
+    // A VCPU_RUN that answers with the exit succeeds, and counts.
+    let calls = m.stat(stat::HYPERCALLS);
     let r = m.hyp.begin_run(h, 0, 0).err().expect("failed");
     assert_eq!(r.regs[..3], [0, exit::FAULT, esr]);
+    assert_eq!(
+        m.stat(stat::HYPERCALLS),
+        calls + 2,
+        "the VCPU_RUN and this HYP_STATS"
+    );
     assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
 }
 
