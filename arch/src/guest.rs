@@ -94,10 +94,35 @@ pub struct ExtRegs {
 pub const EXT_REGS: usize = 11;
 const TPIDR2: usize = 10;
 
-macro_rules! key_regs {
-    ($m:ident, $($i:literal $reg:literal),*) => {
-        $( $m!($i, $reg); )*
+/// The key registers, listed once for both directions: `save_keys` and
+/// `restore_keys` move them between the CPU and `r[0..10]`.
+macro_rules! pauth_keys {
+    ($($i:literal $reg:literal),* $(,)?) => {
+        /// # Safety
+        /// The CPU must implement FEAT_PAuth (else the reads are undefined).
+        unsafe fn save_keys(r: &mut [u64; EXT_REGS]) {
+            $(
+                // SAFETY: the register exists (the caller's contract);
+                // reading it from EL2 has no side effects.
+                unsafe { core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) r[$i], options(nomem, nostack, preserves_flags)) };
+            )*
+        }
+
+        /// # Safety
+        /// As [`ExtRegs::restore`], on a CPU with FEAT_PAuth.
+        unsafe fn restore_keys(r: &[u64; EXT_REGS]) {
+            $(
+                // SAFETY: see the function's contract.
+                unsafe { core::arch::asm!(concat!("msr ", $reg, ", {}"), in(reg) r[$i], options(nostack, preserves_flags)) };
+            )*
+        }
     };
+}
+
+pauth_keys! {
+    0 "s3_0_c2_c1_0", 1 "s3_0_c2_c1_1", 2 "s3_0_c2_c1_2", 3 "s3_0_c2_c1_3",
+    4 "s3_0_c2_c2_0", 5 "s3_0_c2_c2_1", 6 "s3_0_c2_c2_2", 7 "s3_0_c2_c2_3",
+    8 "s3_0_c2_c3_0", 9 "s3_0_c2_c3_1",
 }
 
 impl ExtRegs {
@@ -106,16 +131,8 @@ impl ExtRegs {
     pub fn save(has: ExtFeatures) -> Self {
         let mut s = ExtRegs::default();
         if has.pauth {
-            macro_rules! rd {
-                ($i:literal, $reg:literal) => {
-                    // SAFETY: reading a key register (FEAT_PAuth is
-                    // implemented) from EL2 has no side effects.
-                    unsafe { core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) s.r[$i], options(nomem, nostack, preserves_flags)) };
-                };
-            }
-            key_regs!(rd, 0 "s3_0_c2_c1_0", 1 "s3_0_c2_c1_1", 2 "s3_0_c2_c1_2", 3 "s3_0_c2_c1_3",
-                4 "s3_0_c2_c2_0", 5 "s3_0_c2_c2_1", 6 "s3_0_c2_c2_2", 7 "s3_0_c2_c2_3",
-                8 "s3_0_c2_c3_0", 9 "s3_0_c2_c3_1");
+            // SAFETY: `has` says the CPU has FEAT_PAuth.
+            unsafe { save_keys(&mut s.r) };
         }
         if has.sme {
             // SAFETY: TPIDR2_EL0 exists (FEAT_SME); reading it has no side
@@ -134,16 +151,9 @@ impl ExtRegs {
     /// to run (keel itself signs no pointers and uses no SME).
     pub unsafe fn restore(&self, has: ExtFeatures) {
         if has.pauth {
-            macro_rules! wr {
-                ($i:literal, $reg:literal) => {
-                    // SAFETY: see the function's contract; the register
-                    // exists (FEAT_PAuth).
-                    unsafe { core::arch::asm!(concat!("msr ", $reg, ", {}"), in(reg) self.r[$i], options(nostack, preserves_flags)) };
-                };
-            }
-            key_regs!(wr, 0 "s3_0_c2_c1_0", 1 "s3_0_c2_c1_1", 2 "s3_0_c2_c1_2", 3 "s3_0_c2_c1_3",
-                4 "s3_0_c2_c2_0", 5 "s3_0_c2_c2_1", 6 "s3_0_c2_c2_2", 7 "s3_0_c2_c2_3",
-                8 "s3_0_c2_c3_0", 9 "s3_0_c2_c3_1");
+            // SAFETY: the function's contract, and `has` says the CPU has
+            // FEAT_PAuth.
+            unsafe { restore_keys(&self.r) };
         }
         if has.sme {
             // SAFETY: see the function's contract; TPIDR2_EL0 exists.
