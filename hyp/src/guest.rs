@@ -138,7 +138,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             ec::SMC64 => {
                 // A trapped SMC returns to itself: step over it.
                 vcpu.pc += 4;
-                self.guest_psci(slot, vcpu, x)
+                self.guest_smccc(slot, vcpu, x)
             }
             ec::DABT_LOWER => self.guest_data_abort(vcpu, x, trap),
             ec::SYSREG if is_set_way_maintenance(trap.esr) => {
@@ -213,7 +213,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             // PSCI through HVC, the conduit pKVM and KVM guests are given,
             // SMCCC's own calls about that conduit, and the other standard
             // secure services.
-            id if keel_answers(id) => return self.guest_psci(slot, vcpu, x),
+            id if keel_answers(id) => return self.guest_smccc(slot, vcpu, x),
             id => {
                 vcpu.pending = Pending::Hypercall;
                 return Action::Exit([exit::HYPERCALL, id, x[1], x[2]]);
@@ -239,9 +239,10 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
         Action::Resume
     }
 
-    /// A guest's PSCI call (through HVC or SMC), SMCCC_VERSION and
-    /// SMCCC_ARCH_FEATURES, or another call `keel_answers` (NOT_SUPPORTED).
-    fn guest_psci(&self, slot: usize, vcpu: &mut Vcpu, x: &mut [u64; 31]) -> Action {
+    /// A guest call `keel_answers` (through HVC or SMC): PSCI,
+    /// SMCCC_VERSION and SMCCC_ARCH_FEATURES, or another of the Arm
+    /// architecture's and the standard secure services' (NOT_SUPPORTED).
+    fn guest_smccc(&self, slot: usize, vcpu: &mut Vcpu, x: &mut [u64; 31]) -> Action {
         // SMCCC passes function IDs in w0 (and PSCI_FEATURES its argument
         // in w1).
         let fid = x[0] as u32;
