@@ -79,6 +79,101 @@ el1_regs! {
     25 MDSCR "mdscr_el1",
 }
 
+/// TCR_EL1.EPD0 and EPD1: no stage-1 walk through TTBR0_EL1 or TTBR1_EL1.
+const TCR_EPD: u64 = (1 << 7) | (1 << 23);
+/// SCTLR_EL1.M: the EL1&0 stage-1 MMU on.
+const SCTLR_M: u64 = 1;
+
+impl El1Regs {
+    /// [`restore`](Self::restore), with the EL1&0 stage-1 walks off until
+    /// every other register holds its value: TCR_EL1 is written first with
+    /// EPD0/EPD1 set and last with its own value. On CPUs whose speculative
+    /// address translation can walk a half-switched context (Cortex-A76
+    /// erratum 1165522, A55 1530923, A57/A72 1319367), nothing is then
+    /// walked with one world's stage 1 under the other's stage 2, which
+    /// would leave TLB entries for the VMID that did not make them. The
+    /// caller loads the matching VTTBR_EL2 first.
+    ///
+    /// # Safety
+    /// As [`restore`](Self::restore).
+    pub unsafe fn restore_quiesced(&self) {
+        let mut quiet = *self;
+        quiet.r[el1::TCR] |= TCR_EPD;
+        // SAFETY: the caller's contract; with the walks off, the order of
+        // the other writes does not matter.
+        unsafe {
+            write_tcr(quiet.r[el1::TCR]);
+            quiet.restore();
+            write_tcr(self.r[el1::TCR]);
+        }
+    }
+
+    /// Stops the live EL1&0 stage 1 from walking (TCR_EL1.EPD0/EPD1, then
+    /// SCTLR_EL1.M, so that no flat mapping stands in for it either) before
+    /// VTTBR_EL2 changes to another world's: see
+    /// [`restore_quiesced`](Self::restore_quiesced). Returns what the two
+    /// registers held, for [`resume`](Self::resume).
+    ///
+    /// # Safety
+    /// Only while nothing runs at EL1, until the registers are written back
+    /// ([`resume`](Self::resume), or the next world's
+    /// [`restore_quiesced`](Self::restore_quiesced)).
+    pub unsafe fn quiesce() -> Quiesced {
+        let (tcr, sctlr): (u64, u64);
+        // SAFETY: the caller's contract: nothing runs at EL1 meanwhile.
+        unsafe {
+            core::arch::asm!("mrs {}, tcr_el1", out(reg) tcr, options(nomem, nostack, preserves_flags));
+            write_tcr(tcr | TCR_EPD);
+            core::arch::asm!("mrs {}, sctlr_el1", out(reg) sctlr, options(nomem, nostack, preserves_flags));
+            write_sctlr(sctlr | SCTLR_M);
+        }
+        Quiesced { tcr, sctlr }
+    }
+
+    /// Undoes [`quiesce`](Self::quiesce) once VTTBR_EL2 is the live
+    /// world's again: SCTLR_EL1 first, while the walks are still off.
+    ///
+    /// # Safety
+    /// As [`quiesce`](Self::quiesce), with its result.
+    pub unsafe fn resume(q: Quiesced) {
+        // SAFETY: the values the live world had.
+        unsafe {
+            write_sctlr(q.sctlr);
+            write_tcr(q.tcr);
+        }
+    }
+}
+
+/// TCR_EL1 and SCTLR_EL1 as [`El1Regs::quiesce`] found them.
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct Quiesced {
+    tcr: u64,
+    sctlr: u64,
+}
+
+/// Writes SCTLR_EL1 and waits for it to take effect.
+///
+/// # Safety
+/// As [`El1Regs::restore`].
+unsafe fn write_sctlr(value: u64) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        core::arch::asm!("msr sctlr_el1, {}", "isb", in(reg) value, options(nostack, preserves_flags))
+    };
+}
+
+/// Writes TCR_EL1 and waits for it to take effect.
+///
+/// # Safety
+/// As [`El1Regs::restore`].
+unsafe fn write_tcr(value: u64) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        core::arch::asm!("msr tcr_el1, {}", "isb", in(reg) value, options(nostack, preserves_flags))
+    };
+}
+
 /// The pointer-authentication keys (APIA, APIB, APDA, APDB, APGA; Lo then
 /// Hi) and TPIDR2_EL0: switched between host and guest where the CPU has
 /// them ([`ExtFeatures`]), or a guest would read the host's keys (and forge

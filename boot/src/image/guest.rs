@@ -129,6 +129,8 @@ fn save_host() -> HostState {
 fn restore_host(h: &HostState) {
     // SAFETY: these are the values the host ran with when it made the call.
     unsafe {
+        // The guest's stage 1 was quiesced (`vcpu_run`) before this: the
+        // host's stage 2 comes back first, then the host's EL1 registers.
         sysreg::set_hcr_el2(h.hcr);
         sysreg::set_vttbr_el2(h.vttbr);
         sysreg::set_vtcr_el2(h.vtcr);
@@ -144,7 +146,7 @@ fn restore_host(h: &HostState) {
             sysreg::set_pmcntenset_el0(counters);
             sysreg::set_pmintenset_el1(interrupts);
         }
-        h.el1.restore();
+        h.el1.restore_quiesced();
         h.ext.restore(h.has);
         sysreg::set_elr_el2(h.elr);
         sysreg::set_spsr_el2(h.spsr);
@@ -163,7 +165,13 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
     // SAFETY: the guest's own EL1 state and the EL2 controls for guests;
     // nothing runs at EL1 until the ERET into the guest.
     unsafe {
-        El1Regs { r: vcpu.el1 }.restore();
+        // The host's stage 1 stops walking before its stage 2 goes, and the
+        // guest's stage 2 is in place before its stage 1 can walk
+        // (`El1Regs::restore_quiesced`).
+        let _ = El1Regs::quiesce();
+        sysreg::set_vttbr_el2(ticket.vttbr);
+        sysreg::set_vtcr_el2(ticket.vtcr | VTCR_RES1);
+        El1Regs { r: vcpu.el1 }.restore_quiesced();
         ExtRegs { r: vcpu.ext }.restore(host.has);
         sysreg::set_ich_vmcr_el2(vcpu.vmcr);
         // The host's PMU counts nothing of the guest (its events would be a
@@ -172,8 +180,6 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
             sysreg::set_pmcntenclr_el0(0xffff_ffff);
             sysreg::set_pmintenclr_el1(0xffff_ffff);
         }
-        sysreg::set_vttbr_el2(ticket.vttbr);
-        sysreg::set_vtcr_el2(ticket.vtcr | VTCR_RES1);
         sysreg::set_cptr_el2(CPTR_GUEST);
         sysreg::set_mdcr_el2((host.mdcr & 0x1f) | MDCR_GUEST_TRAPS);
         sysreg::set_cnthctl_el2(CNTHCTL_GUEST);
@@ -222,6 +228,9 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     set_guest_run(0);
     // The trap handler stored the guest's registers and the exit.
     vcpu.el1 = El1Regs::save().r;
+    // SAFETY: the guest's registers are saved, and nothing runs at EL1
+    // until `restore_host` has loaded the host's.
+    let _ = unsafe { El1Regs::quiesce() };
     vcpu.ext = ExtRegs::save(host.has).r;
     vcpu.vmcr = sysreg::ich_vmcr_el2();
     let mut fp = FpRegs::default();

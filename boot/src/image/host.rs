@@ -1,6 +1,7 @@
 //! From the plan to the running host: page pool, host device tree, stage 1
 //! and MMU, the host stage 2, EL2 configuration, and the entry at EL1.
 
+use keel_arch::guest::El1Regs;
 use keel_arch::{barrier, exception, features, sysreg, tlb, TrapFrame};
 use keel_boot::dt::{BootInfo, HostDtbEdits, PhysRange};
 use keel_boot::layout::Layout;
@@ -30,13 +31,20 @@ impl HwTlb {
             return f();
         }
         // SAFETY: only TLB maintenance runs under the other VTTBR; nothing
-        // executes at EL1 before the original value is back.
+        // executes at EL1 before the original values are back. The live
+        // EL1 stage 1 does not walk meanwhile, so that no speculative walk
+        // fills the other VMID's TLB entries with it (El1Regs::quiesce).
+        let quiet = unsafe { El1Regs::quiesce() };
+        // SAFETY: as above.
         unsafe { sysreg::set_vttbr_el2(self.vttbr) };
         barrier::isb();
         let r = f();
-        // SAFETY: restores the value read above.
-        unsafe { sysreg::set_vttbr_el2(current) };
-        barrier::isb();
+        // SAFETY: restores the values read above.
+        unsafe {
+            sysreg::set_vttbr_el2(current);
+            barrier::isb();
+            El1Regs::resume(quiet);
+        }
         r
     }
 }
