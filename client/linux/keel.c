@@ -60,6 +60,12 @@
 #define POOL_ORDER		4
 /* What keel's pool should have free before a guest runs (guest MEM_SHARE splits). */
 #define POOL_MIN_FREE		32
+/*
+ * Free pool pages below which a NO_MEMORY is the pool's: more than any one
+ * call of the driver's needs (a run of chunks of at most 4 MiB, or 1 GiB of
+ * carveout in blocks, takes a few table pages).
+ */
+#define POOL_LOW		(2 * POOL_MIN_FREE)
 #define RW_MAX			(1ULL << 20)
 
 static char *carveout;
@@ -178,6 +184,19 @@ static void keel_pool_ensure(u64 *calls)
 	}
 }
 
+/*
+ * After a NO_MEMORY: is keel's pool what ran out? keel also answers
+ * NO_MEMORY when every VM slot is taken; donating then would only grow its
+ * pool for nothing.
+ */
+static bool keel_pool_low(u64 *calls)
+{
+	u64 free;
+
+	return keel_count(keel_hyp_stats(KEEL_STAT_FREE_POOL_PAGES, &free), calls) ||
+		free < POOL_LOW;
+}
+
 /* A memory call that may need table pages: retried after donating some. */
 #define KEEL_CALL_POOL(calls, expr) ({				\
 	long __s;						\
@@ -185,7 +204,7 @@ static void keel_pool_ensure(u64 *calls)
 	for (;;) {						\
 		__s = keel_count((expr), (calls));		\
 		if (__s != KEEL_STATUS_NO_MEMORY || __i++ >= POOL_RETRIES || \
-		    !keel_pool_grow(calls))			\
+		    !keel_pool_low(calls) || !keel_pool_grow(calls)) \
 			break;					\
 	}							\
 	__s;							\
@@ -200,16 +219,27 @@ static bool keel_take_back(u64 pfn, u64 nr)
 {
 	struct keel_mem_state st;
 	bool all = true;
-	u64 p;
+	u64 piece, p;
 
 	if (keel_host_reclaim(pfn, nr) == KEEL_STATUS_SUCCESS)
 		return true;
-	for (p = pfn; p < pfn + nr; p++) {
-		if (keel_mem_state(p, &st) == KEEL_STATUS_SUCCESS &&
-		    st.owner == KEEL_OWNER_HOST && st.state == KEEL_PAGE_OWNED)
+	/*
+	 * Refused whole (a page the guest relinquished is the host's
+	 * already): 2 MiB at a time, each piece page by page only if keel
+	 * refuses it too.
+	 */
+	for (; nr; pfn += piece, nr -= piece) {
+		piece = min(nr, SZ_2M_PAGES - (pfn & (SZ_2M_PAGES - 1)));
+		cond_resched();
+		if (keel_host_reclaim(pfn, piece) == KEEL_STATUS_SUCCESS)
 			continue;
-		if (keel_host_reclaim(p, 1) != KEEL_STATUS_SUCCESS)
-			all = false;
+		for (p = pfn; p < pfn + piece; p++) {
+			if (keel_mem_state(p, &st) == KEEL_STATUS_SUCCESS &&
+			    st.owner == KEEL_OWNER_HOST && st.state == KEEL_PAGE_OWNED)
+				continue;
+			if (keel_host_reclaim(p, 1) != KEEL_STATUS_SUCCESS)
+				all = false;
+		}
 	}
 	return all;
 }
@@ -244,7 +274,7 @@ static void keel_chunk_leak(struct keel_chunk *c)
 static void keel_dcache_clean_inval(void *addr, size_t len)
 {
 	u64 ctr = read_sanitised_ftr_reg(SYS_CTR_EL0);
-	unsigned long line = 4UL << (ctr & 0xf);	/* DminLine */
+	unsigned long line = 4UL << ((ctr >> 16) & 0xf);	/* CTR_EL0.DminLine, bits 19:16 */
 	unsigned long p = (unsigned long)addr & ~(line - 1);
 	unsigned long end = (unsigned long)addr + len;
 
@@ -335,7 +365,7 @@ static int keel_alloc_buddy(u64 size, struct list_head *chunks)
 	while (left) {
 		struct keel_chunk *c;
 		struct page *page;
-		gfp_t gfp = GFP_KERNEL | __GFP_NOWARN;
+		gfp_t gfp = GFP_KERNEL_ACCOUNT | __GFP_NOWARN;
 
 		while ((1ULL << order) > left)
 			order--;
@@ -385,9 +415,11 @@ static int keel_alloc_carveout(u64 size, struct list_head *chunks)
 		return -ENOMEM;
 	mutex_lock(&keel_global.lock);
 	start = keel_global.co_units;
-	if (size >= SZ_1G)
-		start = bitmap_find_next_zero_area(keel_global.co_map, keel_global.co_units, 0,
-						   units, (SZ_1G >> 21) - 1);
+	if (size >= SZ_1G)	/* 1 GiB-aligned physically, for 1 GiB blocks */
+		start = bitmap_find_next_zero_area_off(keel_global.co_map, keel_global.co_units,
+						       0, units, (SZ_1G >> 21) - 1,
+						       (keel_global.co_base >> 21) &
+						       ((SZ_1G >> 21) - 1));
 	if (start >= keel_global.co_units)
 		start = bitmap_find_next_zero_area(keel_global.co_map, keel_global.co_units, 0,
 						   units, 0);
@@ -469,6 +501,34 @@ static void keel_vm_take_back_all(struct keel_vm *vm)
 		list_del(&r->node);
 		kfree(r);
 	}
+}
+
+/*
+ * A VM keel would not destroy, whose file is closing: its memory stays
+ * keel's, so every chunk goes on the leaked list (counted; RECLAIM and the
+ * module's exit try again).
+ */
+static void keel_vm_leak_all(struct keel_vm *vm)
+{
+	struct keel_region *r, *rt;
+	struct keel_chunk *c, *ct;
+	struct keel_pin *p, *pt;
+
+	mutex_lock(&vm->mem_lock);
+	list_for_each_entry_safe(r, rt, &vm->regions, node) {
+		list_for_each_entry_safe(c, ct, &r->chunks, node) {
+			list_del(&c->node);
+			atomic64_sub(c->nr, &keel_global.guest_pages);
+			keel_chunk_leak(c);
+		}
+		list_del(&r->node);
+		kfree(r);
+	}
+	list_for_each_entry_safe(p, pt, &vm->pins, node) {
+		list_del(&p->node);
+		kfree(p);
+	}
+	mutex_unlock(&vm->mem_lock);
 }
 
 /* Gives free pool pages back to Linux once no VM is left. */
@@ -597,7 +657,10 @@ static long keel_ioc_vm_create(struct keel_file *kf, void __user *argp)
 		return -EFAULT;
 	if (a.flags || !a.nr_vcpus || a.nr_vcpus > keel_global.features.max_vcpus)
 		return -EINVAL;
-	vm = kzalloc(sizeof(*vm), GFP_KERNEL);
+	/* Every slot taken: keel would say NO_MEMORY, which is not the pool's. */
+	if (atomic64_read(&keel_global.vms) >= keel_global.features.max_vms)
+		return -ENOSPC;
+	vm = kzalloc(sizeof(*vm), GFP_KERNEL_ACCOUNT);
 	if (!vm)
 		return -ENOMEM;
 	s = KEEL_CALL_POOL(NULL, keel_vm_create(a.nr_vcpus, &handle));
@@ -682,6 +745,9 @@ static long keel_ioc_vcpu_run(struct keel_file *kf, void __user *argp)
 
 	if (copy_from_user(&a, argp, sizeof(a)))
 		return -EFAULT;
+	/* The exit is written back after the run consumed it: check now that it can be. */
+	if (copy_to_user(argp, &a, sizeof(a)))
+		return -EFAULT;
 	vm = keel_vm_get(kf, a.handle);
 	if (!vm)
 		return -ENOENT;
@@ -755,7 +821,9 @@ static long keel_ioc_vm_give(struct keel_file *kf, void __user *argp, bool share
 	if (!a.size || a.size % KEEL_PAGE || a.ipa % KEEL_PAGE || a.ipa + a.size < a.ipa ||
 	    a.src_len > a.size || (a.flags & ~KEEL_MEM_FLAGS) || (a.src_len && !a.src))
 		return -EINVAL;
-	/* Linux's pages: never more than half of them for one call. */
+	/* Linux's pages: whole ones, never more than half of them for one call. */
+	if (!(a.flags & KEEL_MEM_CARVEOUT) && a.size % PAGE_SIZE)
+		return -EINVAL;
 	if (!(a.flags & KEEL_MEM_CARVEOUT) && a.size / PAGE_SIZE > totalram_pages() / 2)
 		return -ENOMEM;
 	if (a.src_len && !access_ok((void __user *)a.src, a.src_len))
@@ -832,10 +900,21 @@ static long keel_ioc_vm_give(struct keel_file *kf, void __user *argp, bool share
 		}
 	}
 	keel_chunks_free(&chunks);	/* what a failed call left the host */
+	if (s && !list_empty(&r->chunks)) {
+		/* The part given: from a.ipa to the end of its last chunk. */
+		c = list_last_entry(&r->chunks, struct keel_chunk, node);
+		r->size = c->ipa + c->nr * KEEL_PAGE - a.ipa;
+		/* A share is all or nothing: the part lent comes back now. */
+		if (share && !keel_vm_unshare(vm->handle, a.ipa, r->size / KEEL_PAGE)) {
+			list_for_each_entry_safe(c, t, &r->chunks, node) {
+				list_del(&c->node);
+				atomic64_sub(c->nr, &keel_global.guest_pages);
+				keel_chunk_free(c);
+			}
+		}
+	}
 	if (!list_empty(&r->chunks)) {
-		/* A failure part way keeps the part given: it comes back with the VM. */
-		if (s)
-			r->size = ipa - a.ipa;
+		/* A donation that failed part way keeps the part given: it comes back with the VM. */
 		list_add_tail(&r->node, &vm->regions);
 		r = NULL;
 	}
@@ -1020,12 +1099,35 @@ static long keel_ioc_pin(struct keel_file *kf, void __user *argp, bool pin)
 
 	if (copy_from_user(&a, argp, sizeof(a)))
 		return -EFAULT;
-	if (!a.nr || a.nr > SZ_2M_PAGES || a.ipa % KEEL_PAGE)
+	if (!a.nr || a.nr > SZ_2M_PAGES || a.ipa % KEEL_PAGE ||
+	    a.ipa + a.nr * KEEL_PAGE < a.ipa)
 		return -EINVAL;
 	vm = keel_vm_get(kf, a.handle);
 	if (!vm)
 		return -ENOENT;
 	mutex_lock(&vm->mem_lock);
+	/*
+	 * UNPIN checks every page first (a page of the guest's with a pin of
+	 * ours), then drops the pins, which keel cannot refuse then: all or
+	 * nothing, as PIN is.
+	 */
+	for (i = 0; i < a.nr && !ret && !pin; i++) {
+		struct keel_chunk *c;
+		struct keel_pin *q;
+		bool borrowed, found = false;
+		u64 pfn;
+
+		ret = vm->dead ? -ENOENT :
+			keel_vm_host_page(vm, a.ipa + i * KEEL_PAGE, &pfn, &c, &borrowed);
+		if (!ret && !borrowed)
+			ret = -EPERM;
+		if (ret)
+			break;
+		list_for_each_entry(q, &vm->pins, node)
+			found |= q->pfn == pfn;
+		if (!found)
+			ret = -EINVAL;	/* no pin of ours */
+	}
 	for (i = 0; i < a.nr && !ret; i++) {
 		struct keel_chunk *c;
 		bool borrowed;
@@ -1168,7 +1270,8 @@ static int keel_release(struct inode *inode, struct file *file)
 
 	list_for_each_entry_safe(vm, t, &kf->vms, node) {
 		list_del_init(&vm->node);
-		keel_vm_teardown(vm);
+		if (keel_vm_teardown(vm))
+			keel_vm_leak_all(vm);
 		keel_vm_put(vm);
 	}
 	keel_pool_take_back(NULL);
@@ -1226,9 +1329,9 @@ static int keel_find_hypervisor(void)
 
 static int keel_carveout_init(void)
 {
-	struct keel_mem_state first, last;
+	struct keel_mem_state st;
 	char *at;
-	u64 size, base;
+	u64 size, base, pa, step;
 
 	if (!carveout || !*carveout)
 		return 0;
@@ -1247,11 +1350,16 @@ static int keel_carveout_init(void)
 		pr_err("carveout=%s: Linux uses part of it (boot with mem= below it)\n", carveout);
 		return -EINVAL;
 	}
-	if (keel_mem_state(KEEL_PFN(base), &first) || keel_mem_state(KEEL_PFN(base + size) - 1, &last) ||
-	    first.owner != KEEL_OWNER_HOST || last.owner != KEEL_OWNER_HOST ||
-	    first.state != KEEL_PAGE_OWNED || last.state != KEEL_PAGE_OWNED) {
-		pr_err("carveout=%s: not host RAM in the hypervisor's view\n", carveout);
-		return -EINVAL;
+	/* Every page host RAM in keel's view: a mapping at a time. */
+	for (pa = base; pa < base + size; pa += step) {
+		if (keel_mem_state(KEEL_PFN(pa), &st) || st.owner != KEEL_OWNER_HOST ||
+		    st.state != KEEL_PAGE_OWNED) {
+			pr_err("carveout=%s: %#llx is not host RAM in the hypervisor's view\n",
+			       carveout, pa);
+			return -EINVAL;
+		}
+		step = max_t(u64, st.map_size, KEEL_PAGE);
+		step -= pa & (step - 1);
 	}
 	keel_global.co_units = size >> 21;
 	keel_global.co_map = bitmap_zalloc(keel_global.co_units, GFP_KERNEL);
@@ -1264,7 +1372,13 @@ static int keel_carveout_init(void)
 	keel_global.co_res.start = base;
 	keel_global.co_res.end = base + size - 1;
 	keel_global.co_res.flags = IORESOURCE_MEM;
-	keel_global.co_res_inserted = !insert_resource(&iomem_resource, &keel_global.co_res);
+	if (insert_resource(&iomem_resource, &keel_global.co_res)) {
+		pr_err("carveout=%s: another resource claims part of it\n", carveout);
+		bitmap_free(keel_global.co_map);
+		keel_global.co_map = NULL;
+		return -EBUSY;
+	}
+	keel_global.co_res_inserted = true;
 	pr_info("carveout %#llx..%#llx for guests\n", base, base + size);
 	return 0;
 }

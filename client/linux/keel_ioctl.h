@@ -15,8 +15,9 @@
  *
  * Errors: every ioctl returns 0 or -1 with errno. The driver's own checks
  * give EINVAL (bad sizes, alignment, reserved fields not 0, unknown flags),
- * EFAULT (bad user pointers), ENOENT (no such VM in this file), ENOTTY
- * (unknown ioctl); keel's statuses map as keel_status_to_errno() does:
+ * EFAULT (bad user pointers), ENOENT (no such VM in this file), EEXIST
+ * (an IPA range that overlaps one given before), ENOSPC (VM_CREATE past
+ * keel's max_vms), ENOTTY (unknown ioctl); keel's statuses map as keel_status_to_errno() does:
  * NOT_SUPPORTED -> EOPNOTSUPP, INVALID_PARAMETER -> EINVAL, DENIED -> EPERM,
  * NO_MEMORY -> ENOMEM, BUSY -> EBUSY.
  */

@@ -421,6 +421,48 @@ fn cmd_reclaim() -> Result<u32, String> {
 }
 
 /// Every bad argument gets its errno, and nothing is left behind.
+/// VM_CREATE past keel's limit: ENOSPC, and keel's pool does not grow for
+/// it (keel answers a full VM table with NO_MEMORY, which the driver must
+/// not take for an empty pool).
+fn limit_checks(keel: &Keel, c: &mut Checks) {
+    const ENOSPC: i32 = 28;
+    let max = keel.info().map(|i| i.max_vms).unwrap_or(0);
+    let mut vms = Vec::new();
+    while (vms.len() as u64) < max {
+        match keel.vm_create(1) {
+            Ok(vm) => vms.push(vm),
+            Err(e) => {
+                c.check("create_up_to_limit", false, || {
+                    format!("VM_CREATE {} of {max}: {e}", vms.len() + 1)
+                });
+                break;
+            }
+        }
+    }
+    let pool = |k: &Keel| k.info().map(|i| i.pool_pages).unwrap_or(u64::MAX);
+    let before = pool(keel);
+    let refused: Vec<_> = (0..4).map(|_| keel.vm_create(1)).collect();
+    let after = pool(keel);
+    c.check(
+        "create_past_limit",
+        max > 0
+            && vms.len() as u64 == max
+            && refused
+                .iter()
+                .all(|r| r.as_ref().err().map(errno) == Some(ENOSPC))
+            && before == after,
+        || {
+            format!(
+                "{max} VMs allowed, {} made; then {refused:?}; pool pages {before} -> {after}",
+                vms.len()
+            )
+        },
+    );
+    for vm in vms {
+        let _ = keel.vm_destroy(vm);
+    }
+}
+
 fn cmd_selftest() -> Result<u32, String> {
     const EPERM: i32 = 1;
     const ENOENT: i32 = 2;
@@ -577,6 +619,11 @@ fn cmd_selftest() -> Result<u32, String> {
     a.flags = 4;
     expect("rw_flags", keel.call(IOC_VM_RW, &mut a), EINVAL);
     expect("pin_nr_0", keel.pin(true, vm, GUEST_BASE, 0), EINVAL);
+    expect(
+        "pin_ipa_wraps",
+        keel.pin(true, vm, 0u64.wrapping_sub(PAGE), 2),
+        EINVAL,
+    );
     expect("pin_private", keel.pin(true, vm, GUEST_BASE, 1), EPERM);
     expect("unpin_private", keel.pin(false, vm, GUEST_BASE, 1), EPERM);
     let mut r = Range {
@@ -609,6 +656,7 @@ fn cmd_selftest() -> Result<u32, String> {
     expect("unshare_ok", keel.call(IOC_VM_UNSHARE, &mut r), 0);
     expect("destroy_ok", keel.vm_destroy(vm), 0);
     expect("destroy_twice", keel.vm_destroy(vm), ENOENT);
+    limit_checks(&keel, &mut c);
     let info = keel.info();
     let clean = info
         .as_ref()
