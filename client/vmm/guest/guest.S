@@ -11,20 +11,29 @@
  *   +0x10 SHARED  write: IPA of the page shared with the host (MEM_SHARE)
  *   +0x18 STATUS  write: a status word (the MEM_SHARE result)
  *
- * x0 at entry (VCPU_INIT) picks what it does:
+ * x0 at entry (VCPU_INIT) picks what it does (bits 0..7; bits 8..15 are
+ * the VM's vCPU count for mode 2):
  *   0  demo: hello, HYP_MEMINFO, a secret into private memory at +4 MiB,
  *      a message into a page at +6 MiB + 4 KiB that it shares with the
  *      host, the IPAs reported, then PSCI SYSTEM_OFF;
- *   1  spin: hello, then computes for ever (the VMM gets killed).
+ *   1  spin: hello, then computes for ever (the VMM gets killed);
+ *   2  smp: vCPU 0 starts vCPUs 1..n-1 with PSCI CPU_ON (context ID: the
+ *      index); each says so, stores a word for vCPU 0 in a private page
+ *      (+192 KiB) and turns itself off (CPU_OFF); vCPU 0 waits for every
+ *      word, then for AFFINITY_INFO to say each is OFF, reports n to
+ *      STATUS and powers off.
  */
     .text
     .global _start
 _start:
-    mov     x28, x0                         /* mode */
+    and     x28, x0, #0xff                  /* mode */
+    ubfx    x26, x0, #8, #8                 /* vCPUs (mode 2) */
     movz    x27, #0x0900, lsl #16           /* console */
     adr     x20, _start                     /* guest RAM base */
     adr     x0, msg_hello
     bl      puts
+    cmp     x28, #2
+    b.eq    smp
     cbnz    x28, spin
 
     /* HYP_MEMINFO: the sharing granule is 4 KiB. */
@@ -84,6 +93,62 @@ spin:
     str     x1, [x2]
     b       1b
 
+smp:
+    add     x21, x20, #0x30, lsl #12        /* the words, one per vCPU */
+    mov     x23, #1
+1:  cmp     x23, x26                        /* CPU_ON each of 1..n-1 */
+    b.hs    2f
+    movz    x0, #0x0003
+    movk    x0, #0xc400, lsl #16
+    mov     x1, x23                         /* MPIDR: Aff0 = index */
+    adr     x2, secondary
+    mov     x3, x23                         /* context ID */
+    smc     #0
+    cbnz    x0, fail
+    add     x23, x23, #1
+    b       1b
+2:  mov     x23, #1
+3:  cmp     x23, x26                        /* each word, then each OFF */
+    b.hs    5f
+    ldr     x1, [x21, x23, lsl #3]
+    movz    x2, #0x5eed, lsl #16
+    add     x2, x2, x23
+    cmp     x1, x2
+    b.ne    3b
+4:  movz    x0, #0x0004                     /* AFFINITY_INFO: 1 is OFF */
+    movk    x0, #0xc400, lsl #16
+    mov     x1, x23
+    mov     x2, #0
+    smc     #0
+    cmp     x0, #1
+    b.ne    4b
+    add     x23, x23, #1
+    b       3b
+5:  str     x26, [x27, #0x18]
+    adr     x0, msg_smp
+    bl      puts
+    b       off
+
+/* A vCPU started by CPU_ON: x0 = its index. */
+secondary:
+    mov     x23, x0
+    movz    x27, #0x0900, lsl #16
+    adr     x20, _start
+    adr     x0, msg_vcpu
+    bl      puts
+    add     w1, w23, #'0'
+    strb    w1, [x27]
+    adr     x0, msg_up
+    bl      puts
+    add     x21, x20, #0x30, lsl #12
+    movz    x2, #0x5eed, lsl #16
+    add     x2, x2, x23
+    str     x2, [x21, x23, lsl #3]
+    movz    x0, #0x0002                     /* PSCI CPU_OFF: no return */
+    movk    x0, #0x8400, lsl #16
+    smc     #0
+    b       fail
+
 fail:
     adr     x0, msg_fail
     bl      puts
@@ -123,3 +188,9 @@ msg_spin:
     .asciz  "guest: spinning\n"
 msg_fail:
     .asciz  "guest: FAILED\n"
+msg_smp:
+    .asciz  "guest: every vCPU reported and is off\n"
+msg_vcpu:
+    .asciz  "guest: vCPU "
+msg_up:
+    .asciz  " up\n"

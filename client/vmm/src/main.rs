@@ -1,11 +1,12 @@
 //! keel-vmm: a small VMM for a Linux host of keel, over /dev/keel
-//! (client/linux). It gives a protected guest its memory, runs its vCPU,
-//! serves its MMIO exits as a console (the guest's lines appear on the
-//! VMM's stdout, the Linux console in the suite) and reads the pages the
-//! guest shares.
+//! (client/linux). It gives a protected guest its memory, runs its vCPUs
+//! (vCPU 0 on the main thread, each vCPU the guest starts with PSCI CPU_ON
+//! on a thread of its own), serves their MMIO exits as a console (the
+//! guest's lines appear on the VMM's stdout, the Linux console in the
+//! suite) and reads the pages the guest shares.
 //!
 //! Usage:
-//!   keel-vmm run [--mem MIB] [--carveout] [--mode N] [--hold FILE] GUEST.bin
+//!   keel-vmm run [--mem MIB] [--carveout] [--mode N] [--vcpus N] [--hold FILE] GUEST.bin
 //!   keel-vmm map [--mem MIB] [--carveout]    give a VM memory, count hypercalls
 //!   keel-vmm info | state PFN | reclaim | selftest
 //!
@@ -18,6 +19,9 @@ mod dev;
 use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use dev::Keel;
@@ -36,6 +40,10 @@ const PAGE: u64 = 4096;
 /// PSCI CPU_OFF: keel has turned the vCPU off and says so with a
 /// HYPERCALL exit.
 const PSCI_CPU_OFF: u64 = 0x8400_0002;
+/// PSCI CPU_ON (SMC32 and SMC64): keel has made the target ready and says
+/// so with a HYPERCALL exit (x3 the target's MPIDR, Aff0 its index), for
+/// the VMM to run it.
+const PSCI_CPU_ON: [u64; 2] = [0x8400_0003, 0xC400_0003];
 const BLOCK_2M: u64 = 2 << 20;
 const MIB: u64 = 1 << 20;
 /// What the guest writes (guest.S): the VMM checks it finds exactly these.
@@ -70,6 +78,7 @@ struct Opts {
     mem_mib: u64,
     carveout: bool,
     mode: u64,
+    vcpus: u64,
     hold: Option<String>,
     image: Option<String>,
 }
@@ -79,6 +88,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         mem_mib: 16,
         carveout: false,
         mode: 0,
+        vcpus: 1,
         hold: None,
         image: None,
     };
@@ -88,6 +98,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         match a.as_str() {
             "--mem" => o.mem_mib = value()?.parse().map_err(|e| format!("--mem: {e}"))?,
             "--mode" => o.mode = value()?.parse().map_err(|e| format!("--mode: {e}"))?,
+            "--vcpus" => o.vcpus = value()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
             "--hold" => o.hold = Some(value()?),
             "--carveout" => o.carveout = true,
             s if s.starts_with('-') => return Err(format!("unknown option {s}")),
@@ -97,9 +108,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     Ok(o)
 }
 
-/// The guest's console and report registers.
+/// The guest's console and report registers (one line buffer per vCPU:
+/// their bytes interleave).
 struct Console {
-    line: Vec<u8>,
+    lines: Vec<Vec<u8>>,
     first_line: Option<Duration>,
     secret: Option<u64>,
     shared: Option<u64>,
@@ -107,18 +119,19 @@ struct Console {
 }
 
 impl Console {
-    fn write(&mut self, offset: u64, value: u64, start: Instant) {
+    fn write(&mut self, vcpu: usize, offset: u64, value: u64, start: Instant) {
         match offset {
             REG_TX => {
                 let b = value as u8;
+                let line = &mut self.lines[vcpu];
                 if b == b'\n' {
-                    say(&String::from_utf8_lossy(&self.line));
-                    self.line.clear();
+                    say(&String::from_utf8_lossy(line));
+                    line.clear();
                     if self.first_line.is_none() {
                         self.first_line = Some(start.elapsed());
                     }
-                } else if self.line.len() < 4096 {
-                    self.line.push(b);
+                } else if line.len() < 4096 {
+                    line.push(b);
                 }
             }
             REG_SECRET => self.secret = Some(value),
@@ -134,10 +147,34 @@ enum Ended {
     Fault(u64),
 }
 
-fn run_vcpu(keel: &Keel, vm: u64, console: &mut Console, start: Instant) -> io::Result<Ended> {
+/// What every vCPU thread of one VM shares.
+struct Guest<'a> {
+    keel: &'a Keel,
+    vm: u64,
+    vcpus: u64,
+    console: Mutex<Console>,
+    start: Instant,
+    /// vCPUs started by the guest's CPU_ON, and how each run ended.
+    started: AtomicU64,
+    ends: Mutex<Vec<(u64, io::Result<Ended>)>>,
+}
+
+/// Runs vCPU `index` until it is off, on this thread; each vCPU the guest
+/// starts meanwhile gets a thread of `scope`.
+fn run_vcpu<'s>(g: &'s Guest<'s>, scope: &'s thread::Scope<'s, '_>, index: u64) {
+    let ended = run_one(g, scope, index);
+    g.ends.lock().unwrap().push((index, ended));
+}
+
+fn run_one<'s>(
+    g: &'s Guest<'s>,
+    scope: &'s thread::Scope<'s, '_>,
+    index: u64,
+) -> io::Result<Ended> {
+    let (keel, vm) = (g.keel, g.vm);
     let mut completion = 0;
     loop {
-        let e = keel.vcpu_run(vm, 0, completion)?;
+        let e = keel.vcpu_run(vm, index, completion)?;
         completion = 0;
         match e.reason {
             exit::MMIO => {
@@ -145,7 +182,8 @@ fn run_vcpu(keel: &Keel, vm: u64, console: &mut Console, start: Instant) -> io::
                 let write = access & 1 != 0;
                 if (CONSOLE..CONSOLE + CONSOLE_SIZE).contains(&ipa) {
                     if write {
-                        console.write(ipa - CONSOLE, value, start);
+                        let mut console = g.console.lock().unwrap();
+                        console.write(index as usize, ipa - CONSOLE, value, g.start);
                     }
                 } else {
                     say(&format!(
@@ -155,10 +193,20 @@ fn run_vcpu(keel: &Keel, vm: u64, console: &mut Console, start: Instant) -> io::
                 }
                 // Reads of any register give 0.
             }
-            // keel answers PSCI itself (SYSTEM_OFF is exit 1); the one
-            // vCPU turning itself off ends the guest too. (CPU_ON, the
-            // other PSCI exit, needs a second vCPU: keel refuses it here.)
+            // keel answers PSCI itself (SYSTEM_OFF is exit 1) and tells
+            // the VMM what it did: a vCPU turning itself off ends its
+            // thread; one it turned on gets a thread (the completion, 0,
+            // is the caller's SUCCESS).
             exit::HYPERCALL if e.x2 == PSCI_CPU_OFF => return Ok(Ended::Off),
+            exit::HYPERCALL if PSCI_CPU_ON.contains(&e.x2) => {
+                let target = e.x3 & 0xff;
+                if target < g.vcpus {
+                    g.started.fetch_add(1, Ordering::Relaxed);
+                    scope.spawn(move || run_vcpu(g, scope, target));
+                } else {
+                    say(&format!("vmm: CPU_ON of {:#x}, not a vCPU", e.x3));
+                }
+            }
             exit::HYPERCALL => completion = keel_abi::status::NOT_SUPPORTED as u64,
             exit::IRQ => {}
             exit::SYSTEM_OFF => return Ok(Ended::Off),
@@ -174,7 +222,12 @@ fn cmd_run(o: Opts) -> Result<u32, String> {
     let image = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
     let size = o.mem_mib * MIB;
     let keel = Keel::open().map_err(|e| format!("/dev/keel: {e} (is keel.ko loaded?)"))?;
-    let vm = keel.vm_create(1).map_err(|e| format!("VM_CREATE: {e}"))?;
+    if o.vcpus == 0 || o.vcpus > 255 {
+        return Err(format!("--vcpus {}: 1 to 255", o.vcpus));
+    }
+    let vm = keel
+        .vm_create(o.vcpus)
+        .map_err(|e| format!("VM_CREATE of {} vCPU(s): {e}", o.vcpus))?;
     let flags = if o.carveout { dev::MEM_CARVEOUT } else { 0 };
     let m = keel
         .give(false, vm, GUEST_BASE, size, &image, flags)
@@ -191,16 +244,36 @@ fn cmd_run(o: Opts) -> Result<u32, String> {
         m.hypercalls,
         base.map_size >> 10
     ));
-    keel.vcpu_init(vm, 0, GUEST_BASE, o.mode)
+    // Mode 2 learns the vCPU count from x0 bits 8..15.
+    keel.vcpu_init(vm, 0, GUEST_BASE, o.mode | o.vcpus << 8)
         .map_err(|e| format!("VCPU_INIT: {e}"))?;
-    let mut console = Console {
-        line: Vec::new(),
-        first_line: None,
-        secret: None,
-        shared: None,
-        status: None,
+    let guest = Guest {
+        keel: &keel,
+        vm,
+        vcpus: o.vcpus,
+        console: Mutex::new(Console {
+            lines: vec![Vec::new(); o.vcpus as usize],
+            first_line: None,
+            secret: None,
+            shared: None,
+            status: None,
+        }),
+        start,
+        started: AtomicU64::new(0),
+        ends: Mutex::new(Vec::new()),
     };
-    let ended = run_vcpu(&keel, vm, &mut console, start).map_err(|e| format!("VCPU_RUN: {e}"))?;
+    thread::scope(|scope| run_vcpu(&guest, scope, 0));
+    let console = guest.console.into_inner().unwrap();
+    let started = guest.started.into_inner();
+    let mut ended = Ended::Off;
+    for (index, end) in guest.ends.into_inner().unwrap() {
+        match end {
+            Err(e) => return Err(format!("VCPU_RUN of vCPU {index}: {e}")),
+            Ok(Ended::Fault(esr)) if index == 0 => ended = Ended::Fault(esr),
+            Ok(Ended::Fault(esr)) => say(&format!("vmm: vCPU {index} faulted, ESR {esr:#x}")),
+            Ok(Ended::Off) => {}
+        }
+    }
     if let Some(t) = console.first_line {
         say(&format!(
             "vmm: figure guest_start_ms={:.3}",
@@ -214,6 +287,22 @@ fn cmd_run(o: Opts) -> Result<u32, String> {
     }
     if o.mode == 0 {
         check_demo(&keel, vm, &o, &console, base.map_size, &mut c);
+    }
+    if o.mode == 2 {
+        // Every other vCPU was started by the guest, ran on its thread and
+        // reported to vCPU 0, which counted them all.
+        c.check(
+            "smp_guest",
+            started == o.vcpus - 1 && console.status == Some(o.vcpus),
+            || {
+                format!(
+                    "{started} vCPU(s) started, status {:?}, expected {} and {}",
+                    console.status,
+                    o.vcpus - 1,
+                    o.vcpus
+                )
+            },
+        );
     }
     if let Some(hold) = &o.hold {
         say(&format!("vmm: holding the VM until {hold} exists"));
