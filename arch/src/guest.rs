@@ -104,6 +104,10 @@ impl El1Regs {
         unsafe {
             write_tcr(quiet.r[el1::TCR]);
             quiet.restore();
+            // Every other register in place before the walks resume: the
+            // walker sees system-register writes only after a context
+            // synchronization, in no particular order before it.
+            core::arch::asm!("isb", options(nostack, preserves_flags));
             write_tcr(self.r[el1::TCR]);
         }
     }

@@ -29,7 +29,8 @@
 #ifndef KEEL_HYP_H
 #define KEEL_HYP_H
 
-/* ---- Function IDs (x0 of a call); SMC64 fast calls, vendor hypervisor ---- */
+/* ---- Function IDs (x0 of a call): vendor-hypervisor fast calls, SMC64 but
+ *      for the three SMC32 discovery IDs 0x8600_xxxx ---- */
 
 /* Discovery, for host and guest. */
 #define KEEL_FN_FEATURES		0x86000000
@@ -92,8 +93,11 @@
 #define KEEL_FEAT_ALL			(KEEL_FEAT_FEATURES | KEEL_FEAT_HYP_MEMINFO | \
 					 KEEL_FEAT_MEM_SHARE | KEEL_FEAT_MEM_UNSHARE | \
 					 KEEL_FEAT_MEM_RELINQUISH)
-/* The FEATURES bit of a function ID (function numbers 0..31 only). */
-#define KEEL_FEAT_BIT(id)		(1UL << KEEL_FN_NUM(id))
+#ifndef __ASSEMBLY__
+/* The FEATURES bit of a function ID: 0 for function numbers past 31,
+ * which FEATURES does not report. */
+#define KEEL_FEAT_BIT(id)		(KEEL_FN_NUM(id) < 32 ? 1ULL << KEEL_FN_NUM(id) : 0ULL)
+#endif
 
 /* ---- CALL_UID: the KVM vendor-hypervisor UID
  *      28b46fb6-2ec5-11e9-a9ca-4b564d003a74, in x0..x3 (SMCCC word order) ---- */
@@ -115,8 +119,14 @@
 /* ---- Pages ---- */
 #define KEEL_GRANULE			4096	/* HYP_MEMINFO; the unit of nr */
 #define KEEL_PFN_SHIFT			12
+#ifdef __ASSEMBLY__
 #define KEEL_PFN(pa)			((pa) >> KEEL_PFN_SHIFT)
 #define KEEL_PA(pfn)			((pfn) << KEEL_PFN_SHIFT)
+#else
+/* 64-bit whatever the argument's type (an int pfn would overflow). */
+#define KEEL_PFN(pa)			((unsigned long long)(pa) >> KEEL_PFN_SHIFT)
+#define KEEL_PA(pfn)			((unsigned long long)(pfn) << KEEL_PFN_SHIFT)
+#endif
 
 /* Page states, as MEM_STATE and VM_MEM_STATE report them in x2. */
 #define KEEL_PAGE_OWNED			0
@@ -205,26 +215,9 @@ struct keel_exit {
 	keel_u64 x2, x3, x4;
 };
 
-#if defined(__KERNEL__) || defined(__aarch64__)
+/* The calls: in an arm64 kernel, or in aarch64 code elsewhere; only the constants otherwise. */
+#if (defined(__KERNEL__) && defined(CONFIG_ARM64)) || (!defined(__KERNEL__) && defined(__aarch64__))
 #ifdef __KERNEL__
-
-#ifndef CONFIG_ARM64
-#error "keel_hyp.h calls need arm64 (arm_smccc_1_2_hvc)"
-#endif
-
-/* x0 = id, x1..x4 = args; returns x0..x3 (res->a4 is 0). */
-static inline void keel_hvc(keel_u64 id, keel_u64 a1, keel_u64 a2, keel_u64 a3,
-			    keel_u64 a4, struct keel_hvc_res *res)
-{
-	struct arm_smccc_res r;
-
-	arm_smccc_1_1_hvc(id, a1, a2, a3, a4, &r);
-	res->a0 = r.a0;
-	res->a1 = r.a1;
-	res->a2 = r.a2;
-	res->a3 = r.a3;
-	res->a4 = 0;
-}
 
 /* As keel_hvc(), and also returns x4 (VCPU_RUN). */
 static inline void keel_hvc_wide(keel_u64 id, keel_u64 a1, keel_u64 a2,
@@ -242,6 +235,28 @@ static inline void keel_hvc_wide(keel_u64 id, keel_u64 a1, keel_u64 a2,
 	res->a2 = r.a2;
 	res->a3 = r.a3;
 	res->a4 = r.a4;
+}
+
+/*
+ * x0 = id, x1..x4 = args; returns x0..x3 (res->a4 is 0). VCPU_RUN, which
+ * also writes x4 (arm_smccc_1_1_hvc() assumes x4 survives), goes through
+ * keel_hvc_wide().
+ */
+static inline void keel_hvc(keel_u64 id, keel_u64 a1, keel_u64 a2, keel_u64 a3,
+			    keel_u64 a4, struct keel_hvc_res *res)
+{
+	struct arm_smccc_res r;
+
+	if (id == KEEL_FN_VCPU_RUN) {
+		keel_hvc_wide(id, a1, a2, a3, a4, res);
+		return;
+	}
+	arm_smccc_1_1_hvc(id, a1, a2, a3, a4, &r);
+	res->a0 = r.a0;
+	res->a1 = r.a1;
+	res->a2 = r.a2;
+	res->a3 = r.a3;
+	res->a4 = 0;
 }
 
 /* A keel status as a Linux errno (0 for SUCCESS). */
@@ -482,7 +497,7 @@ static inline long keel_vm_destroy(keel_u64 handle)
 }
 
 /* VCPU_INIT: vCPU starts at EL1h, MMU off, at entry_ipa with x0 = x0.
- * Only before any vCPU of the VM has run: KEEL_DENIED after. */
+ * Only before any vCPU of the VM has run: KEEL_STATUS_DENIED after. */
 static inline long keel_vcpu_init(keel_u64 handle, keel_u64 vcpu,
 				  keel_u64 entry_ipa, keel_u64 x0)
 {
@@ -492,6 +507,9 @@ static inline long keel_vcpu_init(keel_u64 handle, keel_u64 vcpu,
 /*
  * VCPU_RUN: runs the vCPU until an exit. `completion` completes the previous
  * exit: the value loaded by an MMIO read, or x0 returned for a HYPERCALL.
+ * keel switches the V registers but no SVE or SME state beyond them: a
+ * Linux caller brackets the call with kernel_neon_begin()/kernel_neon_end()
+ * (keel.c does), other code saves that state itself if it uses it.
  */
 static inline long keel_vcpu_run(keel_u64 handle, keel_u64 vcpu,
 				 keel_u64 completion, struct keel_exit *out)

@@ -51,6 +51,9 @@ if command -v cc >/dev/null 2>&1; then
 	printf '#include "keel_hyp.h"\n_Static_assert(KEEL_FN_VCPU_RUN == 0xC6000113, "id");\n' \
 		>"$out/host.c"
 	run cc -Wall -Wextra -Werror -I"$root/client/c" -c "$out/host.c" -o "$out/host.o"
+	# A kernel of another architecture gets the constants too, not an #error.
+	run cc -Wall -Wextra -Werror -I"$root/client/c" -nostdinc -I"$here/kstub" -D__KERNEL__ \
+		-c "$out/host.c" -o "$out/host-kernel.o"
 fi
 printf '#include "keel_hyp.h"\n\tmov\tx0, #(KEEL_FN_HYP_STATS & 0xffff)\n\tmovk\tx0, #(KEEL_FN_HYP_STATS >> 16), lsl #16\n\thvc\t#0\n' \
 	>"$out/asm.S"

@@ -1,4 +1,13 @@
-//! Typed calls, issued with `HVC #0` (SMCCC 1.1 SMC64 convention).
+//! Typed calls, issued with `HVC #0` (SMCCC 1.1 fast calls: SMC64, but
+//! for the three SMC32 discovery IDs `0x8600_xxxx`), for code that runs at
+//! EL1 beneath keel (a bare-metal host kernel or guest; a Linux kernel uses
+//! the C header). Built only for `target_os = "none"`: from user space HVC
+//! is undefined.
+//!
+//! Calls that give memory away (to keel, to a guest, or to the host, for a
+//! guest) are `unsafe fn`s: the memory they name must not back anything the
+//! caller's Rust code still reads or writes through references. The others
+//! change nothing the caller can observe through its own memory.
 
 use crate::{func, Error, Regs};
 
@@ -6,12 +15,19 @@ use crate::{func, Error, Regs};
 ///
 /// x6..x17 are declared clobbered although the contract preserves x4..x17,
 /// so a hypervisor that breaks that promise cannot corrupt the caller.
+///
+/// # Safety
+/// Any call can be made this way, including those that give memory away:
+/// the pages `id` and `args` name must not back memory the caller's Rust
+/// code still uses (see the typed functions' own requirements). A VCPU_RUN
+/// does not preserve SVE or SME state beyond the V registers.
 #[inline(always)]
-pub fn hvc(id: u64, args: [u64; 5]) -> Regs {
+pub unsafe fn hvc(id: u64, args: [u64; 5]) -> Regs {
     let (r0, r1, r2, r3, r4);
     // SAFETY: HVC transfers control to the hypervisor, which returns to the
     // next instruction with results in x0..x4; every register it may write is
-    // declared as an output or clobber, and it touches no memory of ours.
+    // declared as an output or clobber. What the call does to memory is the
+    // caller's contract.
     unsafe {
         core::arch::asm!(
             "hvc #0",
@@ -30,24 +46,42 @@ pub fn hvc(id: u64, args: [u64; 5]) -> Regs {
     Regs([r0, r1, r2, r3, r4])
 }
 
+/// A call that takes no memory from the caller (the safe typed functions).
 fn call(id: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> Result<Regs, Error> {
-    hvc(id, [a1, a2, a3, a4, 0]).ok()
+    // SAFETY: only the safe functions below use this, whose calls give no
+    // memory away.
+    unsafe { hvc(id, [a1, a2, a3, a4, 0]) }.ok()
+}
+
+/// A call that may give memory away.
+///
+/// # Safety
+/// As [`hvc`].
+unsafe fn call_giving(id: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> Result<Regs, Error> {
+    // SAFETY: the caller's contract.
+    unsafe { hvc(id, [a1, a2, a3, a4, 0]) }.ok()
+}
+
+/// A discovery call: its values from x0 on.
+fn raw(id: u64) -> [u64; 5] {
+    // SAFETY: discovery calls change nothing.
+    unsafe { hvc(id, [0; 5]) }.0
 }
 
 /// FEATURES: bitmap of implemented vendor-hypervisor functions.
 pub fn features() -> u64 {
-    hvc(func::FEATURES, [0; 5]).0[0]
+    raw(func::FEATURES)[0]
 }
 
 /// CALL_UID: the four UID words.
 pub fn call_uid() -> [u64; 4] {
-    let r = hvc(func::CALL_UID, [0; 5]).0;
+    let r = raw(func::CALL_UID);
     [r[0], r[1], r[2], r[3]]
 }
 
 /// REVISION: (major, minor).
 pub fn revision() -> (u64, u64) {
-    let r = hvc(func::REVISION, [0; 5]).0;
+    let r = raw(func::REVISION);
     (r[0], r[1])
 }
 
@@ -68,16 +102,24 @@ pub fn hyp_features() -> Result<HypFeatures, Error> {
     })
 }
 
-pub fn host_share_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
-    call(func::HOST_SHARE_HYP, pfn, nr, 0, 0).map(drop)
+/// # Safety
+/// keel may read and write the pages until HOST_UNSHARE_HYP: the caller
+/// reaches them only through raw pointers meanwhile, never references.
+pub unsafe fn host_share_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
+    // SAFETY: the caller's contract.
+    unsafe { call_giving(func::HOST_SHARE_HYP, pfn, nr, 0, 0) }.map(drop)
 }
 
 pub fn host_unshare_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
     call(func::HOST_UNSHARE_HYP, pfn, nr, 0, 0).map(drop)
 }
 
-pub fn host_donate_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
-    call(func::HOST_DONATE_HYP, pfn, nr, 0, 0).map(drop)
+/// # Safety
+/// The pages become keel's: nothing of the caller may use them afterwards
+/// (an access aborts).
+pub unsafe fn host_donate_hyp(pfn: u64, nr: u64) -> Result<(), Error> {
+    // SAFETY: the caller's contract.
+    unsafe { call_giving(func::HOST_DONATE_HYP, pfn, nr, 0, 0) }.map(drop)
 }
 
 pub fn host_reclaim(pfn: u64, nr: u64) -> Result<(), Error> {
@@ -112,7 +154,8 @@ pub fn hyp_stats(counter: u64) -> Result<u64, Error> {
 /// the address of the first inconsistency (x1); any other error means the
 /// build does not have the call.
 pub fn keel_check_invariants() -> Result<(), (Error, u64)> {
-    let r = hvc(func::KEEL_CHECK_INVARIANTS, [0; 5]);
+    // SAFETY: the check changes nothing.
+    let r = unsafe { hvc(func::KEEL_CHECK_INVARIANTS, [0; 5]) };
     r.ok().map(drop).map_err(|e| (e, r.0[1]))
 }
 
@@ -144,6 +187,9 @@ pub struct Exit {
     pub details: [u64; 3],
 }
 
+/// VCPU_RUN: SVE and SME state beyond the V registers is not preserved
+/// (keel switches only the V registers), so code that uses it saves it
+/// first.
 pub fn vcpu_run(handle: u64, vcpu: u64, completion: u64) -> Result<Exit, Error> {
     let r = call(func::VCPU_RUN, handle, vcpu, completion, 0)?.0;
     Ok(Exit {
@@ -152,12 +198,21 @@ pub fn vcpu_run(handle: u64, vcpu: u64, completion: u64) -> Result<Exit, Error> 
     })
 }
 
-pub fn vm_donate(handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), Error> {
-    call(func::VM_DONATE, handle, pfn, ipa, nr).map(drop)
+/// # Safety
+/// The pages become the guest's: nothing of the caller may use them
+/// afterwards (an access aborts).
+pub unsafe fn vm_donate(handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), Error> {
+    // SAFETY: the caller's contract.
+    unsafe { call_giving(func::VM_DONATE, handle, pfn, ipa, nr) }.map(drop)
 }
 
-pub fn vm_share(handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), Error> {
-    call(func::VM_SHARE, handle, pfn, ipa, nr).map(drop)
+/// # Safety
+/// The guest may write the pages at any time until VM_UNSHARE: the caller
+/// reaches them only through raw pointers (volatile accesses), never
+/// through references.
+pub unsafe fn vm_share(handle: u64, pfn: u64, ipa: u64, nr: u64) -> Result<(), Error> {
+    // SAFETY: the caller's contract.
+    unsafe { call_giving(func::VM_SHARE, handle, pfn, ipa, nr) }.map(drop)
 }
 
 pub fn vm_unshare(handle: u64, ipa: u64, nr: u64) -> Result<(), Error> {
@@ -177,8 +232,12 @@ pub fn host_pin(pfn: u64, nr: u64) -> Result<(), Error> {
     call(func::HOST_PIN, pfn, nr, 0, 0).map(drop)
 }
 
-pub fn host_unpin(pfn: u64, nr: u64) -> Result<(), Error> {
-    call(func::HOST_UNPIN, pfn, nr, 0, 0).map(drop)
+/// # Safety
+/// Once unpinned, the guest may take the pages back (MEM_UNSHARE) and an
+/// access aborts: the caller holds no reference into them.
+pub unsafe fn host_unpin(pfn: u64, nr: u64) -> Result<(), Error> {
+    // SAFETY: the caller's contract.
+    unsafe { call_giving(func::HOST_UNPIN, pfn, nr, 0, 0) }.map(drop)
 }
 
 /// Guest calls (pKVM-compatible).
@@ -186,15 +245,26 @@ pub mod guest {
     use super::*;
 
     pub fn hyp_meminfo() -> u64 {
-        hvc(func::HYP_MEMINFO, [0; 5]).0[0]
+        raw(func::HYP_MEMINFO)[0]
     }
-    pub fn mem_share(ipa: u64, nr: u64) -> Result<(), Error> {
-        call(func::MEM_SHARE, ipa, nr, 0, 0).map(drop)
+
+    /// # Safety
+    /// The host may write the pages at any time until MEM_UNSHARE: the
+    /// guest reaches them only through raw pointers, never references.
+    pub unsafe fn mem_share(ipa: u64, nr: u64) -> Result<(), Error> {
+        // SAFETY: the caller's contract.
+        unsafe { call_giving(func::MEM_SHARE, ipa, nr, 0, 0) }.map(drop)
     }
+
     pub fn mem_unshare(ipa: u64, nr: u64) -> Result<(), Error> {
         call(func::MEM_UNSHARE, ipa, nr, 0, 0).map(drop)
     }
-    pub fn mem_relinquish(ipa: u64, nr: u64) -> Result<(), Error> {
-        call(func::MEM_RELINQUISH, ipa, nr, 0, 0).map(drop)
+
+    /// # Safety
+    /// The pages are zeroed and leave the guest: nothing may use them
+    /// afterwards.
+    pub unsafe fn mem_relinquish(ipa: u64, nr: u64) -> Result<(), Error> {
+        // SAFETY: the caller's contract.
+        unsafe { call_giving(func::MEM_RELINQUISH, ipa, nr, 0, 0) }.map(drop)
     }
 }

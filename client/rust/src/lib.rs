@@ -136,6 +136,32 @@ pub mod exit {
     pub const MMIO: u64 = 3;
     pub const IRQ: u64 = 4;
     pub const FAULT: u64 = 5;
+
+    /// SYSTEM_OFF's x2.
+    pub mod system_off {
+        pub const POWEROFF: u64 = 0;
+        pub const RESET: u64 = 1;
+    }
+
+    /// MMIO's x3: bit 0 write, bits 8..15 the access size in bytes, bits
+    /// 16..20 the register number.
+    pub mod mmio {
+        pub const WRITE: u64 = 1 << 0;
+        pub const SIZE_SHIFT: u64 = 8;
+        pub const SIZE_MASK: u64 = 0xFF;
+        pub const REG_SHIFT: u64 = 16;
+        pub const REG_MASK: u64 = 0x1F;
+
+        pub const fn is_write(x3: u64) -> bool {
+            x3 & WRITE != 0
+        }
+        pub const fn size(x3: u64) -> u64 {
+            (x3 >> SIZE_SHIFT) & SIZE_MASK
+        }
+        pub const fn reg(x3: u64) -> u64 {
+            (x3 >> REG_SHIFT) & REG_MASK
+        }
+    }
 }
 
 /// HYP_STATS counter indices.
@@ -150,8 +176,15 @@ pub mod stat {
     pub const COUNT: u64 = 6;
 }
 
-/// Block sizes bitmap of HYP_FEATURES x1.
-pub const BLOCK_SIZES: u64 = (1 << 12) | (1 << 21) | (1 << 30);
+/// HYP_FEATURES x1: the block sizes the stage-2 engine maps (bit n = 2^n
+/// bytes).
+pub const BLOCK_4K: u64 = 1 << 12;
+pub const BLOCK_2M: u64 = 1 << 21;
+pub const BLOCK_1G: u64 = 1 << 30;
+pub const BLOCK_SIZES: u64 = BLOCK_4K | BLOCK_2M | BLOCK_1G;
+
+/// A pfn is a physical address >> 12, whatever the caller's page size.
+pub const PFN_SHIFT: u32 = 12;
 
 /// A status that is not SUCCESS, as a Rust error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,5 +238,5 @@ impl Regs {
     }
 }
 
-#[cfg(target_arch = "aarch64")]
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod call;

@@ -80,13 +80,13 @@ fn expected() -> Vec<(&'static str, i128)> {
         ("KEEL_REVISION_MAJOR", u(keel_abi::REVISION_MAJOR)),
         ("KEEL_REVISION_MINOR", u(keel_abi::REVISION_MINOR)),
         // HYP_FEATURES block sizes; the crate names only the whole bitmap.
-        ("KEEL_BLOCK_4K", 1 << 12), // ABI.md: bit 12 = 4K
-        ("KEEL_BLOCK_2M", 1 << 21), // ABI.md: bit 21 = 2M
-        ("KEEL_BLOCK_1G", 1 << 30), // ABI.md: bit 30 = 1G
+        ("KEEL_BLOCK_4K", u(keel_abi::BLOCK_4K)),
+        ("KEEL_BLOCK_2M", u(keel_abi::BLOCK_2M)),
+        ("KEEL_BLOCK_1G", u(keel_abi::BLOCK_1G)),
         ("KEEL_BLOCK_SIZES", u(keel_abi::BLOCK_SIZES)),
         // Pages.
         ("KEEL_GRANULE", u(keel_abi::GRANULE)),
-        ("KEEL_PFN_SHIFT", 12), // ABI.md: pfn = physical address >> 12
+        ("KEEL_PFN_SHIFT", i128::from(keel_abi::PFN_SHIFT)),
         ("KEEL_PAGE_OWNED", u(PageState::Owned as u64)),
         ("KEEL_PAGE_SHARED_OWNED", u(PageState::SharedOwned as u64)),
         (
@@ -104,13 +104,13 @@ fn expected() -> Vec<(&'static str, i128)> {
         ("KEEL_EXIT_IRQ", u(exit::IRQ)),
         ("KEEL_EXIT_FAULT", u(exit::FAULT)),
         // Exit details; the crate leaves their decoding to the caller.
-        ("KEEL_SYSTEM_OFF_POWEROFF", 0), // ABI.md: SYSTEM_OFF x2 = 0 off
-        ("KEEL_SYSTEM_OFF_RESET", 1),    // ABI.md: x2 = 1 reset
-        ("KEEL_MMIO_WRITE", 1),          // ABI.md: MMIO x3 bit 0 write
-        ("KEEL_MMIO_SIZE_SHIFT", 8),     // ABI.md: bits 8..15 access size
-        ("KEEL_MMIO_SIZE_MASK", 0xFF),
-        ("KEEL_MMIO_REG_SHIFT", 16), // ABI.md: bits 16..20 register number
-        ("KEEL_MMIO_REG_MASK", 0x1F),
+        ("KEEL_SYSTEM_OFF_POWEROFF", u(exit::system_off::POWEROFF)),
+        ("KEEL_SYSTEM_OFF_RESET", u(exit::system_off::RESET)),
+        ("KEEL_MMIO_WRITE", u(exit::mmio::WRITE)),
+        ("KEEL_MMIO_SIZE_SHIFT", u(exit::mmio::SIZE_SHIFT)),
+        ("KEEL_MMIO_SIZE_MASK", u(exit::mmio::SIZE_MASK)),
+        ("KEEL_MMIO_REG_SHIFT", u(exit::mmio::REG_SHIFT)),
+        ("KEEL_MMIO_REG_MASK", u(exit::mmio::REG_MASK)),
         // HYP_STATS counters.
         ("KEEL_STAT_TABLE_PAGES", u(stat::TABLE_PAGES)),
         ("KEEL_STAT_FREE_POOL_PAGES", u(stat::FREE_POOL_PAGES)),
@@ -384,4 +384,29 @@ fn the_evaluator_reads_what_the_header_writes() {
     assert!(Expr::new("1 +", &known).eval().is_err());
     assert!(Expr::new("NOPE", &known).eval().is_err());
     assert!(literal("010").is_err());
+}
+
+/// The constants the header and the crate now both take from the crate, as
+/// the contract (shared/ABI.md) writes them.
+#[test]
+fn crate_constants_are_the_contracts() {
+    assert_eq!(
+        [keel_abi::BLOCK_4K, keel_abi::BLOCK_2M, keel_abi::BLOCK_1G],
+        [4096, 2 << 20, 1 << 30]
+    );
+    assert_eq!(keel_abi::PFN_SHIFT, 12);
+    assert_eq!(
+        (exit::system_off::POWEROFF, exit::system_off::RESET),
+        (0, 1)
+    );
+    // x3 of an 8-byte write from x5.
+    let x3 = 1 | (8 << 8) | (5 << 16);
+    assert!(exit::mmio::is_write(x3));
+    assert!(!exit::mmio::is_write(x3 & !1));
+    assert_eq!((exit::mmio::size(x3), exit::mmio::reg(x3)), (8, 5));
+    assert_eq!(
+        exit::mmio::reg(31 << 16 | 1 << 21),
+        31,
+        "five bits of register"
+    );
 }

@@ -21,7 +21,9 @@
  *      index); each says so, stores a word for vCPU 0 in a private page
  *      (+192 KiB) and turns itself off (CPU_OFF); vCPU 0 waits for every
  *      word, then for AFFINITY_INFO to say each is OFF, reports n to
- *      STATUS and powers off.
+ *      STATUS and powers off;
+ *   3  smp, but every vCPU started jumps to an IPA with no memory (a FAULT
+ *      exit), so vCPU 0 waits for ever: the VMM must stop it.
  */
     .text
     .global _start
@@ -33,7 +35,7 @@ _start:
     adr     x0, msg_hello
     bl      puts
     cmp     x28, #2
-    b.eq    smp
+    b.hs    smp
     cbnz    x28, spin
 
     /* HYP_MEMINFO: the sharing granule is 4 KiB. */
@@ -102,6 +104,9 @@ smp:
     movk    x0, #0xc400, lsl #16
     mov     x1, x23                         /* MPIDR: Aff0 = index */
     adr     x2, secondary
+    adr     x9, crash
+    cmp     x28, #3
+    csel    x2, x9, x2, eq
     mov     x3, x23                         /* context ID */
     smc     #0
     cbnz    x0, fail
@@ -128,6 +133,11 @@ smp:
     adr     x0, msg_smp
     bl      puts
     b       off
+
+/* Mode 3's vCPUs: an instruction fetch where the guest has no memory. */
+crash:
+    mov     x0, #0x1000
+    br      x0
 
 /* A vCPU started by CPU_ON: x0 = its index. */
 secondary:

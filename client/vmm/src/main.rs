@@ -19,7 +19,7 @@ mod dev;
 use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -154,32 +154,82 @@ struct Guest<'a> {
     vcpus: u64,
     console: Mutex<Console>,
     start: Instant,
-    /// vCPUs started by the guest's CPU_ON, and how each run ended.
+    /// vCPUs started by the guest's CPU_ON.
     started: AtomicU64,
-    ends: Mutex<Vec<(u64, io::Result<Ended>)>>,
+    /// How each vCPU's last run ended; a fault or an error is kept (a later
+    /// run's Off does not hide it).
+    ends: Mutex<Vec<Option<Result<Ended, String>>>>,
+    /// Set when the VM must stop: a vCPU faulted, or the VMM failed. The
+    /// vCPU threads are then woken from VCPU_RUN with SIGUSR1.
+    stop: AtomicBool,
+    /// The pthread of each vCPU running now (0: none).
+    threads: Mutex<Vec<u64>>,
 }
+
+impl Guest<'_> {
+    fn end(&self, index: u64, how: Result<Ended, String>) {
+        let failed = !matches!(how, Ok(Ended::Off));
+        let mut ends = self.ends.lock().unwrap();
+        let slot = &mut ends[index as usize];
+        if failed || !slot.as_ref().is_some_and(|e| !matches!(e, Ok(Ended::Off))) {
+            *slot = Some(how);
+        }
+        drop(ends);
+        if failed {
+            self.stop_all();
+        }
+    }
+
+    /// Stops every vCPU: each thread sees `stop` when its VCPU_RUN returns,
+    /// which the signal makes happen at once (the driver returns an IRQ
+    /// exit when a signal is pending).
+    fn stop_all(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for &t in self.threads.lock().unwrap().iter().filter(|&&t| t != 0) {
+            // SAFETY: `t` is a live thread of this process: a vCPU thread
+            // clears its entry under this lock before it ends.
+            unsafe { pthread_kill(t, SIGUSR1) };
+        }
+    }
+}
+
+extern "C" {
+    fn pthread_self() -> u64;
+    fn pthread_kill(thread: u64, sig: i32) -> i32;
+    fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
+}
+const SIGUSR1: i32 = 10;
+
+/// SIGUSR1 only interrupts VCPU_RUN.
+extern "C" fn on_sigusr1(_: i32) {}
 
 /// Runs vCPU `index` until it is off, on this thread; each vCPU the guest
 /// starts meanwhile gets a thread of `scope`.
 fn run_vcpu<'s>(g: &'s Guest<'s>, scope: &'s thread::Scope<'s, '_>, index: u64) {
-    let ended = run_one(g, scope, index);
-    g.ends.lock().unwrap().push((index, ended));
+    // SAFETY: pthread_self has no preconditions.
+    g.threads.lock().unwrap()[index as usize] = unsafe { pthread_self() };
+    let ended = run_one(g, scope, index).map_err(|e| format!("VCPU_RUN of vCPU {index}: {e}"));
+    g.threads.lock().unwrap()[index as usize] = 0;
+    g.end(index, ended.and_then(|e| e));
 }
 
 fn run_one<'s>(
     g: &'s Guest<'s>,
     scope: &'s thread::Scope<'s, '_>,
     index: u64,
-) -> io::Result<Ended> {
+) -> io::Result<Result<Ended, String>> {
     let (keel, vm) = (g.keel, g.vm);
     let mut completion = 0;
     loop {
+        if g.stop.load(Ordering::SeqCst) {
+            return Ok(Ok(Ended::Off));
+        }
         let e = keel.vcpu_run(vm, index, completion)?;
         completion = 0;
         match e.reason {
             exit::MMIO => {
                 let (ipa, access, value) = (e.x2, e.x3, e.x4);
-                let write = access & 1 != 0;
+                let write = exit::mmio::is_write(access);
                 if (CONSOLE..CONSOLE + CONSOLE_SIZE).contains(&ipa) {
                     if write {
                         let mut console = g.console.lock().unwrap();
@@ -197,20 +247,26 @@ fn run_one<'s>(
             // the VMM what it did: a vCPU turning itself off ends its
             // thread; one it turned on gets a thread (the completion, 0,
             // is the caller's SUCCESS).
-            exit::HYPERCALL if e.x2 == PSCI_CPU_OFF => return Ok(Ended::Off),
+            exit::HYPERCALL if e.x2 == PSCI_CPU_OFF => return Ok(Ok(Ended::Off)),
             exit::HYPERCALL if PSCI_CPU_ON.contains(&e.x2) => {
+                // keel made the target ready (it checked the target): a
+                // vCPU nobody runs would stay ON for the guest for ever.
                 let target = e.x3 & 0xff;
-                if target < g.vcpus {
-                    g.started.fetch_add(1, Ordering::Relaxed);
-                    scope.spawn(move || run_vcpu(g, scope, target));
-                } else {
-                    say(&format!("vmm: CPU_ON of {:#x}, not a vCPU", e.x3));
+                if target >= g.vcpus {
+                    return Ok(Err(format!("CPU_ON of {:#x}, not a vCPU", e.x3)));
                 }
+                let spawned = thread::Builder::new()
+                    .name(format!("vcpu{target}"))
+                    .spawn_scoped(scope, move || run_vcpu(g, scope, target));
+                if let Err(e) = spawned {
+                    return Ok(Err(format!("no thread for vCPU {target}: {e}")));
+                }
+                g.started.fetch_add(1, Ordering::Relaxed);
             }
             exit::HYPERCALL => completion = keel_abi::status::NOT_SUPPORTED as u64,
             exit::IRQ => {}
-            exit::SYSTEM_OFF => return Ok(Ended::Off),
-            exit::FAULT => return Ok(Ended::Fault(e.x2)),
+            exit::SYSTEM_OFF => return Ok(Ok(Ended::Off)),
+            exit::FAULT => return Ok(Ok(Ended::Fault(e.x2))),
             r => say(&format!("vmm: unknown exit reason {r}")),
         }
     }
@@ -260,18 +316,25 @@ fn cmd_run(o: Opts) -> Result<u32, String> {
         }),
         start,
         started: AtomicU64::new(0),
-        ends: Mutex::new(Vec::new()),
+        ends: Mutex::new((0..o.vcpus).map(|_| None).collect()),
+        stop: AtomicBool::new(false),
+        threads: Mutex::new(vec![0; o.vcpus as usize]),
     };
+    // SAFETY: an empty handler: SIGUSR1 only ends a VCPU_RUN early.
+    unsafe { signal(SIGUSR1, on_sigusr1) };
     thread::scope(|scope| run_vcpu(&guest, scope, 0));
     let console = guest.console.into_inner().unwrap();
     let started = guest.started.into_inner();
     let mut ended = Ended::Off;
-    for (index, end) in guest.ends.into_inner().unwrap() {
+    for (index, end) in guest.ends.into_inner().unwrap().into_iter().enumerate() {
         match end {
-            Err(e) => return Err(format!("VCPU_RUN of vCPU {index}: {e}")),
-            Ok(Ended::Fault(esr)) if index == 0 => ended = Ended::Fault(esr),
-            Ok(Ended::Fault(esr)) => say(&format!("vmm: vCPU {index} faulted, ESR {esr:#x}")),
-            Ok(Ended::Off) => {}
+            Some(Err(e)) => return Err(e),
+            Some(Ok(Ended::Fault(esr))) if index == 0 => ended = Ended::Fault(esr),
+            Some(Ok(Ended::Fault(esr))) => {
+                say(&format!("vmm: vCPU {index} faulted, ESR {esr:#x}"));
+                ended = Ended::Fault(esr);
+            }
+            _ => {}
         }
     }
     if let Some(t) = console.first_line {

@@ -46,3 +46,14 @@ mod suites;
 
 #[cfg(target_os = "none")]
 pub use kernel::current_el;
+
+/// keel's raw call for the suites: any ID and arguments.
+#[cfg(target_os = "none")]
+#[inline(always)]
+pub fn hvc(id: u64, args: [u64; 5]) -> keel_abi::Regs {
+    // SAFETY: the pages the suites give keel or its guests (or lend, pin,
+    // share) come from their test ranges, which they reach only through
+    // raw pointers with volatile accesses, never references: nothing the
+    // compiler assumes about memory changes when a call gives them away.
+    unsafe { keel_abi::call::hvc(id, args) }
+}

@@ -15,7 +15,7 @@
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use keel_abi::{call, func};
+use keel_abi::func;
 
 use crate::dt::BootInfo;
 use crate::harness::{Failure, Suite, Test, TestResult};
@@ -219,7 +219,7 @@ fn report(name: &str, s: &mut Samples) -> u64 {
 /// One host call that must succeed.
 #[inline(always)]
 fn must(id: u64, pfn: u64, nr: u64) -> TestResult {
-    let r = call::hvc(id, [pfn, nr, 0, 0, 0]);
+    let r = crate::hvc(id, [pfn, nr, 0, 0, 0]);
     if r.status() != 0 {
         fail!(
             "call {:#x}(pfn {:#x}, nr {}): status {}",
@@ -245,7 +245,7 @@ fn hvc_null(_: &BootInfo) -> TestResult {
     println!("bench clock_overhead {} {}", clock_overhead(), unit());
     let mut s = Samples::take(1001, || {
         let t0 = now();
-        let r = call::hvc(func::HYP_FEATURES, [0; 5]);
+        let r = crate::hvc(func::HYP_FEATURES, [0; 5]);
         let t1 = now();
         ensure!(r.status() == 0, "HYP_FEATURES: status {}", r.status());
         Ok(t1 - t0)

@@ -253,7 +253,7 @@ fn revision(_: &BootInfo) -> TestResult {
 }
 
 fn hyp_features(_: &BootInfo) -> TestResult {
-    let r = call::hvc(func::HYP_FEATURES, [0; 5]).0;
+    let r = crate::hvc(func::HYP_FEATURES, [0; 5]).0;
     ensure_eq!(r[0], 0, "HYP_FEATURES x0 (status)");
     ensure_eq!(r[1], keel_abi::BLOCK_SIZES, "HYP_FEATURES x1 (block sizes)");
     ensure!(r[2] != 0, "HYP_FEATURES x2 (max VMs) is 0");
@@ -267,7 +267,7 @@ fn unknown_ids_not_supported(_: &BootInfo) -> TestResult {
     // yielding-call ID, and all ones.
     const UNKNOWN: [u64; 5] = [0xC600_0FFF, 0xC600_011A, 0x8600_0001, 0, 0xFFFF_FFFF];
     for id in UNKNOWN {
-        let r = call::hvc(id, [1, 2, 3, 4, 5]).0;
+        let r = crate::hvc(id, [1, 2, 3, 4, 5]).0;
         ensure_eq!(
             r[0] as i64,
             status::NOT_SUPPORTED,

@@ -435,7 +435,7 @@ fn hvc_imm(imm: u16, id: u64, a: [u64; 5]) -> Regs {
     macro_rules! hvc {
         ($imm:literal) => {{
             let (r0, r1, r2, r3, r4);
-            // SAFETY: as keel_abi::call::hvc: the hypervisor returns to the
+            // SAFETY: as crate::hvc: the hypervisor returns to the
             // next instruction, writing at most x0..x17, all declared.
             unsafe {
                 core::arch::asm!(
@@ -456,7 +456,7 @@ fn hvc_imm(imm: u16, id: u64, a: [u64; 5]) -> Regs {
         }};
     }
     match imm {
-        0 => call::hvc(id, a),
+        0 => crate::hvc(id, a),
         1 => hvc!("1"),
         0x7f => hvc!("0x7f"),
         _ => hvc!("0xffff"),

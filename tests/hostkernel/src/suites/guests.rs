@@ -162,8 +162,8 @@ pub enum Op {
 /// Every host call of this suite: issues it, then runs keel's invariant
 /// checker and fails the test if it reports a violation.
 pub fn hc(id: u64, args: [u64; 4]) -> Result<Regs, Failure> {
-    let r = keel_abi::call::hvc(id, [args[0], args[1], args[2], args[3], 0]);
-    let c = keel_abi::call::hvc(func::KEEL_CHECK_INVARIANTS, [0; 5]);
+    let r = crate::hvc(id, [args[0], args[1], args[2], args[3], 0]);
+    let c = crate::hvc(func::KEEL_CHECK_INVARIANTS, [0; 5]);
     if c.status() != status::SUCCESS {
         fail!(
             "KEEL_CHECK_INVARIANTS after call {:#x}({:#x?}) (status {}): status {}, at {:#x}",
@@ -358,7 +358,7 @@ impl Drop for Guest {
         if self.done {
             return;
         }
-        let call = keel_abi::call::hvc;
+        let call = crate::hvc;
         if !self.destroyed {
             call(func::VM_DESTROY, [self.handle, 0, 0, 0, 0]);
         }
@@ -1624,7 +1624,7 @@ fn bad_handles_and_vcpus(_: &BootInfo) -> TestResult {
     // Whatever happened, the empty VMs go (the Guest's Drop takes care of
     // its own).
     for h in raw.iter().filter(|&&h| h != 0) {
-        keel_abi::call::hvc(func::VM_DESTROY, [*h, 0, 0, 0, 0]);
+        crate::hvc(func::VM_DESTROY, [*h, 0, 0, 0, 0]);
     }
     r
 }
@@ -2110,7 +2110,7 @@ pub(crate) fn bench_guest_share_unshare(_: &BootInfo) -> TestResult {
     for v in null.iter_mut() {
         let t0 = ticks();
         for _ in 0..NULL_ROUNDS {
-            keel_abi::call::hvc(func::HYP_FEATURES, [0; 5]);
+            crate::hvc(func::HYP_FEATURES, [0; 5]);
         }
         *v = (ticks() - t0) * 1000 / NULL_ROUNDS;
     }
@@ -2142,7 +2142,7 @@ pub(crate) fn bench_vm_destroy(_: &BootInfo) -> TestResult {
         for s in v.iter_mut().take(rounds) {
             let mut g = Guest::new(pa, IPA, pages, 3)?;
             let t0 = crate::suites::bench::now();
-            let r = keel_abi::call::hvc(func::VM_DESTROY, [g.handle, 0, 0, 0, 0]);
+            let r = crate::hvc(func::VM_DESTROY, [g.handle, 0, 0, 0, 0]);
             let t1 = crate::suites::bench::now();
             ensure!(r.status() == 0, "VM_DESTROY: status {}", r.status());
             g.destroyed = true;

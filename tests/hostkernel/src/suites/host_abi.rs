@@ -161,7 +161,7 @@ fn check_invariants(after: core::fmt::Arguments) -> TestResult {
 /// Every call of this suite: issues it, counts it if it succeeded, then
 /// checks the hypervisor's invariants.
 fn gate(id: u64, a1: u64, a2: u64) -> Result<Regs, Failure> {
-    let r = call::hvc(id, [a1, a2, 0, 0, 0]);
+    let r = crate::hvc(id, [a1, a2, 0, 0, 0]);
     if r.status() == status::SUCCESS {
         SUCCESSES.fetch_add(1, Ordering::Relaxed);
     }

@@ -34,7 +34,6 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use keel_abi::call;
 use keel_abi::{func, owner, stat, status, Regs};
 
 use crate::dt::BootInfo;
@@ -788,7 +787,7 @@ static MAX_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
 fn hc(id: u64, a1: u64, a2: u64) -> Regs {
     let now = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
     MAX_IN_FLIGHT.fetch_max(now, Ordering::Relaxed);
-    let r = call::hvc(id, [a1, a2, 0, 0, 0]);
+    let r = crate::hvc(id, [a1, a2, 0, 0, 0]);
     IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
     if r.status() == status::SUCCESS {
         OK_CALLS.fetch_add(1, Ordering::Relaxed);
