@@ -19,6 +19,23 @@ pub fn vmalle1is() {
     unsafe { asm!("tlbi vmalle1is", options(nostack, preserves_flags)) };
 }
 
+/// This CPU's own stage-1 (and combined) entries of the VMID in VTTBR_EL2,
+/// and its instruction cache, complete when this returns: for a vCPU about
+/// to run where another vCPU of its VM ran last (`RunTicket::flush_local`).
+pub fn vmalle1_local() {
+    // SAFETY: TLB and instruction-cache invalidation only drop cached
+    // translations and instructions.
+    unsafe {
+        asm!(
+            "tlbi vmalle1",
+            "ic iallu",
+            "dsb nsh",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
 /// TLBI VMALLS12E1IS: every stage-1 and stage-2 entry of the VMID in VTTBR_EL2.
 pub fn vmalls12e1is() {
     // SAFETY: TLB invalidation only drops cached translations.

@@ -44,6 +44,15 @@ pub struct RunTicket {
     pub slot: usize,
     pub vttbr: u64,
     pub vtcr: u64,
+    /// Another vCPU of the same VM ran last on this physical CPU: its TLB
+    /// entries for the VMID must go (locally) before this vCPU runs. A
+    /// guest may give each of its CPUs its own translations under one ASID
+    /// (per-CPU ASID allocation, say) and rely on each CPU's TLB holding
+    /// only its own: the vCPUs share a VMID, so one would hit the other's
+    /// entries. Its own invalidations are broadcast (HCR_EL2.FB), which does
+    /// not cover entries it never invalidates because, on hardware, another
+    /// CPU's TLB never had them.
+    pub flush_local: bool,
 }
 
 impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
@@ -195,6 +204,20 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
     /// value of the previous exit and marks the vCPU Running. On refusal, or
     /// when the vCPU cannot run any more, the Return to give the host.
     pub fn begin_run(&self, handle: u64, index: u64, completion: u64) -> Result<RunTicket, Return> {
+        self.begin_run_on(handle, index, completion, usize::MAX)
+    }
+
+    /// [`begin_run`](Self::begin_run) on physical CPU `cpu`, which decides
+    /// [`RunTicket::flush_local`] (a CPU index past
+    /// [`MAX_CPUS`](crate::vm::MAX_CPUS) always flushes once another vCPU
+    /// could have run there).
+    pub fn begin_run_on(
+        &self,
+        handle: u64,
+        index: u64,
+        completion: u64,
+        cpu: usize,
+    ) -> Result<RunTicket, Return> {
         let mut vms = self.vms.lock();
         let slot = Vms::<G>::index(handle).map_err(|e| Return::status(e.status()))?;
         let vm = vms
@@ -223,6 +246,18 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
             return exit([keel_abi::exit::SYSTEM_OFF, how, 0, 0]);
         }
         vm.started = true;
+        // No vCPU of the VM has run on this CPU since VM_CREATE: any entry
+        // of its VMID there went with the previous VM of the slot
+        // (VM_DESTROY invalidates the VMID everywhere).
+        let me = index as u8 + 1;
+        let flush_local = match vm.last_ran.get_mut(cpu) {
+            Some(last) => {
+                let other = *last != 0 && *last != me;
+                *last = me;
+                other
+            }
+            None => vm.nr_vcpus > 1,
+        };
         let vcpu = &mut vm.vcpus[index as usize];
         vcpu.complete(completion);
         vcpu.state = VcpuState::Running;
@@ -232,6 +267,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
             slot,
             vttbr,
             vtcr,
+            flush_local,
         })
     }
 

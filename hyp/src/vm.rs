@@ -182,7 +182,18 @@ pub struct Vm<G: TlbMaintenance> {
     /// the guest has secrets in its memory, would hand the host its control
     /// flow.
     pub started: bool,
+    /// For each physical CPU (by index, below [`MAX_CPUS`]): 1 + the index
+    /// of this VM's vCPU that last ran there, 0 if none has. When another
+    /// vCPU of the VM runs there next, the CPU's TLB entries for the VMID
+    /// are dropped first (see [`RunTicket::flush_local`]).
+    ///
+    /// [`RunTicket::flush_local`]: crate::host::RunTicket::flush_local
+    pub last_ran: [u8; MAX_CPUS],
 }
+
+/// Physical CPUs whose last vCPU each VM tracks; a CPU index past it always
+/// gets the local flush.
+pub const MAX_CPUS: usize = 8;
 
 /// A slot lives in a static table and is never moved, so the size of
 /// `Vm` costs nothing.
@@ -427,6 +438,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             pages: 0,
             alive: true,
             started: false,
+            last_ran: [0; MAX_CPUS],
         });
         Ok(handle_of(slot))
     }

@@ -1068,6 +1068,49 @@ fn guest_psci_starts_and_stops_its_vcpus() {
 /// and never run, or never initialized), and changes nothing. Before that
 /// it may set them again and again.
 #[test]
+fn a_vcpu_that_follows_another_of_its_vm_on_a_cpu_flushes_that_cpu() {
+    let m = Machine::small();
+    let h = m.create(2);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x1000, 0]), OK);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 1, 0x1000, 0]), OK);
+    // (vCPU, physical CPU, flush): the first vCPU of the VM on a CPU finds
+    // nothing of its VMID there; the same vCPU again keeps its entries;
+    // another vCPU of the VM drops them, on that CPU only.
+    for (vcpu, cpu, flush) in [
+        (0, 0, false),
+        (0, 0, false),
+        (1, 0, true),
+        (1, 0, false),
+        (1, 1, false),
+        (0, 1, true),
+        (0, 0, true),
+        (1, 3, false),
+        // A CPU past those tracked: flushed whenever another vCPU could
+        // have run there.
+        (1, usize::MAX, true),
+        (0, keel_hyp::vm::MAX_CPUS, true),
+    ] {
+        let t = m.hyp.begin_run_on(h, vcpu, 0, cpu).expect("VCPU_RUN");
+        assert_eq!(t.flush_local, flush, "vCPU {vcpu} on CPU {cpu:#x}");
+        m.hyp.end_run(&t);
+    }
+    // A refused run records nothing: vCPU 0 ran last on CPU 0, and still
+    // finds its own entries there after a refused run of a vCPU 2.
+    assert!(m.hyp.begin_run_on(h, 2, 0, 0).is_err());
+    let t = m.hyp.begin_run_on(h, 0, 0, 0).expect("VCPU_RUN");
+    assert!(!t.flush_local, "a refused run changed the record");
+    m.hyp.end_run(&t);
+    // A VM of one vCPU never needs it, on any CPU.
+    let one = m.create(1);
+    assert_eq!(m.checked(func::VCPU_INIT, &[one, 0, 0x1000, 0]), OK);
+    for cpu in [0, 0, 5, usize::MAX] {
+        let t = m.hyp.begin_run_on(one, 0, 0, cpu).expect("VCPU_RUN");
+        assert!(!t.flush_local, "CPU {cpu:#x}");
+        m.hyp.end_run(&t);
+    }
+}
+
+#[test]
 fn vcpu_init_is_refused_once_the_vm_has_run() {
     let m = Machine::small();
     let h = m.create(3);

@@ -11,13 +11,16 @@
 use keel_arch::exception::kind;
 use keel_arch::features::ExtFeatures;
 use keel_arch::guest::{self as world, el1, El1Regs, ExtRegs, FpRegs, HostSave};
-use keel_arch::{barrier, features, inject, sysreg, TrapFrame};
+use keel_arch::{barrier, features, inject, sysreg, tlb, TrapFrame};
 use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::host::RunTicket;
 use keel_hyp::hvc::Return;
 use keel_hyp::vm::Vcpu;
 
 use super::{this_cpu, Hyp, HYP};
+
+// Every CPU keel runs on has its own record of the vCPU that last ran there.
+const _: () = assert!(keel_boot::layout::MAX_CPUS <= keel_hyp::vm::MAX_CPUS);
 
 /// HCR_EL2 while a guest runs: stage 2 (VM); FIQ, IRQ and SError routed to
 /// EL2 (FMO, IMO, AMO), so a physical interrupt ends the run and reaches the
@@ -204,7 +207,8 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
 /// VCPU_RUN from the host, with its registers in `frame`.
 pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     let (handle, index, completion) = (frame.x[1], frame.x[2], frame.x[3]);
-    let ticket = match hyp.begin_run(handle, index, completion) {
+    let cpu = this_cpu().cpu_index as usize;
+    let ticket = match hyp.begin_run_on(handle, index, completion, cpu) {
         Ok(t) => t,
         Err(ret) => return ret.apply(&mut frame.x),
     };
@@ -212,6 +216,10 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     let vcpu = unsafe { &mut *ticket.vcpu };
     let host = save_host();
     load_guest(vcpu, &ticket, index, &host);
+    if ticket.flush_local {
+        // Under the guest's VTTBR (load_guest): its VMID's entries here.
+        tlb::vmalle1_local();
+    }
     super::timer::arm_for_host(host.el1.r[el1::CNTV_CTL], host.el1.r[el1::CNTV_CVAL]);
     let mut run = GuestRun {
         save: HostSave::default(),
