@@ -92,11 +92,17 @@ impl El1Regs {
     /// erratum 1165522, A55 1530923, A57/A72 1319367), nothing is then
     /// walked with one world's stage 1 under the other's stage 2, which
     /// would leave TLB entries for the VMID that did not make them. The
-    /// caller loads the matching VTTBR_EL2 first.
+    /// caller loads the matching VTTBR_EL2 first. On CPUs without such an
+    /// erratum ([`crate::errata::speculative_at`]) this is `restore`.
     ///
     /// # Safety
     /// As [`restore`](Self::restore).
     pub unsafe fn restore_quiesced(&self) {
+        if !crate::errata::speculative_at() {
+            // SAFETY: the caller's contract.
+            unsafe { self.restore() };
+            return;
+        }
         let mut quiet = *self;
         quiet.r[el1::TCR] |= TCR_EPD;
         // SAFETY: the caller's contract; with the walks off, the order of
@@ -116,13 +122,21 @@ impl El1Regs {
     /// SCTLR_EL1.M, so that no flat mapping stands in for it either) before
     /// VTTBR_EL2 changes to another world's: see
     /// [`restore_quiesced`](Self::restore_quiesced). Returns what the two
-    /// registers held, for [`resume`](Self::resume).
+    /// registers held, for [`resume`](Self::resume). Does nothing where the
+    /// workaround is off.
     ///
     /// # Safety
     /// Only while nothing runs at EL1, until the registers are written back
     /// ([`resume`](Self::resume), or the next world's
     /// [`restore_quiesced`](Self::restore_quiesced)).
     pub unsafe fn quiesce() -> Quiesced {
+        if !crate::errata::speculative_at() {
+            return Quiesced {
+                tcr: 0,
+                sctlr: 0,
+                active: false,
+            };
+        }
         let (tcr, sctlr): (u64, u64);
         // SAFETY: the caller's contract: nothing runs at EL1 meanwhile.
         unsafe {
@@ -131,7 +145,11 @@ impl El1Regs {
             core::arch::asm!("mrs {}, sctlr_el1", out(reg) sctlr, options(nomem, nostack, preserves_flags));
             write_sctlr(sctlr | SCTLR_M);
         }
-        Quiesced { tcr, sctlr }
+        Quiesced {
+            tcr,
+            sctlr,
+            active: true,
+        }
     }
 
     /// Undoes [`quiesce`](Self::quiesce) once VTTBR_EL2 is the live
@@ -140,6 +158,9 @@ impl El1Regs {
     /// # Safety
     /// As [`quiesce`](Self::quiesce), with its result.
     pub unsafe fn resume(q: Quiesced) {
+        if !q.active {
+            return;
+        }
         // SAFETY: the values the live world had.
         unsafe {
             write_sctlr(q.sctlr);
@@ -154,6 +175,8 @@ impl El1Regs {
 pub struct Quiesced {
     tcr: u64,
     sctlr: u64,
+    /// False where the workaround is off: nothing was changed.
+    active: bool,
 }
 
 /// Writes SCTLR_EL1 and waits for it to take effect.

@@ -7,6 +7,7 @@
 //! exists only when compiling for aarch64.
 #![cfg_attr(not(test), no_std)]
 
+pub mod errata;
 pub mod esr;
 pub mod features;
 pub mod inject;

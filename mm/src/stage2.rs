@@ -791,6 +791,7 @@ impl<T: TlbMaintenance> Stage2<T> {
     /// table is filled: with break-before-make if the entry is live and
     /// valid; for a live invalid entry, only after the table's entries are
     /// visible to the walker.
+    #[inline(always)]
     fn link_table(&mut self, pool: &PagePool, at: Slot, old: Pte, link: Pte, live: bool) {
         if live && old.is_valid() {
             write(pool, at.table, at.index, Pte::invalid(Annotation(0)));

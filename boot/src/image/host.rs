@@ -30,12 +30,30 @@ impl HwTlb {
         if self.vttbr == 0 || current == self.vttbr {
             return f();
         }
+        if keel_arch::errata::speculative_at() {
+            return self.under_quiesced(current, f);
+        }
         // SAFETY: only TLB maintenance runs under the other VTTBR; nothing
-        // executes at EL1 before the original values are back. The live
-        // EL1 stage 1 does not walk meanwhile, so that no speculative walk
-        // fills the other VMID's TLB entries with it (El1Regs::quiesce).
+        // executes at EL1 before the original value is back.
+        unsafe { sysreg::set_vttbr_el2(self.vttbr) };
+        barrier::isb();
+        let r = f();
+        // SAFETY: restores the value read above.
+        unsafe { sysreg::set_vttbr_el2(current) };
+        barrier::isb();
+        r
+    }
+
+    /// [`under`](Self::under) with the live EL1 stage 1 kept from walking
+    /// meanwhile, so that no speculative walk fills the other VMID's TLB
+    /// entries with it (`keel_arch::errata`; out of line: most CPUs never
+    /// take it).
+    #[cold]
+    #[inline(never)]
+    fn under_quiesced<R>(&self, current: u64, f: impl FnOnce() -> R) -> R {
+        // SAFETY: as in `under`; the EL1 registers are back before EL1 runs.
         let quiet = unsafe { El1Regs::quiesce() };
-        // SAFETY: as above.
+        // SAFETY: as in `under`.
         unsafe { sysreg::set_vttbr_el2(self.vttbr) };
         barrier::isb();
         let r = f();
@@ -452,6 +470,12 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     // one's so far; each secondary adds its own), less what keel does not
     // switch for them.
     hyp.guest_ids.lock().add_cpu(&sysreg::aa64_id_regs());
+    if keel_arch::errata::note_cpu(sysreg::midr_el1()) {
+        info!(
+            "speculative-AT workaround on (this CPU, MIDR {:#x})",
+            sysreg::midr_el1()
+        );
+    }
     HYP.call_once(|| hyp);
 
     let entry = info.kernel.range.start;

@@ -201,6 +201,10 @@ extern "C" fn keel_main(dtb_pa: u64, load_base: u64) -> ! {
         "keel {} at EL2, loaded at {load_base:#x}",
         env!("CARGO_PKG_VERSION")
     );
+    if has_flag(info.bootargs, "keel.errata=speculative-at") {
+        keel_arch::errata::force_speculative_at();
+        info!("speculative-AT workaround on (keel.errata=speculative-at)");
+    }
     if has_flag(info.bootargs, "keel.selftest=panic") {
         panic!("deliberate panic (keel.selftest=panic)");
     }

@@ -118,6 +118,12 @@ extern "C" fn keel_secondary_main(index: u64) -> ! {
     // Guests are told only what every CPU has (CPUs may differ).
     if let Some(hyp) = HYP.get() {
         hyp.guest_ids.lock().add_cpu(&sysreg::aa64_id_regs());
+        if keel_arch::errata::note_cpu(sysreg::midr_el1()) {
+            info!(
+                "speculative-AT workaround on (this CPU, MIDR {:#x})",
+                sysreg::midr_el1()
+            );
+        }
     }
     let cpu = this_cpu();
     info!(
