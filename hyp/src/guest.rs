@@ -150,7 +150,13 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             }
             ec::SYSREG => {
                 let access = SysregAccess::from_esr(trap.esr);
-                let emulated = sysreg::emulate(&self.guest_ids.lock(), &access);
+                let emulated = {
+                    let mut ids = self.guest_ids.lock();
+                    // What a guest reads (or could have) is what its vCPUs
+                    // may rely on, on any CPU: a CPU with less stays off.
+                    ids.freeze();
+                    sysreg::emulate(&ids, &access)
+                };
                 let Some(value) = emulated else {
                     return Action::Undefined(trap.esr);
                 };

@@ -214,7 +214,15 @@ pub struct GuestIdRegs {
     aa64: [u64; AA64_ID_REGS],
     /// The common values of the CPUs added so far.
     cpus: Option<[u64; AA64_ID_REGS]>,
+    /// A guest has read the view: it may no longer narrow.
+    frozen: bool,
 }
+
+/// A CPU that comes up after guests read the ID view ([`GuestIdRegs::
+/// freeze`]) and lacks something the view promised them: their vCPUs could
+/// run on it, so it must not run anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NarrowerCpu;
 
 impl Default for GuestIdRegs {
     /// Before any CPU is added: every ID register zero except that EL0
@@ -223,6 +231,7 @@ impl Default for GuestIdRegs {
         Self {
             aa64: Self::view(&[0; AA64_ID_REGS]),
             cpus: None,
+            frozen: false,
         }
     }
 }
@@ -236,22 +245,36 @@ impl GuestIdRegs {
         Self {
             aa64: Self::view(cpu),
             cpus: Some(*cpu),
+            frozen: false,
         }
     }
 
     /// Adds a CPU (its AArch64 ID registers, as each CPU comes up): guests
     /// are told only what every CPU added so far has, as a vCPU may run on
-    /// any of them. A guest that already read the registers keeps what it
-    /// read; CPUs come up before the host starts VMs.
-    pub fn add_cpu(&mut self, cpu: &[u64; AA64_ID_REGS]) {
+    /// any of them. Once a guest has read the view ([`freeze`]), a CPU
+    /// that would narrow it is refused ([`NarrowerCpu`]) and changes
+    /// nothing: as Linux parks a late CPU that lacks a feature it already
+    /// uses, keel keeps that CPU off (the host's CPU_ON of it never
+    /// completes).
+    ///
+    /// [`freeze`]: Self::freeze
+    pub fn add_cpu(&mut self, cpu: &[u64; AA64_ID_REGS]) -> Result<(), NarrowerCpu> {
         let common = match &self.cpus {
             Some(c) => common_ids(c, cpu),
             None => *cpu,
         };
-        *self = Self {
-            aa64: Self::view(&common),
-            cpus: Some(common),
-        };
+        let aa64 = Self::view(&common);
+        if self.frozen && aa64 != self.aa64 {
+            return Err(NarrowerCpu);
+        }
+        self.aa64 = aa64;
+        self.cpus = Some(common);
+        Ok(())
+    }
+
+    /// A guest reads the view: from now on it may not change.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
     }
 
     fn view(cpu: &[u64; AA64_ID_REGS]) -> [u64; AA64_ID_REGS] {
@@ -520,22 +543,46 @@ mod tests {
         assert_eq!(field(common_ids(&big, &nofp)[reg::PFR0], 16), 0xf, "FP");
 
         let mut g = GuestIdRegs::default();
-        g.add_cpu(&big);
+        assert_eq!(g.add_cpu(&big), Ok(()));
         assert_eq!(g, GuestIdRegs::from_cpu(&big));
         assert_eq!(
             field(g.read(4, 0), 48),
             1,
             "DIT while only the big CPU is in"
         );
-        g.add_cpu(&little);
+        assert_eq!(g.add_cpu(&little), Ok(()));
         assert_eq!(field(g.read(4, 0), 48), 0, "DIT once the little CPU is in");
         assert_eq!(field(g.read(7, 0), 24), 0xf, "TGran64");
-        g.add_cpu(&big);
+        assert_eq!(g.add_cpu(&big), Ok(()));
         assert_eq!(
             field(g.read(4, 0), 48),
             0,
             "a CPU added again widens nothing"
         );
+
+        // Once a guest has read the view, a CPU with less is refused and
+        // changes nothing; one with as much or more still comes in.
+        let mut g = GuestIdRegs::default();
+        assert_eq!(g.add_cpu(&big), Ok(()));
+        g.freeze();
+        let before = g.clone();
+        assert_eq!(g.add_cpu(&little), Err(NarrowerCpu));
+        assert_eq!(g, before, "a refused CPU changed the view");
+        assert_eq!(g.add_cpu(&big), Ok(()), "the same kind of CPU");
+        // Differences the guest's view hides do not matter (PMU version:
+        // guests see no PMU at all).
+        let mut other_pmu = big;
+        other_pmu[reg::DFR0] ^= 0xf << 8;
+        assert_eq!(
+            g.add_cpu(&other_pmu),
+            Ok(()),
+            "a difference guests do not see"
+        );
+        assert_eq!(g.aa64, before.aa64);
+        // Before any guest read, the view narrows as before.
+        let mut g = GuestIdRegs::from_cpu(&big);
+        assert_eq!(g.add_cpu(&little), Ok(()));
+        assert_eq!(field(g.read(4, 0), 48), 0);
     }
 
     #[test]

@@ -1621,6 +1621,47 @@ fn reclaim_never_hands_the_host_a_table_it_allocates() {
 /// and PMU registers RAZ/WI, anything else an undefined instruction for
 /// the guest (not a FAULT); SVE and SME traps too. The vCPU never fails.
 #[test]
+fn a_cpu_with_less_than_guests_read_stays_out() {
+    use keel_hyp::sysreg::{aa64_index, sysreg_esr, NarrowerCpu, AA64_ID_REGS};
+    let pfr0 = aa64_index(4, 0);
+    // Two kinds of CPU: one with DIT (ID_AA64PFR0_EL1 bits 48..51), one
+    // without.
+    let mut with_dit = [0u64; AA64_ID_REGS];
+    with_dit[pfr0] = 0x11 | 1 << 48;
+    let mut without = with_dit;
+    without[pfr0] &= !(0xf << 48);
+    let dit = |m: &Machine| (m.hyp.guest_ids.lock().read(4, 0) >> 48) & 0xf;
+    for guest_reads in [false, true] {
+        let m = Machine::small();
+        assert_eq!(m.hyp.guest_ids.lock().add_cpu(&with_dit), Ok(()));
+        assert_eq!(dit(&m), 1);
+        let h = m.create(1);
+        if guest_reads {
+            let mut vcpu = Vcpu::new();
+            vcpu.state = VcpuState::Running;
+            // MRS x3, ID_AA64PFR0_EL1.
+            let esr = sysreg_esr(3, 0, 0, 4, 0, 3, true);
+            let trap = Trap {
+                kind: TrapKind::Sync,
+                esr,
+                far: 0,
+                hpfar: 0,
+            };
+            assert_eq!(m.hyp.guest_trap(slot(h), &mut vcpu, &trap), Action::Resume);
+            assert_eq!((vcpu.x[3] >> 48) & 0xf, 1, "the guest read DIT");
+        }
+        let late = m.hyp.guest_ids.lock().add_cpu(&without);
+        if guest_reads {
+            assert_eq!(late, Err(NarrowerCpu), "a CPU without DIT after the read");
+            assert_eq!(dit(&m), 1, "the view the guest read stands");
+        } else {
+            assert_eq!(late, Ok(()), "no guest has read the view yet");
+            assert_eq!(dit(&m), 0);
+        }
+    }
+}
+
+#[test]
 fn guest_system_register_traps() {
     let m = Machine::small();
     let h = m.create(1);

@@ -469,7 +469,8 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     // What guests read of the ID registers: the CPUs' common values (this
     // one's so far; each secondary adds its own), less what keel does not
     // switch for them.
-    hyp.guest_ids.lock().add_cpu(&sysreg::aa64_id_regs());
+    // The first CPU: nothing to be narrower than.
+    let _ = hyp.guest_ids.lock().add_cpu(&sysreg::aa64_id_regs());
     if keel_arch::errata::note_cpu(sysreg::midr_el1()) {
         info!(
             "speculative-AT workaround on (this CPU, MIDR {:#x})",

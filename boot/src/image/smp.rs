@@ -115,9 +115,27 @@ extern "C" fn keel_secondary_main(index: u64) -> ! {
         HOST_VTCR.load(Ordering::Acquire),
         HOST_VTTBR.load(Ordering::Acquire),
     );
-    // Guests are told only what every CPU has (CPUs may differ).
+    // Guests are told only what every CPU has (CPUs may differ). A CPU
+    // with less than guests have already been told stays off: their vCPUs
+    // could run here.
     if let Some(hyp) = HYP.get() {
-        hyp.guest_ids.lock().add_cpu(&sysreg::aa64_id_regs());
+        if hyp
+            .guest_ids
+            .lock()
+            .add_cpu(&sysreg::aa64_id_regs())
+            .is_err()
+        {
+            log::error!(
+                "CPU {index} (MPIDR {:#x}) lacks a feature guests were told of: it stays off",
+                this_cpu().mpidr
+            );
+            firmware::cpu_off();
+            log::error!("CPU {index}: firmware kept it on; parked");
+            loop {
+                // SAFETY: waiting for an event touches nothing.
+                unsafe { core::arch::asm!("wfe", options(nomem, nostack, preserves_flags)) };
+            }
+        }
         if keel_arch::errata::note_cpu(sysreg::midr_el1()) {
             info!(
                 "speculative-AT workaround on (this CPU, MIDR {:#x})",
