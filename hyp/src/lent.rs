@@ -67,6 +67,8 @@ pub struct Lent {
     head: &'static mut [u32],
     /// The words of the other runs.
     tail: &'static mut [u32],
+    /// Pages recorded, by direction: (to the host, to a guest).
+    counts: (u64, u64),
 }
 
 impl Default for Lent {
@@ -83,6 +85,7 @@ impl Lent {
             first: 0,
             head: &mut [],
             tail: &mut [],
+            counts: (0, 0),
         }
     }
 
@@ -103,6 +106,7 @@ impl Lent {
             first,
             head,
             tail,
+            counts: (0, 0),
         };
     }
 
@@ -170,6 +174,10 @@ impl Lent {
             0
         };
         *w = RECORDED | to_guest | ((u32::from(vm) & VM_MASK) << VM_SHIFT);
+        match dir {
+            Direction::ToHost => self.counts.0 += 1,
+            Direction::ToGuest => self.counts.1 += 1,
+        }
         true
     }
 
@@ -179,6 +187,10 @@ impl Lent {
         let w = self.word_mut(pfn)?;
         let e = Entry::unpack(pfn, *w)?;
         *w = 0;
+        match e.dir {
+            Direction::ToHost => self.counts.0 -= 1,
+            Direction::ToGuest => self.counts.1 -= 1,
+        }
         Some(e)
     }
 
@@ -203,6 +215,21 @@ impl Lent {
             }
             _ => false,
         }
+    }
+
+    /// How many pages are recorded: (to the host, to a guest).
+    pub fn counts(&self) -> (u64, u64) {
+        self.counts
+    }
+
+    /// Every recorded page, in the order of RAM (a scan of the whole table:
+    /// for the invariant checker).
+    pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+        self.ram
+            .runs()
+            .flat_map(|(first, pages)| first..first + pages)
+            .zip(self.head.iter().chain(self.tail.iter()))
+            .filter_map(|(pfn, &w)| Entry::unpack(pfn, w))
     }
 
     /// The first page of [pfn, pfn + nr) not recorded as shared in
@@ -238,6 +265,12 @@ mod tests {
         assert_eq!(l.get(10).unwrap().dir, Direction::ToGuest);
         assert!(l.pin(20) && l.pin(20));
         assert!(!l.pin(10), "host pages lent to a guest are not pinned");
+        let all: Vec<_> = l.entries().map(|e| (e.pfn, e.vm, e.pins)).collect();
+        assert_eq!(
+            all,
+            [(10, 2, 0), (20, 1, 2), (30, 1, 0)],
+            "in the order of RAM"
+        );
         assert!(!l.pin(11), "nothing recorded");
         assert_eq!(l.get(20).unwrap().pins, 2);
         assert!(l.unpin(20) && l.unpin(20));

@@ -11,8 +11,9 @@
 //!
 //! Where the state of a page lives:
 //! - host stage-2 leaf, mapped: its software bits (OWNED, SHARED_OWNED,
-//!   SHARED_BORROWED); a SHARED_OWNED page mapped in the hypervisor's stage
-//!   1 is shared with the hypervisor, otherwise with a guest;
+//!   SHARED_BORROWED); an OWNED page the hypervisor's stage 1 maps is
+//!   shared with the hypervisor; a SHARED_OWNED or SHARED_BORROWED one is
+//!   shared with the VM the shared-page table (`lent`) names;
 //! - host stage-2 entry, unmapped: its annotation — [`ANN_HYP_PRIVATE`],
 //!   [`ANN_HYP_DONATED`] (free or in use: the pool's donated-page table
 //!   says), or the owning VM's handle.
@@ -200,6 +201,22 @@ pub trait Guests {
     fn first_not_borrowed(&self, pfn: u64, nr: u64) -> Option<u64> {
         (pfn..pfn.saturating_add(nr)).find(|&p| self.borrower(p).is_none())
     }
+    /// How many pages are recorded as shared: (guests' pages the host
+    /// borrows, host pages guests borrow), if the implementation counts
+    /// them. Each must match a host page shared that way (the invariant
+    /// checker counts those as it walks): an extra record is a stray.
+    fn lent_counts(&self) -> Option<(u64, u64)> {
+        None
+    }
+    /// The first page recorded as shared whose record the host stage 2
+    /// (`host_state`: the state of the host's mapping of a page, None if
+    /// unmapped) or the VM table contradicts: a free slot on the other
+    /// side, a guest's page the host does not map SHARED_BORROWED, a host
+    /// page it does not map SHARED_OWNED, pins on a host page. A scan of
+    /// every record: only once the counts say one is stray.
+    fn first_stray_record(&self, _host_state: &dyn Fn(u64) -> Option<PageState>) -> Option<u64> {
+        None
+    }
 }
 
 /// No VMs at all.
@@ -273,7 +290,7 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
                 ..
             } => match g.lender(pa / PAGE) {
                 Some((vm, pinned)) if g.is_live(vm) => Page::GuestShared { vm, pinned },
-                Some((vm, _)) => Page::DeadShared(vm),
+                Some((vm, pinned)) => Page::DeadShared { vm, pinned },
                 None => Page::HypPrivate,
             },
             LeafKind::Unmapped(ANN_HYP_DONATED) => Page::HypDonated {
@@ -580,11 +597,13 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
     /// then the first bad donated page.
     pub fn check_invariants(&self, g: &dyn Guests) -> Result<(), Violation> {
         let mut donated_host = None;
+        let mut shared = (0, 0);
         for region in self.ram.regions() {
             let walk = self.check_region(*region, g);
             walk.host?;
             walk.hyp?;
             donated_host = donated_host.or(walk.donated_host);
+            shared = (shared.0 + walk.shared.0, shared.1 + walk.shared.1);
         }
         let elsewhere = self.donated_host_elsewhere();
         let host_bad = match (donated_host, elsewhere) {
@@ -598,6 +617,22 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
             )?,
             (_, Some(u)) => violation("donated page not mapped by the hypervisor", u)?,
             _ => {}
+        }
+        // Every host page shared either way has its record (the walk
+        // checked): as many records as such pages means no other record.
+        if g.lent_counts().is_some_and(|c| c != shared) {
+            let host_state =
+                |pfn: u64| match self.host.lookup(&self.pool, pfn * PAGE).map(|l| l.kind) {
+                    Ok(LeafKind::Mapped { state, .. }) => Some(state),
+                    _ => None,
+                };
+            let at = g
+                .first_stray_record(&host_state)
+                .map_or(0, |pfn| pfn * PAGE);
+            return violation(
+                "shared-page record with no such sharing in the host stage 2 or the VM table",
+                at,
+            );
         }
         let tables = self.table_pages() + g.table_pages();
         if self.pool.total_pages() as u64 != self.pool.all_free_pages() as u64 + tables {
@@ -624,6 +659,7 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
             host: Ok(()),
             hyp: Ok(()),
             donated_host: None,
+            shared: (0, 0),
         };
         // Pages beyond the host stage 2's IPA space have no host entry: the
         // hypervisor's (Page::HypPrivate); a region that reaches there is
@@ -652,6 +688,17 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
                     host_bad = host_run_violation(run, g);
                 }
                 let here = Range::new(run.ipa.max(span.start), (run.ipa + run.size).min(span.end));
+                match run.kind {
+                    LeafKind::Mapped {
+                        state: PageState::SharedBorrowed,
+                        ..
+                    } => walk.shared.0 += here.len() / PAGE,
+                    LeafKind::Mapped {
+                        state: PageState::SharedOwned,
+                        ..
+                    } => walk.shared.1 += here.len() / PAGE,
+                    _ => {}
+                }
                 while hyp_bad.is_none() {
                     let Some(&h) = hyp.peek() else { break };
                     if h.start >= here.end {
@@ -786,6 +833,8 @@ struct RegionWalk {
     hyp: Result<(), Violation>,
     /// The first donated page the host stage 2 does not record as donated.
     donated_host: Option<u64>,
+    /// Host pages shared by guests, and shared with guests.
+    shared: (u64, u64),
 }
 
 /// A host stage-2 run's violation: an identity, normal-memory mapping;

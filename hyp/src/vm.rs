@@ -282,6 +282,7 @@ impl<G: TlbMaintenance> Vms<G> {
             return;
         };
         if let Slot::Used(v) = slot {
+            debug_assert!(v.pages >= pages, "a VM settles more pages than it owes");
             v.pages = v.pages.saturating_sub(pages);
             let (splits, merges) = (v.s2.stats().splits, v.s2.stats().merges);
             if !v.alive && v.pages == 0 && v.s2.destroy(pool).is_ok() {
@@ -290,6 +291,18 @@ impl<G: TlbMaintenance> Vms<G> {
                 *slot = Slot::Free;
             }
         }
+    }
+}
+
+impl<G: TlbMaintenance> Vms<G> {
+    /// The first page of [pfn, pfn + nr) not recorded as shared in
+    /// direction `dir` with a VM whose slot holds one (alive or dead).
+    fn first_unrecorded(&self, pfn: u64, nr: u64, dir: Direction) -> Option<u64> {
+        (pfn..pfn.saturating_add(nr)).find(|&p| {
+            self.lent.get(p).is_none_or(|e| {
+                e.dir != dir || !matches!(self.slots.get(e.vm as usize), Some(Slot::Used(_)))
+            })
+        })
     }
 }
 
@@ -310,10 +323,28 @@ impl<G: TlbMaintenance> Guests for Vms<G> {
             .map(|e| e.vm)
     }
     fn first_not_lent(&self, pfn: u64, nr: u64) -> Option<u64> {
-        self.lent.first_missing(pfn, nr, Direction::ToHost)
+        self.first_unrecorded(pfn, nr, Direction::ToHost)
     }
     fn first_not_borrowed(&self, pfn: u64, nr: u64) -> Option<u64> {
-        self.lent.first_missing(pfn, nr, Direction::ToGuest)
+        self.first_unrecorded(pfn, nr, Direction::ToGuest)
+    }
+    fn lent_counts(&self) -> Option<(u64, u64)> {
+        Some(self.lent.counts())
+    }
+    fn first_stray_record(&self, host_state: &dyn Fn(u64) -> Option<PageState>) -> Option<u64> {
+        self.lent
+            .entries()
+            .find(|e| {
+                let slot_used = matches!(self.slots.get(e.vm as usize), Some(Slot::Used(_)));
+                let host_agrees = match e.dir {
+                    Direction::ToHost => host_state(e.pfn) == Some(PageState::SharedBorrowed),
+                    Direction::ToGuest => {
+                        e.pins == 0 && host_state(e.pfn) == Some(PageState::SharedOwned)
+                    }
+                };
+                !slot_used || !host_agrees
+            })
+            .map(|e| e.pfn)
     }
     fn table_pages(&self) -> u64 {
         self.slots
@@ -582,7 +613,8 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         vm.pages += nr;
         if share {
             for p in pfn..pfn + nr {
-                self.vms.lent.insert(p, slot as u16, Direction::ToGuest);
+                let recorded = self.vms.lent.insert(p, slot as u16, Direction::ToGuest);
+                debug_assert!(recorded, "checked: covered and not recorded");
             }
         }
         Ok(())
@@ -607,14 +639,10 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
             if state != PageState::SharedBorrowed {
                 return Err(CallError::Denied);
             }
+            // Each page as the host stage 2 and the shared-page table say
+            // it is: the host's, lent to this VM.
             for p in (pa..pa + len).step_by(PAGE as usize) {
-                if vms.borrower(p / PAGE) != Some(slot as u16) {
-                    return Err(CallError::Denied);
-                }
-                owner::transition(
-                    Page::SharedWithGuest(slot as u16),
-                    Request::VmUnshare(slot as u16),
-                )?;
+                owner::transition(mem.page(p, vms), Request::VmUnshare(slot as u16))?;
             }
             need += mem
                 .host
@@ -647,6 +675,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         vm.s2
             .unmap(&mut mem.pool, ipa, guest.len(), Annotation(0))
             .map_err(mm)?;
+        debug_assert!(vm.pages >= nr, "a VM gives back more pages than it owes");
         vm.pages = vm.pages.saturating_sub(nr);
         Ok(())
     }
@@ -753,7 +782,8 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                 mem.host
                     .commit_page(&mut mem.pool, &host_walk, &host_plan)
                     .map_err(mm)?;
-                lent.insert(pa / PAGE, vmi, Direction::ToHost);
+                let recorded = lent.insert(pa / PAGE, vmi, Direction::ToHost);
+                debug_assert!(recorded, "checked: covered and not recorded");
             }
             Conversion::Unshare => {
                 mem.host
@@ -838,7 +868,8 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                 )
                 .map_err(mm)?;
             for p in (pa..pa + len).step_by(PAGE as usize) {
-                lent.insert(p / PAGE, vmi, Direction::ToHost);
+                let recorded = lent.insert(p / PAGE, vmi, Direction::ToHost);
+                debug_assert!(recorded, "checked: covered and not recorded");
             }
             ipa_at += len;
         }
@@ -980,6 +1011,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                 .map_err(mm)?;
             ipa_at += len;
         }
+        debug_assert!(vm.pages >= nr, "a VM gives back more pages than it owes");
         vm.pages = vm.pages.saturating_sub(nr);
         Ok(())
     }

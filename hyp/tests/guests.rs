@@ -638,6 +638,12 @@ fn destroy_then_reclaim_zeroes_every_page_and_frees_the_slot() {
     }
     assert_eq!(m.guest_checked(s, func::MEM_SHARE, 0x100_0000, 2), OK);
     assert_eq!(m.checked(func::HOST_PIN, &[pfn(b), 1]), OK);
+    assert_eq!(m.checked(func::HOST_PIN, &[pfn(b), 1]), OK);
+    assert_eq!(
+        m.checked(func::HOST_PIN, &[pfn(b) + 1, 1]),
+        OK,
+        "kept through the reclaim"
+    );
     let before = m.snapshot(&handles, 0);
     assert_eq!(m.reclaim(a, 1), DENIED, "live VM");
     assert_eq!(m.reclaim(b, 1), DENIED, "live VM, shared with the host");
@@ -650,6 +656,7 @@ fn destroy_then_reclaim_zeroes_every_page_and_frees_the_slot() {
 
     let tables = m.stat(stat::TABLE_PAGES);
     let (root, below) = m.vm_tables(h);
+    let host_tables = m.host_tables();
     assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
     assert_eq!(
         m.stat(stat::TABLE_PAGES),
@@ -662,6 +669,29 @@ fn destroy_then_reclaim_zeroes_every_page_and_frees_the_slot() {
         INVALID
     );
     assert_eq!(m.mem_state(a), (h, NOPAGE, 0), "a dead VM's page");
+    // The host's pins outlive the VM: it can drop them (one, here, after
+    // pinning twice), not take new ones.
+    assert_eq!(
+        m.checked(func::HOST_PIN, &[pfn(b) + 1, 1]),
+        DENIED,
+        "a dead VM's page"
+    );
+    assert_eq!(
+        m.checked(func::HOST_UNPIN, &[pfn(b), 1]),
+        OK,
+        "a pin taken before"
+    );
+    assert_eq!(m.checked(func::HOST_UNPIN, &[pfn(b), 1]), OK, "the other");
+    assert_eq!(
+        m.checked(func::HOST_UNPIN, &[pfn(b), 1]),
+        DENIED,
+        "no pin left"
+    );
+    assert_eq!(
+        m.checked(func::HOST_PIN, &[pfn(b), 1]),
+        DENIED,
+        "no new pin"
+    );
     assert_eq!(
         m.checked(func::VM_CREATE, &[1, 0]),
         NO_MEMORY,
@@ -687,13 +717,72 @@ fn destroy_then_reclaim_zeroes_every_page_and_frees_the_slot() {
         assert_eq!(m.mem_state(p).0, 0);
     }
     assert_eq!(m.reclaim(b, 1), DENIED, "already reclaimed");
-    let _ = (root, below);
-    assert!(
-        m.stat(stat::TABLE_PAGES) < tables,
+    // Every table of the dead VM went back to the pool with its last page;
+    // the host's own tables changed by what reclaiming into them took.
+    assert_eq!(
+        m.stat(stat::TABLE_PAGES) + (root + below) as u64 + host_tables,
+        tables + m.host_tables(),
         "the dead VM's tables went back to the pool with its last page"
     );
     assert_eq!(m.create(1), h, "the slot is reused");
     assert_eq!(m.vm_mem_state(h, 0), (0, NOPAGE, 0), "a fresh VM");
+}
+
+/// The invariant checker finds a shared-page record that the host stage 2
+/// or the VM table contradicts.
+#[test]
+fn the_invariant_checker_sees_stray_sharing_records() {
+    use keel_hyp::lent::Direction;
+    let stray = |m: &Machine| {
+        let mem = m.hyp.mem.lock();
+        let vms = m.hyp.vms.lock();
+        mem.check_invariants(&*vms).err().map(|v| (v.what, v.addr))
+    };
+    const STRAY: &str =
+        "shared-page record with no such sharing in the host stage 2 or the VM table";
+    let m = Machine::small();
+    let h = m.create(1);
+    let s = slot(h) as u16;
+    assert_eq!(m.donate(h, FREE_2M, 0, 4), OK);
+    assert_eq!(m.guest_checked(slot(h), func::MEM_SHARE, 0, 1), OK);
+    assert_eq!(stray(&m), None);
+    // A record on a page the host owns alone, in either direction.
+    let host_page = 0x4100_5000;
+    for dir in [Direction::ToHost, Direction::ToGuest] {
+        assert!(m.hyp.vms.lock().lent.insert(host_page / PAGE, s, dir));
+        assert_eq!(stray(&m), Some((STRAY, host_page)), "{dir:?}");
+        m.hyp.vms.lock().lent.remove(host_page / PAGE);
+        assert_eq!(stray(&m), None);
+    }
+    // The guest's shared page recorded as lent the other way, or for a
+    // slot with no VM.
+    let shared = FREE_2M;
+    let right = m.hyp.vms.lock().lent.remove(shared / PAGE).unwrap();
+    assert!(m
+        .hyp
+        .vms
+        .lock()
+        .lent
+        .insert(shared / PAGE, s, Direction::ToGuest));
+    // (The page-side check sees these first: a borrowed page without a
+    // lender of that direction, or with a free slot as its lender.)
+    assert_eq!(stray(&m).map(|v| v.1), Some(shared), "the wrong way");
+    m.hyp.vms.lock().lent.remove(shared / PAGE);
+    assert!(m
+        .hyp
+        .vms
+        .lock()
+        .lent
+        .insert(shared / PAGE, s + 1, Direction::ToHost));
+    assert_eq!(stray(&m).map(|v| v.1), Some(shared), "a free slot");
+    m.hyp.vms.lock().lent.remove(shared / PAGE);
+    assert!(m
+        .hyp
+        .vms
+        .lock()
+        .lent
+        .insert(shared / PAGE, right.vm, right.dir));
+    assert_eq!(stray(&m), None);
 }
 
 #[test]
@@ -1063,10 +1152,9 @@ fn guest_psci_starts_and_stops_its_vcpus() {
     assert_eq!(m.checked(func::VCPU_INIT, &[h, 2, 0x1000, 0]), DENIED);
 }
 
-/// Once any vCPU of a VM has entered the guest, the host can no longer set
-/// a vCPU's registers: VCPU_INIT is DENIED for every vCPU (run, initialized
-/// and never run, or never initialized), and changes nothing. Before that
-/// it may set them again and again.
+/// A vCPU that runs where another vCPU of its VM ran last asks for that
+/// CPU's TLB entries of the VMID to go first; the same vCPU again, or the
+/// first of the VM there, does not.
 #[test]
 fn a_vcpu_that_follows_another_of_its_vm_on_a_cpu_flushes_that_cpu() {
     let m = Machine::small();
@@ -1110,6 +1198,10 @@ fn a_vcpu_that_follows_another_of_its_vm_on_a_cpu_flushes_that_cpu() {
     }
 }
 
+/// Once any vCPU of a VM has entered the guest, the host can no longer set
+/// a vCPU's registers: VCPU_INIT is DENIED for every vCPU (run, initialized
+/// and never run, or never initialized), and changes nothing. Before that
+/// it may set them again and again.
 #[test]
 fn vcpu_init_is_refused_once_the_vm_has_run() {
     let m = Machine::small();
@@ -1617,9 +1709,8 @@ fn reclaim_never_hands_the_host_a_table_it_allocates() {
     m.assert_invariants("after freeing the held pages");
 }
 
-/// A trapped MSR/MRS: ID registers answered from the sanitized copy, debug
-/// and PMU registers RAZ/WI, anything else an undefined instruction for
-/// the guest (not a FAULT); SVE and SME traps too. The vCPU never fails.
+/// Once a guest has read its ID registers, a CPU that would narrow what
+/// they said is refused (and changes nothing); before, it narrows them.
 #[test]
 fn a_cpu_with_less_than_guests_read_stays_out() {
     use keel_hyp::sysreg::{aa64_index, sysreg_esr, NarrowerCpu, AA64_ID_REGS};
@@ -1661,6 +1752,9 @@ fn a_cpu_with_less_than_guests_read_stays_out() {
     }
 }
 
+/// A trapped MSR/MRS: ID registers answered from the sanitized copy, debug
+/// and PMU registers RAZ/WI, anything else an undefined instruction for
+/// the guest (not a FAULT); SVE and SME traps too. The vCPU never fails.
 #[test]
 fn guest_system_register_traps() {
     let m = Machine::small();

@@ -58,8 +58,10 @@ pub enum Page {
     Dead(VmIndex),
     /// A page a destroyed VM had shared with the host: the host still
     /// borrows it (and can read what the guest left there) until it
-    /// reclaims it, zeroed, as its own.
-    DeadShared(VmIndex),
+    /// reclaims it, zeroed, as its own; `pinned` while the host still
+    /// holds pins it took before VM_DESTROY (HOST_UNPIN drops them one by
+    /// one, HOST_RECLAIM all at once: the page is the host's own then).
+    DeadShared { vm: VmIndex, pinned: bool },
     /// The host's page that it had shared with a VM now destroyed: the
     /// host still owns it and gets it back whole with HOST_RECLAIM.
     LentToDead(VmIndex),
@@ -108,7 +110,8 @@ pub fn transition(page: Page, req: Request) -> Result<Page, Refusal> {
         (SharedWithHyp, HostUnshareHyp) => HostOwned,
         (HostOwned, HostDonateHyp) => HypDonated { in_use: false },
         (HypDonated { in_use: false }, HostReclaim) => HostOwned,
-        (Dead(_) | DeadShared(_) | LentToDead(_), HostReclaim) => HostOwned,
+        (Dead(_) | DeadShared { .. } | LentToDead(_), HostReclaim) => HostOwned,
+        (DeadShared { vm, pinned: true }, HostUnpin { last }) => DeadShared { vm, pinned: !last },
         (HostOwned, VmDonate(vm)) => GuestOwned(vm),
         (HostOwned, VmShare(vm)) => SharedWithGuest(vm),
         (SharedWithGuest(a), VmUnshare(b)) if a == b => HostOwned,
@@ -130,14 +133,17 @@ pub fn transition(page: Page, req: Request) -> Result<Page, Refusal> {
 }
 
 /// Whether the page's contents must be zeroed (and flushed) before the new
-/// owner sees it: memory leaving a guest or the hypervisor for the host.
+/// owner sees it: memory leaving a guest or the hypervisor for the host,
+/// and the host's own pages a destroyed VM could write into (whatever it
+/// left there is the guest's).
 pub fn must_zero(from: Page, to: Page) -> bool {
     to == Page::HostOwned
         && matches!(
             from,
             Page::HypDonated { .. }
                 | Page::Dead(_)
-                | Page::DeadShared(_)
+                | Page::DeadShared { .. }
+                | Page::LentToDead(_)
                 | Page::GuestOwned(_)
                 | Page::GuestShared { .. }
         )
@@ -154,7 +160,7 @@ impl Page {
             Page::GuestOwned(vm)
             | Page::GuestShared { vm, .. }
             | Page::Dead(vm)
-            | Page::DeadShared(vm) => Owner::Vm(vm),
+            | Page::DeadShared { vm, .. } => Owner::Vm(vm),
         }
     }
 
@@ -165,7 +171,7 @@ impl Page {
             Page::SharedWithHyp | Page::SharedWithGuest(_) | Page::LentToDead(_) => {
                 View::SharedOwned
             }
-            Page::GuestShared { .. } | Page::DeadShared(_) => View::SharedBorrowed,
+            Page::GuestShared { .. } | Page::DeadShared { .. } => View::SharedBorrowed,
             Page::HypPrivate | Page::HypDonated { .. } | Page::GuestOwned(_) | Page::Dead(_) => {
                 View::NoPage
             }
@@ -214,9 +220,9 @@ mod tests {
                 SharedWithGuest(vm),
                 GuestOwned(vm),
                 Dead(vm),
-                DeadShared(vm),
                 LentToDead(vm),
             ]);
+            v.extend([false, true].map(|pinned| DeadShared { vm, pinned }));
             v.extend([false, true].map(|pinned| GuestShared { vm, pinned }));
         }
         v
@@ -250,7 +256,20 @@ mod tests {
         for vm in [A, B] {
             t.extend([
                 (Dead(vm), HostReclaim, Ok(HostOwned)),
-                (DeadShared(vm), HostReclaim, Ok(HostOwned)),
+                (DeadShared { vm, pinned: false }, HostReclaim, Ok(HostOwned)),
+                // Pins the host took before VM_DESTROY: it may drop them,
+                // or reclaim the page with them (it asked for that).
+                (DeadShared { vm, pinned: true }, HostReclaim, Ok(HostOwned)),
+                (
+                    DeadShared { vm, pinned: true },
+                    HostUnpin { last: false },
+                    Ok(DeadShared { vm, pinned: true }),
+                ),
+                (
+                    DeadShared { vm, pinned: true },
+                    HostUnpin { last: true },
+                    Ok(DeadShared { vm, pinned: false }),
+                ),
                 (LentToDead(vm), HostReclaim, Ok(HostOwned)),
                 (HostOwned, VmDonate(vm), Ok(GuestOwned(vm))),
                 (HostOwned, VmShare(vm), Ok(SharedWithGuest(vm))),
@@ -340,7 +359,7 @@ mod tests {
             if let Owner::Vm(_) = owner {
                 assert_eq!(
                     vm_owns,
-                    !matches!(page, Dead(_) | DeadShared(_)),
+                    !matches!(page, Dead(_) | DeadShared { .. }),
                     "{page:?}"
                 );
             }
@@ -384,7 +403,13 @@ mod tests {
             for req in all_requests() {
                 if let Ok(next) = transition(page, req) {
                     let leaves_other = page.owner() != Owner::Host && next.owner() == Owner::Host;
-                    assert_eq!(must_zero(page, next), leaves_other, "{page:?} + {req:?}");
+                    // A dead VM's writes into the host's own lent page too.
+                    let written = matches!(page, LentToDead(_)) && next == HostOwned;
+                    assert_eq!(
+                        must_zero(page, next),
+                        leaves_other || written,
+                        "{page:?} + {req:?}"
+                    );
                 }
             }
         }

@@ -231,7 +231,8 @@ keel_guest_start:
     b       1b
 
 120: /* REGS: x4..x17 and x19..x28 keep their values across an HVC from
-      * the guest (the call in a1, a2, a3): x4..x17 = a1 + n, checked;
+      * the guest (the call in a1, a2, a3): xn = a1 + n for x4..x10 and
+      * x14..x17 (x11..x13 hold the arguments), each checked;
       * report (0, status) or (1, first bad register number) */
     add     x4, x11, #4
     add     x5, x11, #5
@@ -250,22 +251,12 @@ keel_guest_start:
     mov     x2, x13
     hvc     #0
     mov     x22, x0
-    mov     x1, #4
-    add     x23, x21, #4
-    cmp     x4, x23
+    .irp    n, 4, 5, 6, 7, 8, 9, 10, 14, 15, 16, 17
+    mov     x1, #\n
+    add     x23, x21, #\n
+    cmp     x\n, x23
     b.ne    121f
-    mov     x1, #7
-    add     x23, x21, #7
-    cmp     x7, x23
-    b.ne    121f
-    mov     x1, #10
-    add     x23, x21, #10
-    cmp     x10, x23
-    b.ne    121f
-    mov     x1, #17
-    add     x23, x21, #17
-    cmp     x17, x23
-    b.ne    121f
+    .endr
     mov     x1, #0
     mov     x2, x22
     bl      99f

@@ -1649,6 +1649,25 @@ fn random_calls(boot: &BootInfo) -> TestResult {
     }
     let ticks = counter() - t0;
     f.summary(ticks);
+    // The oracles above speak only when their calls succeed: a keel that
+    // refused every VM_DONATE, say, would leave them silent. A run of any
+    // length has guests that ran, pages checked zero, probes made, and
+    // host calls that succeeded.
+    if target >= 1000 {
+        for (count, what) in [
+            (f.guest_calls, "guest calls"),
+            (f.zero_checked, "pages checked zero"),
+            (f.probes, "isolation probes"),
+            (f.outcomes[0], "host calls that succeeded"),
+        ] {
+            if count == 0 {
+                return Err(f.fail(format_args!(
+                    "{} calls made no {}: the oracles that need them never ran",
+                    f.calls, what
+                )));
+            }
+        }
+    }
     *state() = Some(f);
     Ok(())
 }

@@ -323,7 +323,7 @@ pub(crate) fn test_block(boot: &BootInfo, k: u64) -> Result<u64, Failure> {
         pfn(block.end) - 1,
         1,
         HOST_OWNED_2M,
-        "test block at the start",
+        "test block's last page at the start",
     )?;
     Ok(base)
 }

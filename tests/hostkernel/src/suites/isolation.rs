@@ -223,6 +223,7 @@ fn exec_aborts(boot: &BootInfo) -> TestResult {
 fn repeated_reads_abort(boot: &BootInfo) -> TestResult {
     hyp_memory(boot)?;
     const TIMES: u32 = 100;
+    let injected = host_aborts()?;
     let mut aborts = 0;
     for _ in 0..TIMES {
         match exception::read(HYP_LOAD_ADDR) {
@@ -237,7 +238,26 @@ fn repeated_reads_abort(boot: &BootInfo) -> TestResult {
         aborts += 1;
     }
     ensure_eq!(aborts, TIMES, "aborts taken");
+    // Each was keel's: it counts every abort it injects (HYP_STATS 4).
+    ensure_eq!(
+        host_aborts()? - injected,
+        u64::from(TIMES),
+        "aborts keel counted (HYP_STATS 4)"
+    );
     Ok(())
+}
+
+/// HYP_STATS 4: aborts keel has injected into the host.
+fn host_aborts() -> Result<u64, crate::harness::Failure> {
+    match crate::hvc(
+        keel_abi::func::HYP_STATS,
+        [keel_abi::stat::HOST_ABORTS, 0, 0, 0, 0],
+    )
+    .ok()
+    {
+        Ok(r) => Ok(r.0[1]),
+        Err(e) => fail!("HYP_STATS(HOST_ABORTS): {:?}", e),
+    }
 }
 
 /// Writes a pattern over `addr`, reads it back and restores the old value.

@@ -830,6 +830,8 @@ const WANT_SUCCESS_OR_DENIED: u64 = 1;
 const WANT_VALID_STATE: u64 = 2;
 /// A reclaimed page reads zero (a1 = pfn, got = the value read).
 const WANT_ZERO: u64 = 3;
+/// A write of the host's own page read back: `a2` holds what was written.
+const WANT_READBACK: u64 = 4;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const PROBLEM_INIT: Problem = Problem {
@@ -913,6 +915,10 @@ fn workload_result(name: &str, finished: Result<(), u64>) -> TestResult {
             WANT_VALID_STATE => fail!(
                 "{}: CPU {:#x}, round {}: MEM_STATE({:#x}) = (owner {}, state {}, size {:#x}), not a state this workload allows",
                 name, cpu, iter, a1, got >> 32, got as u32, a2
+            ),
+            WANT_READBACK => fail!(
+                "{}: CPU {:#x}, round {}: the host's own page {:#x} read back {:#x} after writing {:#x}",
+                name, cpu, iter, a1, got, a2
             ),
             WANT_ZERO => fail!(
                 "{}: CPU {:#x}, round {}: page {:#x} reads {:#x} after HOST_RECLAIM, expected zero",
@@ -1563,7 +1569,7 @@ fn touch_own_pages(slot: usize) -> Result<(), ()> {
                 core::ptr::read_volatile(a as *const u64)
             };
             if back != v {
-                problem(slot, rounds, 0, (a / PAGE, 0), back, WANT_SUCCESS)?;
+                problem(slot, rounds, 0, (a / PAGE, v), back, WANT_READBACK)?;
             }
         }
         rounds += 1;
