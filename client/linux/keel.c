@@ -61,9 +61,8 @@
 /* What keel's pool should have free before a guest runs (guest MEM_SHARE splits). */
 #define POOL_MIN_FREE		32
 /*
- * Free pool pages below which a NO_MEMORY is the pool's: more than any one
- * call of the driver's needs (a run of chunks of at most 4 MiB, or 1 GiB of
- * carveout in blocks, takes a few table pages).
+ * Free pool pages below which VM_CREATE's NO_MEMORY is the pool's (it needs
+ * a root page and little else); above, keel is out of VM slots.
  */
 #define POOL_LOW		(2 * POOL_MIN_FREE)
 #define RW_MAX			(1ULL << 20)
@@ -185,9 +184,10 @@ static void keel_pool_ensure(u64 *calls)
 }
 
 /*
- * After a NO_MEMORY: is keel's pool what ran out? keel also answers
- * NO_MEMORY when every VM slot is taken; donating then would only grow its
- * pool for nothing.
+ * After VM_CREATE's NO_MEMORY: is keel's pool what ran out? keel also
+ * answers NO_MEMORY when every VM slot is taken (a destroyed VM's slot
+ * included, until its pages are reclaimed); donating then would only grow
+ * its pool for nothing.
  */
 static bool keel_pool_low(u64 *calls)
 {
@@ -197,18 +197,23 @@ static bool keel_pool_low(u64 *calls)
 		free < POOL_LOW;
 }
 
-/* A memory call that may need table pages: retried after donating some. */
-#define KEEL_CALL_POOL(calls, expr) ({				\
+/*
+ * A memory call that may need table pages: retried after donating some
+ * (only while keel's pool is low, if `only_low`: VM_CREATE).
+ */
+#define KEEL_CALL_POOL_IF(calls, only_low, expr) ({		\
 	long __s;						\
 	int __i = 0;						\
 	for (;;) {						\
 		__s = keel_count((expr), (calls));		\
 		if (__s != KEEL_STATUS_NO_MEMORY || __i++ >= POOL_RETRIES || \
-		    !keel_pool_low(calls) || !keel_pool_grow(calls)) \
+		    ((only_low) && !keel_pool_low(calls)) ||	\
+		    !keel_pool_grow(calls))			\
 			break;					\
 	}							\
 	__s;							\
 })
+#define KEEL_CALL_POOL(calls, expr) KEEL_CALL_POOL_IF(calls, false, expr)
 
 /*
  * Takes back [pfn, pfn + nr) from keel: true when every page is the host's
@@ -663,7 +668,7 @@ static long keel_ioc_vm_create(struct keel_file *kf, void __user *argp)
 	vm = kzalloc(sizeof(*vm), GFP_KERNEL_ACCOUNT);
 	if (!vm)
 		return -ENOMEM;
-	s = KEEL_CALL_POOL(NULL, keel_vm_create(a.nr_vcpus, &handle));
+	s = KEEL_CALL_POOL_IF(NULL, true, keel_vm_create(a.nr_vcpus, &handle));
 	if (s) {
 		kfree(vm);
 		return keel_status_to_errno(s);

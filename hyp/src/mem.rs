@@ -620,7 +620,12 @@ impl<T: TlbMaintenance, M: HypMmu> Memory<T, M> {
         }
         // Every host page shared either way has its record (the walk
         // checked): as many records as such pages means no other record.
-        if g.lent_counts().is_some_and(|c| c != shared) {
+        if let Some(counts) = g.lent_counts().filter(|&c| c != shared) {
+            if counts.0 < shared.0 || counts.1 < shared.1 {
+                // Pages the walk could not check page by page (a region
+                // partly beyond the host's IPA space).
+                return violation("host pages shared without a shared-page record", 0);
+            }
             let host_state =
                 |pfn: u64| match self.host.lookup(&self.pool, pfn * PAGE).map(|l| l.kind) {
                     Ok(LeafKind::Mapped { state, .. }) => Some(state),

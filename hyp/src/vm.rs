@@ -640,10 +640,12 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
                 return Err(CallError::Denied);
             }
             // Each page as the host stage 2 and the shared-page table say
-            // it is: the host's, lent to this VM.
-            for p in (pa..pa + len).step_by(PAGE as usize) {
-                owner::transition(mem.page(p, vms), Request::VmUnshare(slot as u16))?;
-            }
+            // it is (by runs): the host's, lent to this VM.
+            mem.check(
+                Range::new(pa, pa + len),
+                Request::VmUnshare(slot as u16),
+                vms,
+            )?;
             need += mem
                 .host
                 .pages_needed(&mem.pool, pa, len, Change::State(PageState::Owned))

@@ -187,11 +187,15 @@ pub struct Exit {
     pub details: [u64; 3],
 }
 
-/// VCPU_RUN: SVE and SME state beyond the V registers is not preserved
-/// (keel switches only the V registers), so code that uses it saves it
-/// first.
-pub fn vcpu_run(handle: u64, vcpu: u64, completion: u64) -> Result<Exit, Error> {
-    let r = call(func::VCPU_RUN, handle, vcpu, completion, 0)?.0;
+/// VCPU_RUN.
+///
+/// # Safety
+/// keel switches the V registers but no SVE or SME state beyond them: the
+/// caller has none live (code built without SVE and SME has none), or saves
+/// it around the call.
+pub unsafe fn vcpu_run(handle: u64, vcpu: u64, completion: u64) -> Result<Exit, Error> {
+    // SAFETY: the caller's contract; the call gives no memory away.
+    let r = unsafe { call_giving(func::VCPU_RUN, handle, vcpu, completion, 0) }?.0;
     Ok(Exit {
         reason: r[1],
         details: [r[2], r[3], r[4]],

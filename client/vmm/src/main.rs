@@ -182,13 +182,28 @@ impl Guest<'_> {
 
     /// Stops every vCPU: each thread sees `stop` when its VCPU_RUN returns,
     /// which the signal makes happen at once (the driver returns an IRQ
-    /// exit when a signal is pending).
+    /// exit when a signal is pending). A signal that lands between a
+    /// thread's check of `stop` and its VCPU_RUN is lost in user space, so
+    /// it is sent again until every other vCPU thread has left (for up to
+    /// ten seconds).
     fn stop_all(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        for &t in self.threads.lock().unwrap().iter().filter(|&&t| t != 0) {
-            // SAFETY: `t` is a live thread of this process: a vCPU thread
-            // clears its entry under this lock before it ends.
-            unsafe { pthread_kill(t, SIGUSR1) };
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { pthread_self() };
+        for _ in 0..1000 {
+            let threads = self.threads.lock().unwrap();
+            let mut left = false;
+            for &t in threads.iter().filter(|&&t| t != 0 && t != me) {
+                left = true;
+                // SAFETY: `t` is a live thread of this process: a vCPU
+                // thread clears its entry under this lock before it ends.
+                unsafe { pthread_kill(t, SIGUSR1) };
+            }
+            drop(threads);
+            if !left {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -207,9 +222,16 @@ extern "C" fn on_sigusr1(_: i32) {}
 /// starts meanwhile gets a thread of `scope`.
 fn run_vcpu<'s>(g: &'s Guest<'s>, scope: &'s thread::Scope<'s, '_>, index: u64) {
     // SAFETY: pthread_self has no preconditions.
-    g.threads.lock().unwrap()[index as usize] = unsafe { pthread_self() };
+    let me = unsafe { pthread_self() };
+    g.threads.lock().unwrap()[index as usize] = me;
     let ended = run_one(g, scope, index).map_err(|e| format!("VCPU_RUN of vCPU {index}: {e}"));
-    g.threads.lock().unwrap()[index as usize] = 0;
+    // Only its own entry: after its CPU_OFF, a CPU_ON may already have
+    // started the vCPU again on another thread.
+    let mut threads = g.threads.lock().unwrap();
+    if threads[index as usize] == me {
+        threads[index as usize] = 0;
+    }
+    drop(threads);
     g.end(index, ended.and_then(|e| e));
 }
 
