@@ -113,7 +113,7 @@ impl El1Regs {
             // Every other register in place before the walks resume: the
             // walker sees system-register writes only after a context
             // synchronization, in no particular order before it.
-            core::arch::asm!("isb", options(nostack, preserves_flags));
+            crate::barrier::isb();
             write_tcr(self.r[el1::TCR]);
         }
     }

@@ -487,8 +487,12 @@ static struct keel_chunk *keel_vm_chunk_of(struct keel_vm *vm, u64 pfn, bool *sh
 	return NULL;
 }
 
-/* Returns the memory of a destroyed VM to Linux (mem_lock held). */
-static void keel_vm_take_back_all(struct keel_vm *vm)
+/*
+ * Empties a VM's memory list (mem_lock held): after VM_DESTROY (`destroyed`)
+ * each chunk keel gives back is freed to Linux; a chunk keel keeps, and
+ * every chunk of a VM keel would not destroy, goes on the leaked list.
+ */
+static void keel_vm_take_back_all(struct keel_vm *vm, bool destroyed)
 {
 	struct keel_region *r, *rt;
 	struct keel_chunk *c, *ct;
@@ -497,7 +501,7 @@ static void keel_vm_take_back_all(struct keel_vm *vm)
 		list_for_each_entry_safe(c, ct, &r->chunks, node) {
 			list_del(&c->node);
 			atomic64_sub(c->nr, &keel_global.guest_pages);
-			if (keel_take_back(c->pfn, c->nr))
+			if (destroyed && keel_take_back(c->pfn, c->nr))
 				keel_chunk_free(c);
 			else
 				keel_chunk_leak(c);
@@ -515,20 +519,10 @@ static void keel_vm_take_back_all(struct keel_vm *vm)
  */
 static void keel_vm_leak_all(struct keel_vm *vm)
 {
-	struct keel_region *r, *rt;
-	struct keel_chunk *c, *ct;
 	struct keel_pin *p, *pt;
 
 	mutex_lock(&vm->mem_lock);
-	list_for_each_entry_safe(r, rt, &vm->regions, node) {
-		list_for_each_entry_safe(c, ct, &r->chunks, node) {
-			list_del(&c->node);
-			atomic64_sub(c->nr, &keel_global.guest_pages);
-			keel_chunk_leak(c);
-		}
-		list_del(&r->node);
-		kfree(r);
-	}
+	keel_vm_take_back_all(vm, false);
 	list_for_each_entry_safe(p, pt, &vm->pins, node) {
 		list_del(&p->node);
 		kfree(p);
@@ -586,7 +580,7 @@ static int keel_vm_teardown(struct keel_vm *vm)
 	}
 	vm->dead = true;
 	atomic64_dec(&keel_global.vms);
-	keel_vm_take_back_all(vm);
+	keel_vm_take_back_all(vm, true);
 out:
 	mutex_unlock(&vm->mem_lock);
 	up_write(&vm->run_lock);

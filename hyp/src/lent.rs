@@ -233,10 +233,17 @@ impl Lent {
     }
 
     /// The first page of [pfn, pfn + nr) not recorded as shared in
-    /// direction `dir`, if any: one step per page it passes.
-    pub fn first_missing(&self, pfn: u64, nr: u64, dir: Direction) -> Option<u64> {
+    /// direction `dir` with a VM slot `vm_ok` accepts, if any: one step per
+    /// page it passes.
+    pub fn first_missing(
+        &self,
+        pfn: u64,
+        nr: u64,
+        dir: Direction,
+        vm_ok: impl Fn(u16) -> bool,
+    ) -> Option<u64> {
         let end = pfn.saturating_add(nr);
-        (pfn..end).find(|&p| self.get(p).is_none_or(|e| e.dir != dir))
+        (pfn..end).find(|&p| self.get(p).is_none_or(|e| e.dir != dir || !vm_ok(e.vm)))
     }
 }
 
@@ -357,11 +364,11 @@ mod tests {
         assert!(!l.insert(0x40008, 1, Direction::ToHost), "the hole");
         assert!(!l.covers(0x40007, 2) && l.covers(0x900000, 8));
         assert_eq!(
-            l.first_missing(0x40006, 3, Direction::ToHost),
+            l.first_missing(0x40006, 3, Direction::ToHost, |_| true),
             Some(0x40006)
         );
         assert_eq!(
-            l.first_missing(0x40007, 2, Direction::ToHost),
+            l.first_missing(0x40007, 2, Direction::ToHost, |_| true),
             Some(0x40008)
         );
     }
@@ -375,21 +382,45 @@ mod tests {
     #[test]
     fn first_missing_follows_the_direction() {
         let mut l = table(0, 64);
-        assert_eq!(l.first_missing(5, 2, Direction::ToHost), Some(5));
-        assert_eq!(l.first_missing(5, 0, Direction::ToHost), None);
+        assert_eq!(l.first_missing(5, 2, Direction::ToHost, |_| true), Some(5));
+        assert_eq!(l.first_missing(5, 0, Direction::ToHost, |_| true), None);
         for p in 10..14 {
             assert!(l.insert(p, 1, Direction::ToHost));
         }
         assert!(l.insert(14, 2, Direction::ToGuest));
         assert!(l.insert(16, 2, Direction::ToGuest));
-        assert_eq!(l.first_missing(10, 4, Direction::ToHost), None);
-        assert_eq!(l.first_missing(11, 2, Direction::ToHost), None);
-        assert_eq!(l.first_missing(10, 5, Direction::ToHost), Some(14));
-        assert_eq!(l.first_missing(10, 1, Direction::ToGuest), Some(10));
-        assert_eq!(l.first_missing(14, 1, Direction::ToGuest), None);
-        assert_eq!(l.first_missing(14, 3, Direction::ToGuest), Some(15));
-        assert_eq!(l.first_missing(9, 3, Direction::ToHost), Some(9));
-        assert_eq!(l.first_missing(16, 2, Direction::ToGuest), Some(17));
-        assert_eq!(l.first_missing(63, 2, Direction::ToHost), Some(63));
+        assert_eq!(l.first_missing(10, 4, Direction::ToHost, |_| true), None);
+        assert_eq!(l.first_missing(11, 2, Direction::ToHost, |_| true), None);
+        // Records of a VM slot the caller does not accept do not count.
+        assert_eq!(
+            l.first_missing(10, 4, Direction::ToHost, |vm| vm != 1),
+            Some(10)
+        );
+        assert_eq!(
+            l.first_missing(14, 1, Direction::ToGuest, |vm| vm == 2),
+            None
+        );
+        assert_eq!(
+            l.first_missing(10, 5, Direction::ToHost, |_| true),
+            Some(14)
+        );
+        assert_eq!(
+            l.first_missing(10, 1, Direction::ToGuest, |_| true),
+            Some(10)
+        );
+        assert_eq!(l.first_missing(14, 1, Direction::ToGuest, |_| true), None);
+        assert_eq!(
+            l.first_missing(14, 3, Direction::ToGuest, |_| true),
+            Some(15)
+        );
+        assert_eq!(l.first_missing(9, 3, Direction::ToHost, |_| true), Some(9));
+        assert_eq!(
+            l.first_missing(16, 2, Direction::ToGuest, |_| true),
+            Some(17)
+        );
+        assert_eq!(
+            l.first_missing(63, 2, Direction::ToHost, |_| true),
+            Some(63)
+        );
     }
 }

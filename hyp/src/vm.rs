@@ -298,10 +298,8 @@ impl<G: TlbMaintenance> Vms<G> {
     /// The first page of [pfn, pfn + nr) not recorded as shared in
     /// direction `dir` with a VM whose slot holds one (alive or dead).
     fn first_unrecorded(&self, pfn: u64, nr: u64, dir: Direction) -> Option<u64> {
-        (pfn..pfn.saturating_add(nr)).find(|&p| {
-            self.lent.get(p).is_none_or(|e| {
-                e.dir != dir || !matches!(self.slots.get(e.vm as usize), Some(Slot::Used(_)))
-            })
+        self.lent.first_missing(pfn, nr, dir, |vm| {
+            matches!(self.slots.get(vm as usize), Some(Slot::Used(_)))
         })
     }
 }
