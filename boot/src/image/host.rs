@@ -33,12 +33,18 @@ impl HwTlb {
         if keel_arch::errata::speculative_at() {
             return self.under_quiesced(current, f);
         }
+        self.switched(current, f)
+    }
+
+    /// Runs `f` with this table's VTTBR loaded in place of `current`.
+    #[inline(always)]
+    fn switched<R>(&self, current: u64, f: impl FnOnce() -> R) -> R {
         // SAFETY: only TLB maintenance runs under the other VTTBR; nothing
         // executes at EL1 before the original value is back.
         unsafe { sysreg::set_vttbr_el2(self.vttbr) };
         barrier::isb();
         let r = f();
-        // SAFETY: restores the value read above.
+        // SAFETY: restores the value read by `under`.
         unsafe { sysreg::set_vttbr_el2(current) };
         barrier::isb();
         r
@@ -51,18 +57,12 @@ impl HwTlb {
     #[cold]
     #[inline(never)]
     fn under_quiesced<R>(&self, current: u64, f: impl FnOnce() -> R) -> R {
-        // SAFETY: as in `under`; the EL1 registers are back before EL1 runs.
+        // SAFETY: as in `switched`; the EL1 registers are back before EL1
+        // runs.
         let quiet = unsafe { El1Regs::quiesce() };
-        // SAFETY: as in `under`.
-        unsafe { sysreg::set_vttbr_el2(self.vttbr) };
-        barrier::isb();
-        let r = f();
-        // SAFETY: restores the values read above.
-        unsafe {
-            sysreg::set_vttbr_el2(current);
-            barrier::isb();
-            El1Regs::resume(quiet);
-        }
+        let r = self.switched(current, f);
+        // SAFETY: the values `quiesce` read, once VTTBR is the live world's.
+        unsafe { El1Regs::resume(quiet) };
         r
     }
 }

@@ -171,7 +171,10 @@ impl Guest<'_> {
         let failed = !matches!(how, Ok(Ended::Off));
         let mut ends = self.ends.lock().unwrap();
         let slot = &mut ends[index as usize];
-        if failed || !slot.as_ref().is_some_and(|e| !matches!(e, Ok(Ended::Off))) {
+        // A failure is kept: a later run of the vCPU that ends Off does not
+        // hide it.
+        let holds_failure = matches!(slot, Some(e) if !matches!(e, Ok(Ended::Off)));
+        if failed || !holds_failure {
             *slot = Some(how);
         }
         drop(ends);
