@@ -10,6 +10,7 @@
 pub mod errata;
 pub mod esr;
 pub mod features;
+pub mod gic;
 pub mod inject;
 pub mod psci;
 

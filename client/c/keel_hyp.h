@@ -71,6 +71,13 @@
  */
 #define KEEL_FN_KEEL_CHECK_INVARIANTS	0xC60001F0
 #define KEEL_FN_KEEL_TABLE_PAGES	0xC60001F1
+/*
+ * keel extension, not in ABI 1.0, host only: KEEL_VCPU_IRQ makes an
+ * interrupt pending for a vCPU (see keel_vcpu_irq).
+ */
+#define KEEL_FN_KEEL_VCPU_IRQ		0xC60001F2
+/* The guest's virtual timer interrupt (PPI), which keel drives itself. */
+#define KEEL_VTIMER_INTID		27
 
 /* The function number of an ID (its low 16 bits), as FEATURES bits count it. */
 #define KEEL_FN_NUM(id)			((id) & 0xFFFF)
@@ -477,6 +484,20 @@ static inline long keel_table_pages(keel_u64 which, keel_u64 *pages)
 	if ((long)r.a0 == KEEL_STATUS_SUCCESS)
 		*pages = r.a1;
 	return (long)r.a0;
+}
+
+/*
+ * KEEL_VCPU_IRQ (keel extension): makes INTID `intid` (0..1019, not
+ * KEEL_VTIMER_INTID) pending at `priority` (0..255) for vCPU `vcpu` of VM
+ * `handle`, from its next run; asked for again before the guest takes it,
+ * it is taken once. KEEL_STATUS_INVALID_PARAMETER for a bad handle, index,
+ * INTID or priority; KEEL_STATUS_BUSY while the vCPU runs, or when 32
+ * interrupts already wait for it (run it, then retry).
+ */
+static inline long keel_vcpu_irq(keel_u64 handle, keel_u64 vcpu, keel_u64 intid,
+				 keel_u64 priority)
+{
+	return keel_call_status(KEEL_FN_KEEL_VCPU_IRQ, handle, vcpu, intid, priority);
 }
 
 /* VM_CREATE: a VM with nr_vcpus vCPUs (flags 0); its handle. */

@@ -11,4 +11,5 @@ pub mod lent;
 pub mod mem;
 pub mod stats;
 pub mod sysreg;
+pub mod vgic;
 pub mod vm;

@@ -280,11 +280,13 @@ impl GuestIdRegs {
     fn view(cpu: &[u64; AA64_ID_REGS]) -> [u64; AA64_ID_REGS] {
         let mut aa64 = [0u64; AA64_ID_REGS];
         // ID_AA64PFR0_EL1: FP, AdvSIMD, CSV2, CSV3, DIT kept; EL0 and EL1
-        // AArch64 only (1); EL2, EL3, GIC (no vGIC), RAS, SVE, MPAM, AMU,
-        // SEL2, RME hidden. CSV2 at most 1: SCXTNUM_ELx (CSV2_2) is not
-        // switched (HCR_EL2.EnSCXT clear traps it).
-        let pfr0 = cpu[reg::PFR0] & fields(&[16, 20, 48, 56, 60]);
-        aa64[reg::PFR0] = cap(pfr0, 56, 1) | 0x11;
+        // AArch64 only (1); GIC at most 1 (the GICv3 CPU interface, whose
+        // virtual side keel switches: crate::vgic; no GICv4.1 direct
+        // injection); EL2, EL3, RAS, SVE, MPAM, AMU, SEL2, RME hidden. CSV2
+        // at most 1: SCXTNUM_ELx (CSV2_2) is not switched (HCR_EL2.EnSCXT
+        // clear traps it).
+        let pfr0 = cpu[reg::PFR0] & fields(&[16, 20, 24, 48, 56, 60]);
+        aa64[reg::PFR0] = cap(cap(pfr0, 56, 1), 24, 1) | 0x11;
         // ID_AA64PFR1_EL1: BT, SSBS, CSV2_frac (at most 1, as CSV2) kept;
         // MTE (tags need HCR_EL2.ATA), SME, RAS_frac, MPAM_frac, NMI, GCS
         // and the rest hidden.
@@ -352,7 +354,7 @@ mod tests {
     /// feature this module hides.
     fn max_cpu() -> [u64; AA64_ID_REGS] {
         let mut c = [0; AA64_ID_REGS];
-        // EL0-EL3 with AArch32, FP, AdvSIMD, GIC, RAS 2, SVE, SEL2, AMU,
+        // EL0-EL3 with AArch32, FP, AdvSIMD, GICv4.1, RAS 2, SVE, SEL2, AMU,
         // DIT, CSV2 2, CSV3.
         c[reg::PFR0] = place(&[
             (0, 2),
@@ -361,7 +363,7 @@ mod tests {
             (12, 2),
             (16, 1),
             (20, 1),
-            (24, 1),
+            (24, 3),
             (28, 2),
             (32, 1),
             (36, 1),
@@ -433,7 +435,11 @@ mod tests {
         let pfr0 = g.read(4, 0);
         assert_eq!(field(cpu[reg::PFR0], 32), 1, "the test's CPU has SVE");
         assert_eq!(field(pfr0, 32), 0, "SVE");
-        assert_eq!(field(pfr0, 24), 0, "GIC");
+        assert_eq!(
+            (field(cpu[reg::PFR0], 24), field(pfr0, 24)),
+            (3, 1),
+            "GIC: the CPU's GICv4.1 is a GICv3 CPU interface for guests"
+        );
         assert_eq!(field(pfr0, 8), 0, "EL2");
         assert_eq!(field(pfr0, 12), 0, "EL3");
         assert_eq!(

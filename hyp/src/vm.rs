@@ -13,6 +13,7 @@ use keel_mm::{
 };
 
 use crate::lent::{Direction, Lent, MAX_PINS};
+use crate::vgic::Vgic;
 
 use crate::mem::{CallError, Guests, HypMmu, Memory, Range, PAGE, VM_HANDLE_BASE};
 
@@ -88,6 +89,9 @@ pub struct Vcpu {
     /// runs). Switched, or one guest would read what another wrote there.
     pub vmcr: u64,
     pub fp: Fp,
+    /// The virtual GIC CPU interface's list and active-priority registers,
+    /// and the host's interrupts waiting for them.
+    pub vgic: Vgic,
     pub state: VcpuState,
     pub pending: Pending,
 }
@@ -106,6 +110,7 @@ impl Vcpu {
                 fpsr: 0,
                 fpcr: 0,
             },
+            vgic: Vgic::new(),
             state: VcpuState::Uninit,
             pending: Pending::None,
         }
@@ -510,6 +515,27 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         }
         vm.vcpus[index as usize] = Vcpu::start_at(entry, x0);
         Ok(())
+    }
+
+    /// KEEL_VCPU_IRQ: makes `intid` pending at `priority` for vCPU `index`
+    /// ([`Vgic::inject`]); BUSY while that vCPU runs.
+    pub fn vcpu_irq(
+        &mut self,
+        handle: u64,
+        index: u64,
+        intid: u64,
+        priority: u64,
+    ) -> Result<(), CallError> {
+        let vm = self.vms.live_mut(handle)?;
+        if index >= vm.nr_vcpus as u64 {
+            return Err(CallError::Invalid);
+        }
+        let vcpu = &mut vm.vcpus[index as usize];
+        match vcpu.state {
+            VcpuState::Uninit => Err(CallError::Invalid),
+            VcpuState::Running => Err(CallError::Busy),
+            VcpuState::Ready | VcpuState::Failed(_) => vcpu.vgic.inject(intid, priority),
+        }
     }
 
     /// Checks that every IPA page of `range` is unmapped in the VM.

@@ -1806,3 +1806,52 @@ fn guest_system_register_traps() {
         assert_eq!(trap(esr), (Action::Undefined(esr), 0x1000, 0xdead));
     }
 }
+
+/// KEEL_VCPU_IRQ: each bad argument, an unstarted vCPU and a running one
+/// are refused and leave the vCPU's interrupts as they were; a good call
+/// queues the interrupt, which the next entry puts in a list register, and
+/// the guest cannot make the call.
+#[test]
+fn vcpu_irq_checks_its_arguments_and_the_vcpu() {
+    let m = Machine::small();
+    let h = m.create(2);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x1000, 0]), OK);
+    let irq = |args: [u64; 4]| m.checked(func::KEEL_VCPU_IRQ, &args);
+    assert_eq!(irq([h, 0, 40, 0x80]), OK);
+    let queued = |m: &Machine| {
+        let (t, v) = m.run(h, 0);
+        let n = v.vgic.queued();
+        m.hyp.end_run(&t);
+        n
+    };
+    for (args, want, what) in [
+        ([0, 0, 41, 0x80], INVALID, "handle 0"),
+        ([h + 1, 0, 41, 0x80], INVALID, "a handle without a VM"),
+        ([h, 2, 41, 0x80], INVALID, "a vCPU past the VM's"),
+        ([h, u64::MAX, 41, 0x80], INVALID, "vCPU index u64::MAX"),
+        ([h, 1, 41, 0x80], INVALID, "a vCPU never started"),
+        ([h, 0, 1020, 0x80], INVALID, "INTID 1020 (special)"),
+        ([h, 0, 1 << 32 | 41, 0x80], INVALID, "INTID past 32 bits"),
+        (
+            [h, 0, keel_abi::VTIMER_INTID, 0x80],
+            INVALID,
+            "the virtual timer's INTID",
+        ),
+        ([h, 0, 41, 0x100], INVALID, "priority 256"),
+    ] {
+        assert_eq!(irq(args), want, "{what}");
+    }
+    assert_eq!(queued(&m), 1, "only INTID 40 waits");
+    let (t, v) = m.run(h, 0);
+    assert_eq!(irq([h, 0, 41, 0x80]), BUSY, "the vCPU runs");
+    assert_eq!(v.vgic.queued(), 1);
+    m.hyp.end_run(&t);
+    // The guest's own call for it is not supported.
+    let (a, x) = m.guest_hvc(slot(h), func::KEEL_VCPU_IRQ, &[h, 0, 41, 0x80]);
+    assert_eq!((a, x[0] as i64), (Action::Resume, NOT_SUPPORTED));
+    assert_eq!(queued(&m), 1);
+    assert_eq!(irq([h, 0, 41, 0x80]), OK);
+    assert_eq!(queued(&m), 2);
+    assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
+    assert_eq!(irq([h, 0, 42, 0x80]), INVALID, "a destroyed VM");
+}

@@ -11,10 +11,11 @@
 use keel_arch::exception::kind;
 use keel_arch::features::ExtFeatures;
 use keel_arch::guest::{self as world, el1, El1Regs, ExtRegs, FpRegs, HostSave};
-use keel_arch::{barrier, features, inject, sysreg, tlb, TrapFrame};
+use keel_arch::{barrier, features, gic, inject, sysreg, tlb, TrapFrame};
 use keel_hyp::guest::{Action, Trap, TrapKind};
 use keel_hyp::host::RunTicket;
 use keel_hyp::hvc::Return;
+use keel_hyp::vgic;
 use keel_hyp::vm::Vcpu;
 
 use super::{this_cpu, Hyp, HYP};
@@ -220,7 +221,22 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
         // Under the guest's VTTBR (load_guest): its VMID's entries here.
         tlb::vmalle1_local();
     }
-    super::timer::arm_for_host(host.el1.r[el1::CNTV_CTL], host.el1.r[el1::CNTV_CVAL]);
+    // The virtual interrupts: the guest's timer as it stands now, and the
+    // host's that wait, in the list registers.
+    let shape = gic::shape();
+    let timer = vgic::timer_asserted(
+        vcpu.el1[el1::CNTV_CTL],
+        vcpu.el1[el1::CNTV_CVAL],
+        sysreg::cntpct_el0(),
+    );
+    let entry = vcpu.vgic.prepare(timer, shape.lrs);
+    // SAFETY: the guest's own interrupt state, for the run that follows.
+    unsafe { gic::restore(shape, &vcpu.vgic.lr, &vcpu.vgic.apr, entry.hcr) };
+    super::timer::run_begins(
+        host.el1.r[el1::CNTV_CTL],
+        host.el1.r[el1::CNTV_CVAL],
+        entry.timer_in_flight,
+    );
     let mut run = GuestRun {
         save: HostSave::default(),
         vcpu: ticket.vcpu,
@@ -241,12 +257,15 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     let _ = unsafe { El1Regs::quiesce() };
     vcpu.ext = ExtRegs::save(host.has).r;
     vcpu.vmcr = sysreg::ich_vmcr_el2();
+    gic::save(shape, &mut vcpu.vgic.lr, &mut vcpu.vgic.apr);
+    // SAFETY: the host has no virtual CPU interface.
+    unsafe { gic::set_hcr(0) };
     let mut fp = FpRegs::default();
     fp.save();
     vcpu.fp.v = fp.v;
     vcpu.fp.fpsr = fp.fpsr;
     vcpu.fp.fpcr = fp.fpcr;
-    super::timer::disarm();
+    super::timer::run_ends(entry.timer_in_flight);
     restore_host(&host);
     hyp.end_run(&ticket);
     // SAFETY: written by the trap handler through `run_ptr` before it left.

@@ -167,6 +167,15 @@ pub fn keel_table_pages(which: u64) -> Result<u64, Error> {
     Ok(call(func::KEEL_TABLE_PAGES, which, 0, 0, 0)?.0[1])
 }
 
+/// KEEL_VCPU_IRQ (keel extension, not in ABI 1.0): makes INTID `intid`
+/// (0..=1019, not [`VTIMER_INTID`](crate::VTIMER_INTID)) pending at
+/// `priority` (0..=255) for vCPU `vcpu` of VM `handle`, from its next run.
+/// `Err(Busy)` while the vCPU runs, or when 32 interrupts already wait for
+/// it.
+pub fn keel_vcpu_irq(handle: u64, vcpu: u64, intid: u64, priority: u64) -> Result<(), Error> {
+    call(func::KEEL_VCPU_IRQ, handle, vcpu, intid, priority).map(drop)
+}
+
 pub fn vm_create(nr_vcpus: u64) -> Result<u64, Error> {
     Ok(call(func::VM_CREATE, nr_vcpus, 0, 0, 0)?.0[1])
 }

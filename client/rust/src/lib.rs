@@ -43,10 +43,18 @@ pub mod func {
     /// included; INVALID_PARAMETER for a handle without a VM. For tests and
     /// benchmarks: HYP_STATS 0 sums every table of the hypervisor.
     pub const KEEL_TABLE_PAGES: u64 = 0xC600_01F1;
+    /// keel extension (not in ABI 1.0): x1 = VM handle, x2 = vCPU index,
+    /// x3 = INTID (SGI, PPI or SPI: 0..=1019, not 27, the guest's virtual
+    /// timer, which keel drives itself), x4 = priority (0..=255). Makes the
+    /// interrupt pending for that vCPU at its next run; one that is already
+    /// pending is taken once. INVALID_PARAMETER for a bad handle, index,
+    /// INTID or priority; BUSY while the vCPU runs, or when 32 interrupts
+    /// already wait for it (run it, then retry).
+    pub const KEEL_VCPU_IRQ: u64 = 0xC600_01F2;
 
     /// The keel extensions: host only, like [`HOST_CALLS`] (a guest gets
     /// NOT_SUPPORTED).
-    pub const KEEL_CALLS: [u64; 2] = [KEEL_CHECK_INVARIANTS, KEEL_TABLE_PAGES];
+    pub const KEEL_CALLS: [u64; 3] = [KEEL_CHECK_INVARIANTS, KEEL_TABLE_PAGES, KEEL_VCPU_IRQ];
 
     /// Every host-side function the contract defines, for tests that sweep them.
     pub const HOST_CALLS: [u64; 20] = [
@@ -185,6 +193,10 @@ pub const BLOCK_SIZES: u64 = BLOCK_4K | BLOCK_2M | BLOCK_1G;
 
 /// A pfn is a physical address >> 12, whatever the caller's page size.
 pub const PFN_SHIFT: u32 = 12;
+
+/// The guest's virtual timer interrupt (a PPI): keel raises it for the
+/// guest itself, and KEEL_VCPU_IRQ refuses it.
+pub const VTIMER_INTID: u64 = 27;
 
 /// A status that is not SUCCESS, as a Rust error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

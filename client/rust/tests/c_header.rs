@@ -51,6 +51,7 @@ fn expected() -> Vec<(&'static str, i128)> {
             u(func::KEEL_CHECK_INVARIANTS),
         ),
         ("KEEL_FN_KEEL_TABLE_PAGES", u(func::KEEL_TABLE_PAGES)),
+        ("KEEL_FN_KEEL_VCPU_IRQ", u(func::KEEL_VCPU_IRQ)),
         // Statuses.
         ("KEEL_STATUS_SUCCESS", s(status::SUCCESS)),
         ("KEEL_STATUS_NOT_SUPPORTED", s(status::NOT_SUPPORTED)),
@@ -87,6 +88,7 @@ fn expected() -> Vec<(&'static str, i128)> {
         // Pages.
         ("KEEL_GRANULE", u(keel_abi::GRANULE)),
         ("KEEL_PFN_SHIFT", i128::from(keel_abi::PFN_SHIFT)),
+        ("KEEL_VTIMER_INTID", u(keel_abi::VTIMER_INTID)),
         ("KEEL_PAGE_OWNED", u(PageState::Owned as u64)),
         ("KEEL_PAGE_SHARED_OWNED", u(PageState::SharedOwned as u64)),
         (

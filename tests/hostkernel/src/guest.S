@@ -31,6 +31,21 @@ keel_guest_start:
     msr     elr_el1, x6
     eret
 
+    /* The EL1h IRQ vector while op 17 runs: acknowledges the interrupt
+     * (ICC_IAR1_EL1), turns the virtual timer off if it was the timer's
+     * (PPI 27), so that its level falls, ends it (ICC_EOIR1_EL1), counts
+     * it in x6 and appends its INTID to x7 (10 bits each). */
+    .org    0x280
+    mrs     x5, s3_0_c12_c12_0
+    cmp     x5, #27
+    b.ne    3f
+    msr     cntv_ctl_el0, xzr
+3:  msr     s3_0_c12_c12_1, x5
+    add     x6, x6, #1
+    lsl     x7, x7, #10
+    orr     x7, x7, x5
+    eret
+
 2:  mov     x20, x0
     movz    x19, #0x0a00, lsl #16           /* MBOX IPA 0x0a000000 */
     mov     x1, x20
@@ -74,6 +89,8 @@ keel_guest_start:
     b.eq    150f
     cmp     x10, #16
     b.eq    160f
+    cmp     x10, #17
+    b.eq    170f
     /* unknown: report (-1, op) */
     mov     x1, #-1
     mov     x2, x10
@@ -336,6 +353,39 @@ keel_guest_start:
     mrs     x1, s3_0_c4_c6_0
     mrs     x2, s3_0_c12_c12_3
     msr     s3_0_c4_c6_0, x11
+    bl      99f
+    b       1b
+
+170: /* IRQS: takes interrupts through the GIC's CPU interface: ICC_PMR_EL1
+      * 0xff, group 1 on, the IRQ vector above, IRQs unmasked; if a1, the
+      * virtual timer fires in a1 ticks (CNTV_TVAL_EL0); then spins a2
+      * times, or (a2 = 0) waits with WFI until an interrupt came.
+      * Report (INTIDs taken, 10 bits each, the last lowest; how many) */
+    adr     x9, keel_guest_start
+    msr     vbar_el1, x9
+    mov     x9, #0xff
+    msr     s3_0_c4_c6_0, x9
+    mov     x9, #1
+    msr     s3_0_c12_c12_7, x9
+    mov     x6, #0
+    mov     x7, #0
+    cbz     x11, 171f
+    msr     cntv_tval_el0, x11
+    msr     cntv_ctl_el0, x9
+171: isb
+    msr     daifclr, #2
+    cbz     x12, 173f
+172: subs   x12, x12, #1
+    b.ne    172b
+    b       174f
+173: wfi
+    cbz     x6, 173b
+174: msr    daifset, #2
+    msr     cntv_ctl_el0, xzr
+    msr     vbar_el1, xzr
+    isb
+    mov     x1, x7
+    mov     x2, x6
     bl      99f
     b       1b
 

@@ -891,11 +891,10 @@ fn wait_clear(addr: u64, bits: u32, what: &str) -> Result<(), Failure> {
     }
 }
 
-/// Finds the GICv3 distributor and every slot's redistributor in the
-/// device tree, enables group 1 with affinity routing and [`WAKE_SGI`]
-/// (group 1, priority 0x80) in every redistributor, and wakes them. Each
-/// CPU must then run [`gic_cpu_init`]. After [`init`].
-pub fn gic_init(boot: &BootInfo) -> Result<(), Failure> {
+/// Finds the GICv3 in the device tree, passes each redistributor frame
+/// to `found` with its CPU's affinity, and enables the distributor's group
+/// 1 with affinity routing.
+fn gic_enable(boot: &BootInfo, mut found: impl FnMut(u64, u64)) -> Result<(), Failure> {
     let node = boot
         .fdt
         .find_compatible(&["arm,gic-v3"])
@@ -914,10 +913,7 @@ pub fn gic_init(boot: &BootInfo) -> Result<(), Failure> {
         // read-only identification register.
         let typer = unsafe { core::ptr::read_volatile((frame + GICR_TYPER) as *const u64) };
         let aff = typer >> 32;
-        let affinity = (aff & 0xff_ffff) | (aff >> 24) << 32;
-        if let Some(slot) = (0..count()).find(|&s| mpidr(s) == affinity) {
-            GICR[slot].store(frame, Ordering::Relaxed);
-        }
+        found((aff & 0xff_ffff) | (aff >> 24) << 32, frame);
         if typer & GICR_TYPER_LAST != 0 {
             break;
         }
@@ -929,7 +925,30 @@ pub fn gic_init(boot: &BootInfo) -> Result<(), Failure> {
     }
     let ctlr = mmio_read32(gicd + GICD_CTLR);
     mmio_write32(gicd + GICD_CTLR, ctlr | GICD_CTLR_ENABLE);
-    wait_clear(gicd + GICD_CTLR, GICD_CTLR_RWP, "GICD_CTLR.RWP")?;
+    wait_clear(gicd + GICD_CTLR, GICD_CTLR_RWP, "GICD_CTLR.RWP")
+}
+
+/// Wakes the redistributor at `rd` (GICR_WAKER).
+fn gicr_wake(rd: u64) -> Result<(), Failure> {
+    let waker = mmio_read32(rd + GICR_WAKER);
+    mmio_write32(rd + GICR_WAKER, waker & !GICR_WAKER_PROCESSOR_SLEEP);
+    wait_clear(
+        rd + GICR_WAKER,
+        GICR_WAKER_CHILDREN_ASLEEP,
+        "GICR_WAKER.ChildrenAsleep",
+    )
+}
+
+/// Finds the GICv3 distributor and every slot's redistributor in the
+/// device tree, enables group 1 with affinity routing and [`WAKE_SGI`]
+/// (group 1, priority 0x80) in every redistributor, and wakes them. Each
+/// CPU must then run [`gic_cpu_init`]. After [`init`].
+pub fn gic_init(boot: &BootInfo) -> Result<(), Failure> {
+    gic_enable(boot, |affinity, frame| {
+        if let Some(slot) = (0..count()).find(|&s| mpidr(s) == affinity) {
+            GICR[slot].store(frame, Ordering::Relaxed);
+        }
+    })?;
     let bit = 1u32 << WAKE_SGI;
     for (slot, rd) in GICR.iter().enumerate().take(count()) {
         let rd = rd.load(Ordering::Relaxed);
@@ -939,13 +958,7 @@ pub fn gic_init(boot: &BootInfo) -> Result<(), Failure> {
                 mpidr(slot)
             )));
         }
-        let waker = mmio_read32(rd + GICR_WAKER);
-        mmio_write32(rd + GICR_WAKER, waker & !GICR_WAKER_PROCESSOR_SLEEP);
-        wait_clear(
-            rd + GICR_WAKER,
-            GICR_WAKER_CHILDREN_ASLEEP,
-            "GICR_WAKER.ChildrenAsleep",
-        )?;
+        gicr_wake(rd)?;
         let group = mmio_read32(rd + GICR_IGROUPR0);
         mmio_write32(rd + GICR_IGROUPR0, group | bit);
         // SAFETY: the byte of WAKE_SGI in GICR_IPRIORITYR (byte-accessible).
@@ -954,6 +967,54 @@ pub fn gic_init(boot: &BootInfo) -> Result<(), Failure> {
         wait_clear(rd + GICR_CTLR, GICR_CTLR_RWP, "GICR_CTLR.RWP")?;
     }
     Ok(())
+}
+
+/// The EL1 virtual timer's interrupt (PPI 27).
+pub const VTIMER_PPI: u64 = 27;
+/// This CPU's redistributor, from [`host_gic_init`].
+static HOST_GICR: AtomicU64 = AtomicU64::new(0);
+
+/// Sets up this (the boot) CPU's side of the GIC as Linux sets it up for
+/// itself: [`gic_init`], then every SGI and PPI group 1 at priority 0xa0
+/// ([`WAKE_SGI`] keeps 0x80) in this CPU's redistributor, PPI 27 (the
+/// virtual timer's) enabled, and [`gic_cpu_init`]. keel's own PPIs during
+/// guest runs (the maintenance interrupt, its EL2 timer) rely on this
+/// configuration, as they rely on Linux's. IRQs stay masked in PSTATE, so
+/// the kernel itself is never interrupted; an interrupt while a guest runs
+/// ends the run (keel routes physical IRQs to EL2 during runs).
+pub fn host_gic_init(boot: &BootInfo) -> Result<(), Failure> {
+    let me = my_mpidr();
+    let mut mine = 0;
+    gic_enable(boot, |affinity, frame| {
+        if affinity == me {
+            mine = frame;
+        }
+    })?;
+    if mine == 0 {
+        return Err(Failure::new(format_args!(
+            "no GIC redistributor for this CPU ({me:#x})"
+        )));
+    }
+    HOST_GICR.store(mine, Ordering::Relaxed);
+    let rd = mine;
+    gicr_wake(rd)?;
+    mmio_write32(rd + GICR_IGROUPR0, !0);
+    for i in 0..8 {
+        mmio_write32(rd + GICR_IPRIORITYR + 4 * i, 0xa0a0_a0a0);
+    }
+    // SAFETY: the byte of WAKE_SGI in GICR_IPRIORITYR (byte-accessible).
+    unsafe { core::ptr::write_volatile((rd + GICR_IPRIORITYR + WAKE_SGI) as *mut u8, 0x80) };
+    mmio_write32(rd + GICR_ISENABLER0, 1 << VTIMER_PPI);
+    wait_clear(rd + GICR_CTLR, GICR_CTLR_RWP, "GICR_CTLR.RWP")?;
+    gic_cpu_init();
+    Ok(())
+}
+
+/// Whether PPI 27 is active in this CPU's redistributor (GICR_ISACTIVER0),
+/// after [`host_gic_init`].
+pub fn vtimer_ppi_active() -> bool {
+    let rd = HOST_GICR.load(Ordering::Relaxed);
+    mmio_read32(rd + SGI_BASE + 0x300) & (1 << VTIMER_PPI) != 0
 }
 
 /// This CPU's GIC CPU interface: system registers on, every priority let

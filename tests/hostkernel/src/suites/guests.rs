@@ -107,6 +107,14 @@ pub static SUITE: Suite = Suite {
             run: gic_interface_state_is_per_vcpu,
         },
         Test {
+            name: "virtual_interrupts",
+            run: virtual_interrupts,
+        },
+        Test {
+            name: "virtual_timer",
+            run: virtual_timer,
+        },
+        Test {
             name: "back_to_boot_state",
             run: back_to_boot_state,
         },
@@ -155,6 +163,7 @@ pub enum Op {
     Undef = 14,
     Keys = 15,
     Pmr = 16,
+    Irqs = 17,
 }
 
 // ---- hypercalls ----
@@ -2008,6 +2017,150 @@ fn gic_interface_state_is_per_vcpu(_: &BootInfo) -> TestResult {
     a.teardown()
 }
 
+/// Spins of the guest's IRQS op: long enough for every interrupt pending
+/// at entry (and the maintenance exits that refill the list registers).
+const IRQ_SPINS: u64 = 20_000;
+
+/// The INTIDs an IRQS report lists (10 bits each, the last taken lowest),
+/// oldest first.
+fn taken(history: u64, n: u64) -> [u64; 6] {
+    let mut out = [u64::MAX; 6];
+    let k = n.min(6) as usize;
+    for (i, o) in out.iter_mut().take(k).enumerate() {
+        *o = (history >> (10 * (k - 1 - i))) & 0x3ff;
+    }
+    out
+}
+
+/// KEEL_VCPU_IRQ: the guest takes what the host asks for through its GIC
+/// CPU interface (ICC_IAR1_EL1), once per request that comes before it
+/// takes it, highest priority first; more than the CPU's list registers
+/// (4 on QEMU) all arrive; bad requests are refused and deliver nothing.
+fn virtual_interrupts(boot: &BootInfo) -> TestResult {
+    // The maintenance interrupt that refills the list registers is a PPI
+    // like any other: configured by the host (group 1, a priority), as
+    // Linux configures its PPIs.
+    crate::smp::host_gic_init(boot)?;
+    let mut g = Guest::new(slot(18), IPA, 16, 0x50)?;
+    let h = g.handle;
+    let pfr0 = g.op(Op::Sysregs, 0, 0, 0)?.0;
+    ensure_eq!(
+        id_field(pfr0, 24),
+        1,
+        "guest ID_AA64PFR0_EL1.GIC (GICv3 CPU interface)"
+    );
+    ensure_eq!(
+        g.op(Op::Irqs, 0, IRQ_SPINS, 0)?,
+        (0, 0),
+        "interrupts with none asked for"
+    );
+    let irq = |intid: u64, prio: u64| ok(func::KEEL_VCPU_IRQ, [h, 0, intid, prio], "KEEL_VCPU_IRQ");
+    for (args, what) in [
+        ([0, 0, 40, 0x80], "handle 0"),
+        ([h + 1, 0, 40, 0x80], "a handle without a VM"),
+        ([h, 1, 40, 0x80], "vCPU 1 of a 1-vCPU VM"),
+        ([h, 0, 1020, 0x80], "INTID 1020"),
+        (
+            [h, 0, keel_abi::VTIMER_INTID, 0x80],
+            "the virtual timer's INTID",
+        ),
+        ([h, 0, 40, 0x100], "priority 0x100"),
+    ] {
+        expect(func::KEEL_VCPU_IRQ, args, status::INVALID_PARAMETER, what)?;
+    }
+    ensure_eq!(
+        g.op(Op::Irqs, 0, IRQ_SPINS, 0)?,
+        (0, 0),
+        "interrupts after refused requests"
+    );
+    irq(40, 0x80)?;
+    irq(40, 0x80)?;
+    ensure_eq!(
+        g.op(Op::Irqs, 0, IRQ_SPINS, 0)?,
+        (40, 1),
+        "INTID 40, asked for twice"
+    );
+    irq(41, 0xa0)?;
+    irq(42, 0x20)?;
+    irq(43, 0x60)?;
+    let (history, n) = g.op(Op::Irqs, 0, IRQ_SPINS, 0)?;
+    ensure_eq!(
+        taken(history, n),
+        [42, 43, 41, u64::MAX, u64::MAX, u64::MAX],
+        "three interrupts, by priority"
+    );
+    // An SGI and a PPI number are the host's to ask for too.
+    irq(0, 0x80)?;
+    irq(31, 0x90)?;
+    let (history, n) = g.op(Op::Irqs, 0, IRQ_SPINS, 0)?;
+    ensure_eq!(taken(history, n)[..2], [0, 31], "SGI 0 and PPI 31");
+    // A full queue: 32 wait, the 33rd is BUSY; the guest takes all 32
+    // through 4 list registers.
+    for i in 0..32 {
+        irq(100 + i, 0xa0)?;
+    }
+    expect(
+        func::KEEL_VCPU_IRQ,
+        [h, 0, 99, 0xa0],
+        status::BUSY,
+        "a 33rd interrupt",
+    )?;
+    let (history, n) = g.op(Op::Irqs, 0, IRQ_SPINS, 0)?;
+    ensure_eq!(n, 32, "interrupts taken of 32 asked for");
+    ensure!(
+        taken(history, n).iter().all(|i| (100..132).contains(i)),
+        "the last interrupts taken: {:?}",
+        taken(history, n)
+    );
+    ensure_eq!(
+        g.op(Op::Irqs, 0, IRQ_SPINS, 0)?,
+        (0, 0),
+        "interrupts once all were taken"
+    );
+    g.teardown()
+}
+
+/// The guest's virtual timer interrupts it, through keel alone (the host
+/// never sees the timer): while it spins and in WFI, once per expiry (the
+/// guest turns the timer off in its handler), with a host interrupt
+/// alongside; the physical PPI 27 is never left active for the host.
+fn virtual_timer(boot: &BootInfo) -> TestResult {
+    crate::smp::host_gic_init(boot)?;
+    let mut g = Guest::new(slot(19), IPA, 16, 0x51)?;
+    // 2000 ticks of the 62.5 MHz counter: 32 us.
+    ensure_eq!(
+        g.op(Op::Irqs, 2000, 200_000, 0)?,
+        (27, 1),
+        "the timer, spinning"
+    );
+    ensure!(
+        !crate::smp::vtimer_ppi_active(),
+        "PPI 27 is left active for the host"
+    );
+    ensure_eq!(g.op(Op::Irqs, 2000, 0, 0)?, (27, 1), "the timer, in WFI");
+    ensure!(
+        !crate::smp::vtimer_ppi_active(),
+        "PPI 27 is left active for the host"
+    );
+    ok(
+        func::KEEL_VCPU_IRQ,
+        [g.handle, 0, 40, 0x80],
+        "KEEL_VCPU_IRQ",
+    )?;
+    let (history, n) = g.op(Op::Irqs, 2000, 200_000, 0)?;
+    ensure_eq!(
+        taken(history, n)[..2],
+        [40, 27],
+        "a host interrupt, then the timer"
+    );
+    ensure_eq!(
+        g.op(Op::Irqs, 0, IRQ_SPINS, 0)?,
+        (0, 0),
+        "interrupts with the timer off"
+    );
+    g.teardown()
+}
+
 fn back_to_boot_state(_: &BootInfo) -> TestResult {
     // No VM of this suite is left: VM_MEM_STATE refuses every handle, and
     // the regions are the host's again.
@@ -2020,8 +2173,8 @@ fn back_to_boot_state(_: &BootInfo) -> TestResult {
         )?;
     }
     expect_host_view(PA_1G, (owner::HOST, 0, GB1), "the 1 GiB region")?;
-    // Every slot a test of the suite used (slot(0) ..= slot(17)).
-    for k in 0..18 {
+    // Every slot a test of the suite used (slot(0) ..= slot(19)).
+    for k in 0..20 {
         let (o, s, _) = host_view(slot(k))?;
         ensure!(o == owner::HOST && s == 0, "slot {} is not the host's", k);
     }
