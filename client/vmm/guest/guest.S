@@ -23,7 +23,12 @@
  *      word, then for AFFINITY_INFO to say each is OFF, reports n to
  *      STATUS and powers off;
  *   3  smp, but every vCPU started jumps to an IPA with no memory (a FAULT
- *      exit), so vCPU 0 waits for ever: the VMM must stop it.
+ *      exit), so vCPU 0 waits for ever: the VMM must stop it;
+ *   4  timer: takes interrupts through its GIC CPU interface (the virtual
+ *      one keel switches), arms its virtual timer 5 times about 4 ms
+ *      ahead and waits for each expiry in WFI; its handler counts the
+ *      timer's interrupts (INTID 27) and turns the timer off; reports the
+ *      count to STATUS and powers off.
  */
     .text
     .global _start
@@ -34,6 +39,8 @@ _start:
     adr     x20, _start                     /* guest RAM base */
     adr     x0, msg_hello
     bl      puts
+    cmp     x28, #4
+    b.eq    timer
     cmp     x28, #2
     b.hs    smp
     cbnz    x28, spin
@@ -134,6 +141,35 @@ smp:
     bl      puts
     b       off
 
+timer:
+    adr     x9, vectors
+    msr     vbar_el1, x9
+    mov     x9, #0xff
+    msr     s3_0_c4_c6_0, x9                /* ICC_PMR_EL1: all through */
+    mov     x9, #1
+    msr     s3_0_c12_c12_7, x9              /* ICC_IGRPEN1_EL1: group 1 on */
+    isb
+    mov     x24, #0                         /* timer interrupts taken */
+    mov     x23, #0                         /* expiries armed */
+    mrs     x25, cntfrq_el0
+    lsr     x25, x25, #8                    /* about 4 ms of ticks */
+    msr     daifclr, #2                     /* IRQs unmasked */
+1:  msr     cntv_tval_el0, x25
+    mov     x9, #1
+    msr     cntv_ctl_el0, x9                /* enabled, not masked */
+    isb
+    add     x23, x23, #1
+2:  wfi
+    cmp     x24, x23
+    b.lo    2b
+    cmp     x23, #5
+    b.lo    1b
+    msr     daifset, #2
+    str     x24, [x27, #0x18]
+    adr     x0, msg_timer
+    bl      puts
+    b       off
+
 /* Mode 3's vCPUs: an instruction fetch where the guest has no memory. */
 crash:
     mov     x0, #0x1000
@@ -169,6 +205,20 @@ off:
     smc     #0
     b       .
 
+/* Mode 4's vector table: only the EL1h IRQ entry is used. It acknowledges
+ * the interrupt, counts the timer's (turning the timer off, so that its
+ * level falls) and ends it. */
+    .balign 2048
+vectors:
+    .org    vectors + 0x280
+    mrs     x9, s3_0_c12_c12_0              /* ICC_IAR1_EL1 */
+    cmp     x9, #27
+    b.ne    1f
+    msr     cntv_ctl_el0, xzr
+    add     x24, x24, #1
+1:  msr     s3_0_c12_c12_1, x9              /* ICC_EOIR1_EL1 */
+    eret
+
 /* puts(x0 = NUL-terminated string): one MMIO write per byte. */
 puts:
     ldrb    w1, [x0], #1
@@ -200,6 +250,8 @@ msg_fail:
     .asciz  "guest: FAILED\n"
 msg_smp:
     .asciz  "guest: every vCPU reported and is off\n"
+msg_timer:
+    .asciz  "guest: 5 timer interrupts taken\n"
 msg_vcpu:
     .asciz  "guest: vCPU "
 msg_up:

@@ -392,6 +392,13 @@ fn cmd_run(o: Opts) -> Result<u32, String> {
             },
         );
     }
+    if o.mode == 4 {
+        // The guest's virtual timer interrupted it once per expiry: keel
+        // delivered it (the VMM never sees the timer).
+        c.check("timer_guest", console.status == Some(5), || {
+            format!("status {:?}, expected 5 timer interrupts", console.status)
+        });
+    }
     if let Some(hold) = &o.hold {
         say(&format!("vmm: holding the VM until {hold} exists"));
         while !Path::new(hold).exists() {
