@@ -154,6 +154,11 @@
 #define KEEL_EXIT_MMIO			3	/* x2 = IPA, x3 = access (KEEL_MMIO_*), x4 = value written */
 #define KEEL_EXIT_IRQ			4	/* a physical interrupt arrived for the host */
 #define KEEL_EXIT_FAULT			5	/* x2 = ESR; the guest cannot continue */
+/* keel addition: x2 = the value the guest wrote to an SGI register, x3 = which */
+#define KEEL_EXIT_SGI			6
+#define KEEL_SGI_SGI1R			0	/* ICC_SGI1R_EL1 */
+#define KEEL_SGI_ASGI1R			1	/* ICC_ASGI1R_EL1 */
+#define KEEL_SGI_SGI0R			2	/* ICC_SGI0R_EL1 */
 
 /* SYSTEM_OFF x2. */
 #define KEEL_SYSTEM_OFF_POWEROFF	0

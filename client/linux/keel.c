@@ -733,6 +733,25 @@ static long keel_ioc_vcpu_init(struct keel_file *kf, void __user *argp)
 	return keel_status_to_errno(s);
 }
 
+static long keel_ioc_vcpu_irq(struct keel_file *kf, void __user *argp)
+{
+	struct keel_vcpu_irq_arg a;
+	struct keel_vm *vm;
+	long s;
+
+	if (copy_from_user(&a, argp, sizeof(a)))
+		return -EFAULT;
+	vm = keel_vm_get(kf, a.handle);
+	if (!vm)
+		return -ENOENT;
+	down_read(&vm->run_lock);
+	s = vm->dead ? KEEL_STATUS_INVALID_PARAMETER :
+		keel_vcpu_irq(vm->handle, a.vcpu, a.intid, a.priority);
+	up_read(&vm->run_lock);
+	keel_vm_put(vm);
+	return keel_status_to_errno(s);
+}
+
 static long keel_ioc_vcpu_run(struct keel_file *kf, void __user *argp)
 {
 	struct keel_vcpu_run_arg a;
@@ -1244,6 +1263,8 @@ static long keel_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return keel_ioc_vm_rw(kf, argp);
 	case KEEL_IOC_RECLAIM:
 		return keel_ioc_reclaim(argp);
+	case KEEL_IOC_VCPU_IRQ:
+		return keel_ioc_vcpu_irq(kf, argp);
 	default:
 		return -ENOTTY;
 	}

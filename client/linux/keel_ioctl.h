@@ -84,6 +84,19 @@ struct keel_vcpu_init_arg {
 };
 
 /*
+ * KEEL_IOC_VCPU_IRQ: KEEL_VCPU_IRQ, an interrupt for a vCPU from its next
+ * run: EBUSY while the vCPU runs (stop its run first: a signal to the
+ * thread in KEEL_IOC_VCPU_RUN) or while 32 interrupts wait for it; EINVAL
+ * for a bad vCPU, INTID (not 27, the virtual timer's) or priority.
+ */
+struct keel_vcpu_irq_arg {
+	__u64 handle;
+	__u64 vcpu;
+	__u64 intid;		/* 0..1019: SGI, PPI or SPI */
+	__u64 priority;		/* 0..255 */
+};
+
+/*
  * KEEL_IOC_VCPU_RUN: runs the vCPU until an exit the VMM must see.
  * Interrupt exits are handled in the driver (the vCPU runs again), except
  * when a signal is pending: then the ioctl returns 0 with reason
@@ -186,5 +199,6 @@ struct keel_reclaim_arg {
 #define KEEL_IOC_UNPIN		_IOW(KEEL_IOC_MAGIC, 0x19, struct keel_pin_arg)
 #define KEEL_IOC_VM_RW		_IOW(KEEL_IOC_MAGIC, 0x1a, struct keel_rw_arg)
 #define KEEL_IOC_RECLAIM	_IOR(KEEL_IOC_MAGIC, 0x1b, struct keel_reclaim_arg)
+#define KEEL_IOC_VCPU_IRQ	_IOW(KEEL_IOC_MAGIC, 0x1c, struct keel_vcpu_irq_arg)
 
 #endif /* KEEL_IOCTL_H */

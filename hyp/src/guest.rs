@@ -150,6 +150,17 @@ impl<T: TlbMaintenance, M: HypMmu, G: crate::vm::GuestTlb> Hyp<T, M, G> {
             }
             ec::SYSREG => {
                 let access = SysregAccess::from_esr(trap.esr);
+                if let Some(which) = access.sgi_register() {
+                    // The guest's SGI: done as far as it can tell; its VMM
+                    // routes it (KEEL_VCPU_IRQ) as its emulated GIC says.
+                    let value = if access.rt < 31 {
+                        x[usize::from(access.rt)]
+                    } else {
+                        0
+                    };
+                    vcpu.pc += 4;
+                    return Action::Exit([exit::SGI, value, which, 0]);
+                }
                 let emulated = {
                     let mut ids = self.guest_ids.lock();
                     // What a guest reads (or could have) is what its vCPUs

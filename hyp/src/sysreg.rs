@@ -329,6 +329,24 @@ impl GuestIdRegs {
     }
 }
 
+impl SysregAccess {
+    /// For a write to an SGI generation register (ICC_SGI1R_EL1,
+    /// ICC_ASGI1R_EL1, ICC_SGI0R_EL1: EL1 writes trap while HCR_EL2.IMO is
+    /// set), which one (`keel_abi::exit::sgi`).
+    pub fn sgi_register(&self) -> Option<u64> {
+        use keel_abi::exit::sgi;
+        if self.read || (self.op0, self.crn, self.crm) != (3, 12, 11) {
+            return None;
+        }
+        match (self.op1, self.op2) {
+            (0, 5) => Some(sgi::SGI1R),
+            (1, 6) => Some(sgi::ASGI1R),
+            (2, 7) => Some(sgi::SGI0R),
+            _ => None,
+        }
+    }
+}
+
 /// What keel does with a trapped guest MSR/MRS: `Some(value)` to give
 /// an MRS (and to ignore an MSR), `None` if the access is not emulated
 /// (the guest gets an undefined-instruction exception).

@@ -1855,3 +1855,54 @@ fn vcpu_irq_checks_its_arguments_and_the_vcpu() {
     assert_eq!(m.checked(func::VM_DESTROY, &[h]), OK);
     assert_eq!(irq([h, 0, 42, 0x80]), INVALID, "a destroyed VM");
 }
+
+/// A guest's write to an SGI generation register ends the run with an SGI
+/// exit (the value and the register), the write stepped over; a read of
+/// one, or of a register next to them, is not an SGI.
+#[test]
+fn a_guest_sgi_exits_to_the_host() {
+    let m = Machine::small();
+    let h = m.create(1);
+    use keel_abi::exit::sgi;
+    use keel_hyp::sysreg::sysreg_esr as sysreg;
+    let trap = |esr: u64| {
+        let mut vcpu = Vcpu::new();
+        vcpu.pc = 0x1000;
+        vcpu.x[3] = 0x0100_0000_0001_0002;
+        vcpu.state = VcpuState::Running;
+        let a = m.hyp.guest_trap(
+            slot(h),
+            &mut vcpu,
+            &Trap {
+                kind: TrapKind::Sync,
+                esr,
+                far: 0,
+                hpfar: 0,
+            },
+        );
+        (a, vcpu.pc, vcpu.pending)
+    };
+    let value = 0x0100_0000_0001_0002;
+    for ((op1, op2), which) in [
+        ((0, 5), sgi::SGI1R),
+        ((1, 6), sgi::ASGI1R),
+        ((2, 7), sgi::SGI0R),
+    ] {
+        let (a, pc, pending) = trap(sysreg(3, op1, 12, 11, op2, 3, false));
+        assert_eq!(a, Action::Exit([exit::SGI, value, which, 0]), "{which}");
+        assert_eq!(pc, 0x1004, "the write is stepped over");
+        assert!(matches!(pending, keel_hyp::vm::Pending::None));
+        // MSR from XZR: 0.
+        let (a, _, _) = trap(sysreg(3, op1, 12, 11, op2, 31, false));
+        assert_eq!(a, Action::Exit([exit::SGI, 0, which, 0]));
+        // A read is not an SGI (these registers are write-only).
+        let (a, pc, _) = trap(sysreg(3, op1, 12, 11, op2, 3, true));
+        assert!(matches!(a, Action::Undefined(_)), "read of {which}: {a:?}");
+        assert_eq!(pc, 0x1000);
+    }
+    // ICC_SGI1R_EL1's neighbours (ICC_ASGI1R's op2 under op1 0, ...).
+    for (op1, op2) in [(0, 6), (0, 4), (1, 5), (2, 5)] {
+        let (a, _, _) = trap(sysreg(3, op1, 12, 11, op2, 3, false));
+        assert!(matches!(a, Action::Undefined(_)), "({op1}, {op2}): {a:?}");
+    }
+}

@@ -144,11 +144,26 @@ pub mod exit {
     pub const MMIO: u64 = 3;
     pub const IRQ: u64 = 4;
     pub const FAULT: u64 = 5;
+    /// keel addition (not in ABI 1.0): the guest wrote an SGI generation
+    /// register; x2 = the value written, x3 = which ([`sgi`]). The write
+    /// is done as far as the guest can tell: the VMM delivers the SGI to
+    /// the vCPUs it names (KEEL_VCPU_IRQ), as its emulated GIC decides.
+    pub const SGI: u64 = 6;
 
     /// SYSTEM_OFF's x2.
     pub mod system_off {
         pub const POWEROFF: u64 = 0;
         pub const RESET: u64 = 1;
+    }
+
+    /// SGI's x3: the register the guest wrote.
+    pub mod sgi {
+        /// ICC_SGI1R_EL1: a group-1 SGI.
+        pub const SGI1R: u64 = 0;
+        /// ICC_ASGI1R_EL1: a group-1 SGI for the other security state.
+        pub const ASGI1R: u64 = 1;
+        /// ICC_SGI0R_EL1: a group-0 SGI.
+        pub const SGI0R: u64 = 2;
     }
 
     /// MMIO's x3: bit 0 write, bits 8..15 the access size in bytes, bits

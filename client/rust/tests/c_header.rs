@@ -104,6 +104,10 @@ fn expected() -> Vec<(&'static str, i128)> {
         ("KEEL_EXIT_HYPERCALL", u(exit::HYPERCALL)),
         ("KEEL_EXIT_MMIO", u(exit::MMIO)),
         ("KEEL_EXIT_IRQ", u(exit::IRQ)),
+        ("KEEL_EXIT_SGI", u(exit::SGI)),
+        ("KEEL_SGI_SGI1R", u(exit::sgi::SGI1R)),
+        ("KEEL_SGI_ASGI1R", u(exit::sgi::ASGI1R)),
+        ("KEEL_SGI_SGI0R", u(exit::sgi::SGI0R)),
         ("KEEL_EXIT_FAULT", u(exit::FAULT)),
         // Exit details; the crate leaves their decoding to the caller.
         ("KEEL_SYSTEM_OFF_POWEROFF", u(exit::system_off::POWEROFF)),

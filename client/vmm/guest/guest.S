@@ -28,7 +28,11 @@
  *      one keel switches), arms its virtual timer 5 times about 4 ms
  *      ahead and waits for each expiry in WFI; its handler counts the
  *      timer's interrupts (INTID 27) and turns the timer off; reports the
- *      count to STATUS and powers off.
+ *      count to STATUS and powers off;
+ *   5  ipi: vCPU 0 starts vCPU 1, which unmasks interrupts and waits in
+ *      WFI; vCPU 0 then sends it SGI 3 (ICC_SGI1R_EL1, an SGI exit that
+ *      the VMM routes); vCPU 1 reports the INTID it took and turns itself
+ *      off; vCPU 0 reports it to STATUS and powers off.
  */
     .text
     .global _start
@@ -41,6 +45,8 @@ _start:
     bl      puts
     cmp     x28, #4
     b.eq    timer
+    cmp     x28, #5
+    b.eq    ipi
     cmp     x28, #2
     b.hs    smp
     cbnz    x28, spin
@@ -170,6 +176,60 @@ timer:
     bl      puts
     b       off
 
+ipi:
+    add     x21, x20, #0x30, lsl #12        /* [0] ready, [8] INTID taken */
+    movz    x0, #0x0003
+    movk    x0, #0xc400, lsl #16            /* PSCI CPU_ON */
+    mov     x1, #1
+    adr     x2, ipi_secondary
+    mov     x3, #1
+    smc     #0
+    cbnz    x0, fail
+1:  ldr     x1, [x21]                       /* vCPU 1 waits for interrupts */
+    cmp     x1, #1
+    b.ne    1b
+    movz    x9, #0x0300, lsl #16            /* INTID 3 */
+    orr     x9, x9, #2                      /* target list: Aff0 1 */
+    msr     s3_0_c12_c11_5, x9              /* ICC_SGI1R_EL1 */
+2:  ldr     x22, [x21, #8]
+    cbz     x22, 2b
+3:  movz    x0, #0x0004                     /* AFFINITY_INFO: 1 is OFF */
+    movk    x0, #0xc400, lsl #16
+    mov     x1, #1
+    mov     x2, #0
+    smc     #0
+    cmp     x0, #1
+    b.ne    3b
+    str     x22, [x27, #0x18]
+    adr     x0, msg_ipi
+    bl      puts
+    b       off
+
+/* Mode 5's vCPU 1. */
+ipi_secondary:
+    movz    x27, #0x0900, lsl #16
+    adr     x20, _start
+    add     x21, x20, #0x30, lsl #12
+    adr     x9, vectors
+    msr     vbar_el1, x9
+    mov     x9, #0xff
+    msr     s3_0_c4_c6_0, x9                /* ICC_PMR_EL1 */
+    mov     x9, #1
+    msr     s3_0_c12_c12_7, x9              /* ICC_IGRPEN1_EL1 */
+    isb
+    mov     x22, #0
+    mov     x24, #0
+    msr     daifclr, #2
+    str     x9, [x21]                       /* ready (1) */
+1:  wfi
+    cbz     x24, 1b
+    msr     daifset, #2
+    str     x22, [x21, #8]
+    movz    x0, #0x0002                     /* PSCI CPU_OFF: no return */
+    movk    x0, #0x8400, lsl #16
+    smc     #0
+    b       fail
+
 /* Mode 3's vCPUs: an instruction fetch where the guest has no memory. */
 crash:
     mov     x0, #0x1000
@@ -205,19 +265,23 @@ off:
     smc     #0
     b       .
 
-/* Mode 4's vector table: only the EL1h IRQ entry is used. It acknowledges
- * the interrupt, counts the timer's (turning the timer off, so that its
- * level falls) and ends it. */
+/* Modes 4 and 5's vector table: only the EL1h IRQ entry is used. It
+ * acknowledges the interrupt, turns the timer off if it was the timer's
+ * (so that its level falls), counts it in x24 and keeps its INTID in x22
+ * (a spurious 1023 is neither), and ends it. */
     .balign 2048
 vectors:
     .org    vectors + 0x280
     mrs     x9, s3_0_c12_c12_0              /* ICC_IAR1_EL1 */
+    cmp     x9, #1020
+    b.hs    2f
     cmp     x9, #27
     b.ne    1f
     msr     cntv_ctl_el0, xzr
-    add     x24, x24, #1
-1:  msr     s3_0_c12_c12_1, x9              /* ICC_EOIR1_EL1 */
-    eret
+1:  add     x24, x24, #1
+    mov     x22, x9
+    msr     s3_0_c12_c12_1, x9              /* ICC_EOIR1_EL1 */
+2:  eret
 
 /* puts(x0 = NUL-terminated string): one MMIO write per byte. */
 puts:
@@ -252,6 +316,8 @@ msg_smp:
     .asciz  "guest: every vCPU reported and is off\n"
 msg_timer:
     .asciz  "guest: 5 timer interrupts taken\n"
+msg_ipi:
+    .asciz  "guest: vCPU 1 took the SGI vCPU 0 sent it\n"
 msg_vcpu:
     .asciz  "guest: vCPU "
 msg_up:

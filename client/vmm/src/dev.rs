@@ -61,6 +61,15 @@ pub struct VmCreate {
 
 #[repr(C)]
 #[derive(Default, Debug, Clone, Copy)]
+pub struct VcpuIrq {
+    pub handle: u64,
+    pub vcpu: u64,
+    pub intid: u64,
+    pub priority: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
 pub struct VcpuInit {
     pub handle: u64,
     pub vcpu: u64,
@@ -158,6 +167,7 @@ pub const IOC_VM_UNSHARE: u32 = ioc(WRITE, 0x16, size_of::<Range>());
 pub const IOC_VM_MEM_STATE: u32 = ioc(READ | WRITE, 0x17, size_of::<VmMemState>());
 pub const IOC_PIN: u32 = ioc(WRITE, 0x18, size_of::<Pin>());
 pub const IOC_UNPIN: u32 = ioc(WRITE, 0x19, size_of::<Pin>());
+pub const IOC_VCPU_IRQ: u32 = ioc(WRITE, 0x1c, size_of::<VcpuIrq>());
 pub const IOC_VM_RW: u32 = ioc(WRITE, 0x1a, size_of::<Rw>());
 pub const IOC_RECLAIM: u32 = ioc(READ, 0x1b, size_of::<Reclaim>());
 
@@ -230,6 +240,17 @@ impl Keel {
             x0,
         };
         self.call(IOC_VCPU_INIT, &mut a)
+    }
+
+    /// KEEL_VCPU_IRQ: `intid` pending for vCPU `vcpu` from its next run.
+    pub fn vcpu_irq(&self, handle: u64, vcpu: u64, intid: u64, priority: u64) -> io::Result<()> {
+        let mut a = VcpuIrq {
+            handle,
+            vcpu,
+            intid,
+            priority,
+        };
+        self.call(IOC_VCPU_IRQ, &mut a)
     }
 
     pub fn vcpu_run(&self, handle: u64, vcpu: u64, completion: u64) -> io::Result<VcpuRun> {

@@ -19,7 +19,7 @@ mod dev;
 use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -164,6 +164,9 @@ struct Guest<'a> {
     stop: AtomicBool,
     /// The pthread of each vCPU running now (0: none).
     threads: Mutex<Vec<u64>>,
+    /// The SGIs (a bit per INTID 0..15) other vCPUs sent each vCPU, that
+    /// its thread has not yet asked keel for (KEEL_VCPU_IRQ).
+    sgis: Vec<AtomicU32>,
 }
 
 impl Guest<'_> {
@@ -181,6 +184,55 @@ impl Guest<'_> {
         if failed {
             self.stop_all();
         }
+    }
+
+    /// A guest's SGI from vCPU `from` (the value it wrote to ICC_SGI1R_EL1):
+    /// pending for each vCPU it names, each target but the sender stopped
+    /// in its run so that its thread asks keel for it before the next
+    /// (as in `stop_all`, the signal is sent again until the thread has
+    /// taken the SGI, or is gone).
+    fn send_sgi(&self, from: u64, value: u64) {
+        let intid = (value >> 24) & 0xf;
+        let targets = sgi_targets(value, from, self.vcpus);
+        for t in (0..self.vcpus).filter(|t| targets & (1 << t) != 0) {
+            self.sgis[t as usize].fetch_or(1 << intid, Ordering::SeqCst);
+        }
+        for t in (0..self.vcpus).filter(|&t| targets & (1 << t) != 0 && t != from) {
+            for _ in 0..1000 {
+                if self.sgis[t as usize].load(Ordering::SeqCst) & (1 << intid) == 0
+                    || self.stop.load(Ordering::SeqCst)
+                {
+                    break;
+                }
+                let threads = self.threads.lock().unwrap();
+                let tid = threads[t as usize];
+                if tid == 0 {
+                    // Not running: it takes the SGI when it next starts.
+                    break;
+                }
+                // SAFETY: a live vCPU thread, as in stop_all.
+                unsafe { pthread_kill(tid, SIGUSR1) };
+                drop(threads);
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Asks keel for the SGIs other vCPUs sent vCPU `index` (its thread,
+    /// between runs); one keel cannot take now (BUSY: 32 wait) stays for
+    /// the next run.
+    fn take_sgis(&self, index: u64) -> io::Result<()> {
+        let pending = self.sgis[index as usize].swap(0, Ordering::SeqCst);
+        for intid in (0..16).filter(|i| pending & (1 << i) != 0) {
+            match self.keel.vcpu_irq(self.vm, index, intid, SGI_PRIORITY) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(EBUSY) => {
+                    self.sgis[index as usize].fetch_or(1 << intid, Ordering::SeqCst);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Stops every vCPU: each thread sees `stop` when its VCPU_RUN returns,
@@ -217,6 +269,42 @@ extern "C" {
     fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
 }
 const SIGUSR1: i32 = 10;
+const EBUSY: i32 = 16;
+/// The priority of the SGIs the VMM delivers: Linux's default for every
+/// interrupt (this VMM emulates no redistributor where a guest could set
+/// another).
+const SGI_PRIORITY: u64 = 0xa0;
+
+/// The vCPUs (a bit per index) an ICC_SGI1R_EL1 value sent by vCPU `from`
+/// names, of `vcpus`: every other vCPU (IRM), or those of its target list
+/// whose affinity is 0.0.0.(RS * 16 + bit), the affinity keel gives vCPU
+/// n being 0.0.0.n.
+fn sgi_targets(value: u64, from: u64, vcpus: u64) -> u64 {
+    let all = if vcpus >= 64 {
+        u64::MAX
+    } else {
+        (1 << vcpus) - 1
+    };
+    if value & (1 << 40) != 0 {
+        return all & !(1 << from);
+    }
+    let (aff1, aff2, aff3) = (
+        (value >> 16) & 0xff,
+        (value >> 32) & 0xff,
+        (value >> 48) & 0xff,
+    );
+    if aff1 | aff2 | aff3 != 0 {
+        return 0;
+    }
+    let base = ((value >> 44) & 0xf) * 16;
+    let mut targets = 0;
+    for bit in (0..16).filter(|b| value & (1 << b) != 0) {
+        if base + bit < vcpus.min(64) {
+            targets |= 1 << (base + bit);
+        }
+    }
+    targets
+}
 
 /// SIGUSR1 only interrupts VCPU_RUN.
 extern "C" fn on_sigusr1(_: i32) {}
@@ -249,6 +337,7 @@ fn run_one<'s>(
         if g.stop.load(Ordering::SeqCst) {
             return Ok(Ok(Ended::Off));
         }
+        g.take_sgis(index)?;
         let e = keel.vcpu_run(vm, index, completion)?;
         completion = 0;
         match e.reason {
@@ -290,6 +379,11 @@ fn run_one<'s>(
             }
             exit::HYPERCALL => completion = keel_abi::status::NOT_SUPPORTED as u64,
             exit::IRQ => {}
+            exit::SGI if e.x3 == exit::sgi::SGI1R => g.send_sgi(index, e.x2),
+            exit::SGI => say(&format!(
+                "vmm: vCPU {index}: group-0 SGI {:#x} dropped",
+                e.x2
+            )),
             exit::SYSTEM_OFF => return Ok(Ok(Ended::Off)),
             exit::FAULT => return Ok(Ok(Ended::Fault(e.x2))),
             r => say(&format!("vmm: unknown exit reason {r}")),
@@ -344,6 +438,7 @@ fn cmd_run(o: Opts) -> Result<u32, String> {
         ends: Mutex::new((0..o.vcpus).map(|_| None).collect()),
         stop: AtomicBool::new(false),
         threads: Mutex::new(vec![0; o.vcpus as usize]),
+        sgis: (0..o.vcpus).map(|_| AtomicU32::new(0)).collect(),
     };
     // SAFETY: an empty handler: SIGUSR1 only ends a VCPU_RUN early.
     unsafe { signal(SIGUSR1, on_sigusr1) };
@@ -388,6 +483,19 @@ fn cmd_run(o: Opts) -> Result<u32, String> {
                     console.status,
                     o.vcpus - 1,
                     o.vcpus
+                )
+            },
+        );
+    }
+    if o.mode == 5 {
+        // vCPU 1 took the SGI vCPU 0 sent it (INTID 3), through the VMM.
+        c.check(
+            "ipi_guest",
+            started == 1 && console.status == Some(3),
+            || {
+                format!(
+                    "{started} vCPU(s) started, status {:?}, expected 1 and 3",
+                    console.status
                 )
             },
         );

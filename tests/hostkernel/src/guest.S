@@ -91,6 +91,8 @@ keel_guest_start:
     b.eq    160f
     cmp     x10, #17
     b.eq    170f
+    cmp     x10, #18
+    b.eq    180f
     /* unknown: report (-1, op) */
     mov     x1, #-1
     mov     x2, x10
@@ -386,6 +388,14 @@ keel_guest_start:
     isb
     mov     x1, x7
     mov     x2, x6
+    bl      99f
+    b       1b
+
+180: /* SGI: ICC_SGI1R_EL1 = a1 (an SGI exit keel makes of it); report
+      * (0, 0) */
+    msr     s3_0_c12_c11_5, x11
+    mov     x1, #0
+    mov     x2, #0
     bl      99f
     b       1b
 
