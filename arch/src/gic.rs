@@ -35,7 +35,33 @@ pub use regs::*;
 
 #[cfg(target_arch = "aarch64")]
 mod regs {
+    use core::sync::atomic::{AtomicUsize, Ordering};
+
     use super::VgicShape;
+
+    /// The shape every CPU keel runs on has ([`note_cpu`]).
+    static COMMON_LRS: AtomicUsize = AtomicUsize::new(16);
+    static COMMON_APRS: AtomicUsize = AtomicUsize::new(4);
+
+    /// Adds this CPU's shape to the common one: a vCPU can move between
+    /// CPUs, so its interrupts go only in list registers every CPU has.
+    /// Each CPU calls it once as it comes up, before running a guest. (A
+    /// CPU brought up later with fewer list registers than a vCPU filled
+    /// would not see the extra ones; no system keel knows mixes CPUs with
+    /// different counts.)
+    pub fn note_cpu() {
+        let s = shape();
+        COMMON_LRS.fetch_min(s.lrs, Ordering::Relaxed);
+        COMMON_APRS.fetch_min(s.aprs, Ordering::Relaxed);
+    }
+
+    /// The shape common to the CPUs noted so far.
+    pub fn common_shape() -> VgicShape {
+        VgicShape {
+            lrs: COMMON_LRS.load(Ordering::Relaxed),
+            aprs: COMMON_APRS.load(Ordering::Relaxed),
+        }
+    }
 
     /// The CPU's shape (ICH_VTR_EL2).
     pub fn shape() -> VgicShape {

@@ -223,7 +223,7 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     }
     // The virtual interrupts: the guest's timer as it stands now, and the
     // host's that wait, in the list registers.
-    let shape = gic::shape();
+    let shape = gic::common_shape();
     let timer = vgic::timer_asserted(
         vcpu.el1[el1::CNTV_CTL],
         vcpu.el1[el1::CNTV_CVAL],

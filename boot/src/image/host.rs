@@ -471,6 +471,7 @@ pub fn init(info: &BootInfo, plan: &Layout, boot_dtb: &[u8]) -> ! {
     // switch for them.
     // The first CPU: nothing to be narrower than.
     let _ = hyp.guest_ids.lock().add_cpu(&sysreg::aa64_id_regs());
+    keel_arch::gic::note_cpu();
     if keel_arch::errata::note_cpu(sysreg::midr_el1()) {
         info!(
             "speculative-AT workaround on (this CPU, MIDR {:#x})",

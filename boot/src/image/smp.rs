@@ -136,6 +136,7 @@ extern "C" fn keel_secondary_main(index: u64) -> ! {
                 unsafe { core::arch::asm!("wfe", options(nomem, nostack, preserves_flags)) };
             }
         }
+        keel_arch::gic::note_cpu();
         if keel_arch::errata::note_cpu(sysreg::midr_el1()) {
             info!(
                 "speculative-AT workaround on (this CPU, MIDR {:#x})",

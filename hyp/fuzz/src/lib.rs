@@ -58,8 +58,10 @@ fn vms() -> &'static Mutex<Vms<NoTlb>> {
     }
     let v = VMS.with(|v| *v);
     let mut vms = Vms::new();
-    vms.lent
-        .attach(RamFrames::one(RAM_BASE / PAGE, RAM_SIZE / PAGE), lent_words());
+    vms.lent.attach(
+        RamFrames::one(RAM_BASE / PAGE, RAM_SIZE / PAGE),
+        lent_words(),
+    );
     *v.lock() = vms;
     v
 }
@@ -333,7 +335,7 @@ impl Input<'_> {
 }
 
 /// IDs the decoder names by index.
-const IDS: [u64; 26] = [
+const IDS: [u64; 27] = [
     func::FEATURES,
     func::CALL_UID,
     func::REVISION,
@@ -361,6 +363,7 @@ const IDS: [u64; 26] = [
     func::KEEL_CHECK_INVARIANTS,
     // Last, so that the corpus's earlier indices keep their meaning.
     func::KEEL_TABLE_PAGES,
+    func::KEEL_VCPU_IRQ,
 ];
 
 /// Guest-side IDs (x0 of a trapped HVC or SMC).
@@ -561,6 +564,19 @@ impl Machine {
                     }
                     func::VM_UNSHARE => [inp.handle(), inp.ipa(), inp.nr(), 0, 0],
                     func::VM_MEM_STATE => [inp.handle(), inp.ipa(), 0, 0, 0],
+                    func::KEEL_VCPU_IRQ => {
+                        let intid = match inp.byte() % 4 {
+                            0..=1 => u64::from(inp.byte()) * 4,
+                            2 => inp.pick(&[27, 1019, 1020, 1023, 1 << 32 | 40]),
+                            _ => inp.u64(),
+                        };
+                        let prio = if inp.byte().is_multiple_of(8) {
+                            inp.u64()
+                        } else {
+                            u64::from(inp.byte())
+                        };
+                        [inp.handle(), inp.vcpu(), intid, prio, 0]
+                    }
                     func::KEEL_TABLE_PAGES => {
                         let which = if inp.byte().is_multiple_of(4) {
                             0
@@ -597,6 +613,36 @@ impl Machine {
                 match self.hyp.begin_run(h, i, completion) {
                     Ok(ticket) => {
                         let slot = ticket.slot;
+                        // The image's entry: the list registers, on CPUs
+                        // of 1 to 16 of them, and what the guest did to
+                        // them (took, ended) while it ran.
+                        {
+                            // SAFETY: the ticket makes the vCPU ours until end_run.
+                            let vcpu = unsafe { &mut *ticket.vcpu };
+                            // A CPU shape per VM slot (keel uses every CPU's
+                            // common one, so it does not change between runs).
+                            let lrs = 1 + (slot * 5) % 16;
+                            let before = vcpu.vgic.queued();
+                            let e = vcpu.vgic.prepare(inp.byte().is_multiple_of(2), lrs);
+                            assert!(vcpu.vgic.queued() <= before, "prepare queued more");
+                            assert_eq!(e.hcr, keel_hyp::vgic::HCR_EN);
+                            let in_flight = |l: &u64| keel_hyp::vgic::lr::in_flight(*l);
+                            assert!(vcpu.vgic.lr[lrs..].iter().all(|l| !in_flight(l)));
+                            for l in vcpu.vgic.lr[..lrs].iter_mut().filter(|l| in_flight(l)) {
+                                match inp.byte() % 4 {
+                                    // Acknowledged (active), or ended.
+                                    0 => *l = (*l & !(3 << 62)) | (2 << 62),
+                                    1 => *l &= !(3 << 62),
+                                    _ => {}
+                                }
+                            }
+                            let mut seen = [false; 1024];
+                            for l in vcpu.vgic.lr[..lrs].iter().filter(|l| in_flight(l)) {
+                                let id = keel_hyp::vgic::lr::intid(*l) as usize;
+                                assert!(!seen[id % 1024], "INTID {id} in two list registers");
+                                seen[id % 1024] = true;
+                            }
+                        }
                         for _ in 0..1 + inp.byte() % 8 {
                             // SAFETY: the ticket makes the vCPU ours until end_run.
                             let vcpu = unsafe { &mut *ticket.vcpu };
