@@ -108,7 +108,7 @@ const MAX_VCPUS: usize = 4;
 const HANDLE_BASE: u64 = keel_abi::VM_HANDLE_BASE;
 
 /// Every function ID the ABI names, and the keel extensions.
-const IDS: [u64; 26] = [
+const IDS: [u64; 27] = [
     func::FEATURES,
     func::CALL_UID,
     func::REVISION,
@@ -135,6 +135,7 @@ const IDS: [u64; 26] = [
     func::HOST_UNPIN,
     func::KEEL_CHECK_INVARIANTS,
     func::KEEL_TABLE_PAGES,
+    func::KEEL_VCPU_IRQ,
 ];
 
 fn call_name(id: u64) -> &'static str {
@@ -165,6 +166,7 @@ fn call_name(id: u64) -> &'static str {
         func::HOST_UNPIN => "HOST_UNPIN",
         func::KEEL_CHECK_INVARIANTS => "KEEL_CHECK_INVARIANTS",
         func::KEEL_TABLE_PAGES => "KEEL_TABLE_PAGES",
+        func::KEEL_VCPU_IRQ => "KEEL_VCPU_IRQ",
         _ => "?",
     }
 }
@@ -1007,6 +1009,37 @@ impl Fuzzer {
                     return Err(self.fail(format_args!(
                         "KEEL_TABLE_PAGES of {:#x}: status {}, {} pages",
                         which, r.0[0] as i64, r.0[1]
+                    )));
+                }
+            }
+            func::KEEL_VCPU_IRQ => {
+                // An interrupt for a started vCPU of a live VM is taken
+                // (or BUSY, once 32 wait for it: the fuzzer runs vCPUs
+                // seldom); anything else is refused.
+                let (h, i) = (self.handle(), self.vcpu());
+                let intid = match self.rng.below(4) {
+                    0..=1 => self.rng.below(1024),
+                    2 => keel_abi::VTIMER_INTID,
+                    _ => self.rng.next(),
+                };
+                let prio = if self.rng.one_in(8) {
+                    self.rng.next()
+                } else {
+                    self.rng.below(256)
+                };
+                let r = self.call(id, [h, i, intid, prio, 0])?;
+                let valid = intid <= 1019 && intid != keel_abi::VTIMER_INTID && prio <= 0xff;
+                let started =
+                    matches!(self.known_cpu(h, i), Some((_, _, c)) if !matches!(c, Cpu::Uninit));
+                let want: &[i64] = if valid && started {
+                    &[status::SUCCESS, status::BUSY]
+                } else {
+                    &[status::INVALID_PARAMETER]
+                };
+                if !want.contains(&(r.0[0] as i64)) {
+                    return Err(self.fail(format_args!(
+                        "KEEL_VCPU_IRQ({:#x}, {}, {:#x}, {:#x}): status {}, expected one of {:?}",
+                        h, i, intid, prio, r.0[0] as i64, want
                     )));
                 }
             }
