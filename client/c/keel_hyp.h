@@ -76,6 +76,8 @@
  * interrupt pending for a vCPU (see keel_vcpu_irq).
  */
 #define KEEL_FN_KEEL_VCPU_IRQ		0xC60001F2
+/* keel extension: the guest's configuration of its timer's PPI (keel_vcpu_vtimer). */
+#define KEEL_FN_KEEL_VCPU_VTIMER	0xC60001F3
 /* The guest's virtual timer interrupt (PPI), which keel drives itself. */
 #define KEEL_VTIMER_INTID		27
 
@@ -503,6 +505,20 @@ static inline long keel_vcpu_irq(keel_u64 handle, keel_u64 vcpu, keel_u64 intid,
 				 keel_u64 priority)
 {
 	return keel_call_status(KEEL_FN_KEEL_VCPU_IRQ, handle, vcpu, intid, priority);
+}
+
+/*
+ * KEEL_VCPU_VTIMER (keel extension): the guest's own configuration of its
+ * virtual timer's interrupt (KEEL_VTIMER_INTID), as it wrote it to the
+ * redistributor the VMM emulates: enabled (1) or not (0), and its priority
+ * (0..255). keel raises the timer only while it is enabled, at that
+ * priority (by default: enabled, 0xa0). KEEL_STATUS_INVALID_PARAMETER for a
+ * bad handle, index, enable or priority; KEEL_STATUS_BUSY while it runs.
+ */
+static inline long keel_vcpu_vtimer(keel_u64 handle, keel_u64 vcpu, keel_u64 enabled,
+				    keel_u64 priority)
+{
+	return keel_call_status(KEEL_FN_KEEL_VCPU_VTIMER, handle, vcpu, enabled, priority);
 }
 
 /* VM_CREATE: a VM with nr_vcpus vCPUs (flags 0); its handle. */

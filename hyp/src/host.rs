@@ -135,6 +135,7 @@ impl<T: TlbMaintenance, M: HypMmu, G: GuestTlb> Hyp<T, M, G> {
                     func::HOST_PIN => result(ops.pin(a1, a2, true)),
                     func::HOST_UNPIN => result(ops.pin(a1, a2, false)),
                     func::KEEL_VCPU_IRQ => result(ops.vcpu_irq(a1, a2, a3, a4)),
+                    func::KEEL_VCPU_VTIMER => result(ops.vcpu_vtimer(a1, a2, a3, a4)),
                     _ => hvc::dispatch(Caller::Host, imm, call, &self.limits),
                 }
             }

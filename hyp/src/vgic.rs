@@ -100,6 +100,8 @@ pub struct Vgic {
     pub apr: [u64; 2 * MAX_APRS],
     queue: [Queued; QUEUE],
     queued: u8,
+    timer_enabled: bool,
+    timer_priority: u8,
 }
 
 impl Default for Vgic {
@@ -113,9 +115,10 @@ impl Default for Vgic {
 pub struct Entry {
     /// ICH_HCR_EL2 for the run.
     pub hcr: u64,
-    /// The virtual timer's interrupt is in flight: the physical PPI 27 must
-    /// be active for the run (and is made inactive again after it).
-    pub timer_in_flight: bool,
+    /// The virtual timer's interrupt is in flight, or the timer asserts it
+    /// (whether or not it is in a list register yet): the physical PPI 27
+    /// must be active for the run (and is made inactive again after it).
+    pub hold_timer_ppi: bool,
 }
 
 /// Whether a virtual timer with these CNTV_CTL_EL0 and CNTV_CVAL_EL0
@@ -135,6 +138,8 @@ impl Vgic {
                 priority: 0,
             }; QUEUE],
             queued: 0,
+            timer_enabled: true,
+            timer_priority: VTIMER_PRIORITY,
         }
     }
 
@@ -178,43 +183,78 @@ impl Vgic {
 
     /// Before an entry on a CPU with `lrs` list registers (1 to 16; more
     /// are clamped): the virtual timer's interrupt follows its level
-    /// (`timer`, from [`timer_asserted`]), queued interrupts fill the free
-    /// list registers (highest priority first), and while any interrupt
-    /// still waits, the host's interrupts in the list registers ask for an
-    /// end-of-interrupt maintenance interrupt.
+    /// (`timer`, from [`timer_asserted`]; none while the guest has it
+    /// disabled, [`set_timer`](Self::set_timer)), and the interrupts that
+    /// wait (the timer's, queued ones) go into the list registers highest
+    /// priority first: into free ones, or in place of a pending one of
+    /// lower priority, which goes back to the queue (the guest has not
+    /// seen it yet). While any interrupt still waits, the host's
+    /// interrupts in the list registers ask for an end-of-interrupt
+    /// maintenance interrupt, so the run ends when one frees.
     pub fn prepare(&mut self, timer: bool, lrs: usize) -> Entry {
         let lrs = lrs.clamp(1, MAX_LRS);
-        let mut timer_waits = false;
-        match self.lr[..lrs].iter().position(|&l| is_timer(l)) {
-            // Taken by the guest (active): it stays until the guest
-            // deactivates it, whatever the timer does meanwhile.
-            Some(i) if self.lr[i] & lr::ACTIVE != 0 => {}
-            // Pending: withdrawn if the level fell before the guest took it.
-            Some(i) if !timer => self.lr[i] = 0,
-            Some(_) => {}
-            None if timer => match self.free(lrs) {
-                Some(i) => {
-                    self.lr[i] = lr::pending(VTIMER_INTID, VTIMER_PRIORITY)
+        let asserted = timer;
+        let timer = timer && self.timer_enabled;
+        let mut timer_waits = timer;
+        if let Some(i) = self.lr[..lrs].iter().position(|&l| is_timer(l)) {
+            // Taken by the guest (active), it stays until the guest
+            // deactivates it, whatever the timer does meanwhile; pending,
+            // it is withdrawn if the level fell before the guest took it.
+            if !timer && self.lr[i] & lr::ACTIVE == 0 {
+                self.lr[i] = 0;
+            }
+            timer_waits = false;
+        }
+        // Each round places the best waiting interrupt, or stops; an
+        // eviction only ever puts back one of strictly lower priority, so
+        // the rounds are bounded (and capped besides).
+        for _ in 0..QUEUE + MAX_LRS + 1 {
+            let best = self.best_queued();
+            let take_timer =
+                timer_waits && best.is_none_or(|b| self.timer_priority <= self.queue[b].priority);
+            let priority = match (take_timer, best) {
+                (true, _) => self.timer_priority,
+                (false, Some(b)) => self.queue[b].priority,
+                (false, None) => break,
+            };
+            // A queued interrupt leaves the queue first, so an evicted one
+            // always finds room there; the timer needs a free entry.
+            let placed = if take_timer {
+                None
+            } else {
+                best.map(|b| self.dequeue(b))
+            };
+            let at = match self.free(lrs) {
+                Some(i) => Some(i),
+                None if placed.is_some() || self.queued() < QUEUE => {
+                    self.evictable(lrs, priority).inspect(|&i| {
+                        let l = self.lr[i];
+                        self.queue[self.queued()] = Queued {
+                            intid: lr::intid(l) as u16,
+                            priority: (l >> lr::PRIORITY_SHIFT) as u8,
+                        };
+                        self.queued += 1;
+                    })
+                }
+                None => None,
+            };
+            match (at, placed) {
+                (Some(i), Some(q)) => self.lr[i] = lr::pending(u32::from(q.intid), q.priority),
+                (Some(i), None) => {
+                    self.lr[i] = lr::pending(VTIMER_INTID, self.timer_priority)
                         | lr::HW
                         | (u64::from(VTIMER_INTID) << lr::PINTID_SHIFT);
+                    timer_waits = false;
                 }
-                None => timer_waits = true,
-            },
-            None => {}
-        }
-        while self.queued > 0 {
-            let Some(i) = self.free(lrs) else { break };
-            let queued = &self.queue[..self.queued()];
-            let mut best = 0;
-            for (j, q) in queued.iter().enumerate() {
-                if q.priority < queued[best].priority {
-                    best = j;
+                (None, Some(q)) => {
+                    // No room for it: back where it was, and no further
+                    // interrupt does better.
+                    self.queue[self.queued()] = q;
+                    self.queued += 1;
+                    break;
                 }
+                (None, None) => break,
             }
-            let q = self.queue[best];
-            self.queued -= 1;
-            self.queue[best] = self.queue[self.queued()];
-            self.lr[i] = lr::pending(u32::from(q.intid), q.priority);
         }
         let waits = timer_waits || self.queued > 0;
         let mut timer_in_flight = false;
@@ -229,8 +269,48 @@ impl Vgic {
         }
         Entry {
             hcr: HCR_EN,
-            timer_in_flight,
+            // Also whenever the timer is asserted (its interrupt waiting
+            // for a list register, or disabled by the guest): else the
+            // physical PPI would end every run at once, before the guest
+            // could free a register or change its timer.
+            hold_timer_ppi: timer_in_flight || asserted,
         }
+    }
+
+    /// The virtual timer's configuration in the guest's redistributor (its
+    /// VMM emulates it): enabled, at `priority` (KEEL_VCPU_VTIMER). Off, no
+    /// timer interrupt is made pending (one the guest has taken stays
+    /// until it ends it); by default it is on at [`VTIMER_PRIORITY`].
+    pub fn set_timer(&mut self, enabled: bool, priority: u8) {
+        self.timer_enabled = enabled;
+        self.timer_priority = priority;
+    }
+
+    /// The queued interrupt of highest priority (lowest value).
+    fn best_queued(&self) -> Option<usize> {
+        let queued = &self.queue[..self.queued()];
+        (0..queued.len()).min_by_key(|&j| queued[j].priority)
+    }
+
+    /// Takes entry `j` out of the queue.
+    fn dequeue(&mut self, j: usize) -> Queued {
+        let q = self.queue[j];
+        self.queued -= 1;
+        self.queue[j] = self.queue[self.queued()];
+        q
+    }
+
+    /// The list register below `lrs` holding a host interrupt that is
+    /// pending only (not yet acknowledged) at a priority strictly lower
+    /// than `priority` (a higher value): the lowest such.
+    fn evictable(&self, lrs: usize, priority: u8) -> Option<usize> {
+        (0..lrs)
+            .filter(|&i| {
+                let l = self.lr[i];
+                l & (lr::PENDING | lr::ACTIVE | lr::HW) == lr::PENDING
+                    && (l >> lr::PRIORITY_SHIFT) as u8 > priority
+            })
+            .max_by_key(|&i| (self.lr[i] >> lr::PRIORITY_SHIFT) as u8)
     }
 
     /// A list register below `lrs` that holds nothing.
@@ -265,7 +345,7 @@ mod tests {
             e,
             Entry {
                 hcr: HCR_EN,
-                timer_in_flight: false
+                hold_timer_ppi: false
             }
         );
         assert_eq!(v.lr[0], lr::PENDING | lr::GROUP1 | (0x80 << 48) | 40);
@@ -349,10 +429,10 @@ mod tests {
     #[test]
     fn the_timer_follows_its_level_and_is_linked_to_the_physical_ppi() {
         let mut v = Vgic::new();
-        assert!(!v.prepare(false, 4).timer_in_flight);
+        assert!(!v.prepare(false, 4).hold_timer_ppi);
         assert_eq!(in_flight(&v), []);
         let e = v.prepare(true, 4);
-        assert!(e.timer_in_flight);
+        assert!(e.hold_timer_ppi);
         let l = v.lr[0];
         assert_eq!(
             (lr::intid(l), l & lr::HW, (l >> 32) & 0x1fff),
@@ -363,35 +443,119 @@ mod tests {
         v.prepare(true, 4);
         assert_eq!(in_flight(&v), [(27, 1)]);
         // The guest changed its timer before taking the interrupt.
-        assert!(!v.prepare(false, 4).timer_in_flight);
+        assert!(!v.prepare(false, 4).hold_timer_ppi);
         assert_eq!(in_flight(&v), []);
         // Taken (active): it stays until the guest deactivates it.
         v.prepare(true, 4);
         v.lr[0] = (v.lr[0] & !lr::PENDING) | lr::ACTIVE;
-        assert!(v.prepare(false, 4).timer_in_flight);
+        assert!(v.prepare(false, 4).hold_timer_ppi);
         assert_eq!(in_flight(&v), [(27, 2)]);
         // Deactivated by the guest (the register is invalid): again if the
         // level is still up.
         v.lr[0] &= !lr::ACTIVE;
-        assert!(v.prepare(true, 4).timer_in_flight);
+        assert!(v.prepare(true, 4).hold_timer_ppi);
         assert_eq!(in_flight(&v), [(27, 1)]);
     }
 
     #[test]
-    fn the_timer_waits_for_a_register_like_any_interrupt() {
+    fn the_timer_waits_for_a_register_with_its_physical_interrupt_held() {
         let mut v = Vgic::new();
         v.inject(40, 0xa0).unwrap();
         v.prepare(false, 1);
+        // The guest took 40 (active): the timer, asserted, waits for the
+        // register; its physical interrupt is held active meanwhile, or it
+        // would end every run before the guest could end 40.
+        v.lr[0] = (v.lr[0] & !lr::PENDING) | lr::ACTIVE;
         let e = v.prepare(true, 1);
-        assert!(!e.timer_in_flight);
+        assert!(
+            e.hold_timer_ppi,
+            "the physical PPI is held while the timer waits"
+        );
+        assert_eq!(in_flight(&v), [(40, 2)]);
         assert_ne!(
             v.lr[0] & lr::EOI,
             0,
             "the timer waits: maintenance on 40's EOI"
         );
         v.lr[0] = 0;
-        assert!(v.prepare(true, 1).timer_in_flight);
+        assert!(v.prepare(true, 1).hold_timer_ppi);
+        assert_eq!(in_flight(&v), [(27, 1)]);
         assert_eq!(v.lr[0] & lr::EOI, 0);
+        // Not asserted and not in a register: nothing held.
+        v.lr[0] = 0;
+        assert!(!v.prepare(false, 1).hold_timer_ppi);
+    }
+
+    #[test]
+    fn a_higher_priority_interrupt_takes_the_place_of_a_pending_one() {
+        let mut v = Vgic::new();
+        for i in 0..4 {
+            v.inject(40 + i, 0xf0).unwrap();
+        }
+        v.prepare(false, 4);
+        // The guest cannot take them (its priority mask), and took none.
+        v.inject(50, 0x20).unwrap();
+        v.prepare(false, 4);
+        let now = in_flight(&v);
+        assert!(now.contains(&(50, 1)), "{now:?}");
+        assert_eq!(now.len(), 4);
+        assert_eq!(v.queued(), 1, "the one it replaced waits again");
+        // An acknowledged (active) one is never replaced, nor one of the
+        // same priority.
+        let mut v = Vgic::new();
+        v.inject(40, 0xf0).unwrap();
+        v.inject(41, 0x20).unwrap();
+        v.prepare(false, 2);
+        v.lr[0] = (v.lr[0] & !lr::PENDING) | lr::ACTIVE;
+        v.lr[1] = (v.lr[1] & !lr::PENDING) | lr::ACTIVE;
+        v.inject(42, 0x10).unwrap();
+        v.inject(43, 0x20).unwrap();
+        v.prepare(false, 2);
+        assert_eq!(v.queued(), 2);
+        // The timer outranks a pending host interrupt of lower priority.
+        let mut v = Vgic::new();
+        v.inject(40, 0xf0).unwrap();
+        v.prepare(false, 1);
+        assert!(v.prepare(true, 1).hold_timer_ppi);
+        assert_eq!(in_flight(&v), [(27, 1)]);
+        assert_eq!(v.queued(), 1);
+    }
+
+    #[test]
+    fn eviction_never_overfills_the_queue() {
+        let mut v = Vgic::new();
+        for i in 0..QUEUE as u64 {
+            v.inject(100 + i, 0xf0).unwrap();
+        }
+        v.prepare(false, 1);
+        v.inject(200, 0xf0).unwrap();
+        assert_eq!(v.queued(), QUEUE);
+        // The timer cannot push the pending one back: it waits, held.
+        let e = v.prepare(true, 1);
+        assert!(e.hold_timer_ppi);
+        assert_eq!(v.queued(), QUEUE);
+        assert_eq!(in_flight(&v).len(), 1);
+        assert_ne!(in_flight(&v)[0].0, 27);
+    }
+
+    #[test]
+    fn a_disabled_timer_is_never_pending() {
+        let mut v = Vgic::new();
+        v.prepare(true, 4);
+        v.set_timer(false, 0x40);
+        // Withdrawn, and the physical interrupt held all the same: the
+        // asserted timer must not end every run.
+        assert!(v.prepare(true, 4).hold_timer_ppi);
+        assert_eq!(in_flight(&v), []);
+        assert!(!v.prepare(false, 4).hold_timer_ppi);
+        v.set_timer(true, 0x40);
+        assert!(v.prepare(true, 4).hold_timer_ppi);
+        assert_eq!((v.lr[0] >> 48) & 0xff, 0x40, "the guest's priority");
+        // Taken, then disabled: it stays until the guest ends it.
+        v.lr[0] = (v.lr[0] & !lr::PENDING) | lr::ACTIVE;
+        v.set_timer(false, 0x40);
+        assert!(v.prepare(true, 4).hold_timer_ppi);
+        assert_eq!(in_flight(&v), [(27, 2)]);
     }
 
     #[test]

@@ -538,6 +538,31 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         }
     }
 
+    /// KEEL_VCPU_VTIMER: the guest's configuration of its virtual timer's
+    /// interrupt for vCPU `index` ([`Vgic::set_timer`]); BUSY while that
+    /// vCPU runs.
+    pub fn vcpu_vtimer(
+        &mut self,
+        handle: u64,
+        index: u64,
+        enabled: u64,
+        priority: u64,
+    ) -> Result<(), CallError> {
+        let vm = self.vms.live_mut(handle)?;
+        if index >= vm.nr_vcpus as u64 || enabled > 1 || priority > 0xff {
+            return Err(CallError::Invalid);
+        }
+        let vcpu = &mut vm.vcpus[index as usize];
+        match vcpu.state {
+            VcpuState::Uninit => Err(CallError::Invalid),
+            VcpuState::Running => Err(CallError::Busy),
+            VcpuState::Ready | VcpuState::Failed(_) => {
+                vcpu.vgic.set_timer(enabled == 1, priority as u8);
+                Ok(())
+            }
+        }
+    }
+
     /// Checks that every IPA page of `range` is unmapped in the VM.
     fn check_ipa_free(&self, vm: &Vm<G>, range: Range) -> Result<(), CallError> {
         let mut mapped = false;

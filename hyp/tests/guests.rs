@@ -1906,3 +1906,43 @@ fn a_guest_sgi_exits_to_the_host() {
         assert!(matches!(a, Action::Undefined(_)), "({op1}, {op2}): {a:?}");
     }
 }
+
+/// KEEL_VCPU_VTIMER: refused like KEEL_VCPU_IRQ for bad arguments and a
+/// running vCPU, and nothing changes then; accepted, the timer follows it.
+#[test]
+fn vcpu_vtimer_checks_its_arguments() {
+    let m = Machine::small();
+    let h = m.create(2);
+    assert_eq!(m.checked(func::VCPU_INIT, &[h, 0, 0x1000, 0]), OK);
+    let call = |args: [u64; 4]| m.checked(func::KEEL_VCPU_VTIMER, &args);
+    for (args, what) in [
+        ([0, 0, 1, 0x80], "handle 0"),
+        ([h, 2, 1, 0x80], "a vCPU past the VM's"),
+        ([h, 1, 1, 0x80], "a vCPU never started"),
+        ([h, 0, 2, 0x80], "enable 2"),
+        ([h, 0, 1, 0x100], "priority 256"),
+    ] {
+        assert_eq!(call(args), INVALID, "{what}");
+    }
+    let timer_taken = |m: &Machine| {
+        let (t, v) = m.run(h, 0);
+        let e = v.vgic.prepare(true, 4);
+        let l = v.vgic.lr[0];
+        v.vgic.lr = [0; 16];
+        m.hyp.end_run(&t);
+        (e.hold_timer_ppi, l as u32, (l >> 48) as u8)
+    };
+    assert_eq!(timer_taken(&m), (true, 27, 0xa0), "the default");
+    let (t, _) = m.run(h, 0);
+    assert_eq!(call([h, 0, 0, 0x40]), BUSY, "the vCPU runs");
+    m.hyp.end_run(&t);
+    assert_eq!(
+        timer_taken(&m),
+        (true, 27, 0xa0),
+        "unchanged by refused calls"
+    );
+    assert_eq!(call([h, 0, 1, 0x40]), OK);
+    assert_eq!(timer_taken(&m), (true, 27, 0x40));
+    assert_eq!(call([h, 0, 0, 0x40]), OK);
+    assert_eq!(timer_taken(&m), (true, 0, 0), "disabled: held, not pending");
+}

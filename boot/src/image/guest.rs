@@ -216,13 +216,10 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     // SAFETY: the ticket makes this vCPU ours until end_run.
     let vcpu = unsafe { &mut *ticket.vcpu };
     let host = save_host();
-    load_guest(vcpu, &ticket, index, &host);
-    if ticket.flush_local {
-        // Under the guest's VTTBR (load_guest): its VMID's entries here.
-        tlb::vmalle1_local();
-    }
     // The virtual interrupts: the guest's timer as it stands now, and the
-    // host's that wait, in the list registers.
+    // host's that wait, in the list registers. The physical PPI 27 is held
+    // (active) before the guest's timer is loaded, so that the timer's
+    // level never reaches the CPU interface meanwhile.
     let shape = gic::common_shape();
     let timer = vgic::timer_asserted(
         vcpu.el1[el1::CNTV_CTL],
@@ -230,13 +227,18 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
         sysreg::cntpct_el0(),
     );
     let entry = vcpu.vgic.prepare(timer, shape.lrs);
-    // SAFETY: the guest's own interrupt state, for the run that follows.
-    unsafe { gic::restore(shape, &vcpu.vgic.lr, &vcpu.vgic.apr, entry.hcr) };
     super::timer::run_begins(
         host.el1.r[el1::CNTV_CTL],
         host.el1.r[el1::CNTV_CVAL],
-        entry.timer_in_flight,
+        entry.hold_timer_ppi,
     );
+    load_guest(vcpu, &ticket, index, &host);
+    if ticket.flush_local {
+        // Under the guest's VTTBR (load_guest): its VMID's entries here.
+        tlb::vmalle1_local();
+    }
+    // SAFETY: the guest's own interrupt state, for the run that follows.
+    unsafe { gic::restore(shape, &vcpu.vgic.lr, &vcpu.vgic.apr, entry.hcr) };
     let mut run = GuestRun {
         save: HostSave::default(),
         vcpu: ticket.vcpu,
@@ -265,8 +267,9 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     vcpu.fp.v = fp.v;
     vcpu.fp.fpsr = fp.fpsr;
     vcpu.fp.fpcr = fp.fpcr;
-    super::timer::run_ends(entry.timer_in_flight);
     restore_host(&host);
+    // With the host's timer back: the physical PPI 27 is released to it.
+    super::timer::run_ends(entry.hold_timer_ppi);
     hyp.end_run(&ticket);
     // SAFETY: written by the trap handler through `run_ptr` before it left.
     let exit = unsafe { core::ptr::read_volatile(&(*run_ptr).exit) };

@@ -12,11 +12,12 @@
 //!   a run when a list register the guest finished with is needed for an
 //!   interrupt that waits (keel_hyp::vgic).
 //! - The guest's virtual timer (PPI 27, which the host's timer uses too):
-//!   while its virtual interrupt is in flight in a list register linked to
-//!   it, the physical interrupt is made active for the run, so it does not
-//!   end the run again; the guest's deactivation of the virtual interrupt
-//!   deactivates it. It is made inactive again before the host resumes, so
-//!   the host's own timer interrupt is never held back.
+//!   while the timer asserts it, or its virtual interrupt is in flight in
+//!   a list register linked to it, the physical interrupt is made active
+//!   for the run, so it does not end the run again and again; the guest's
+//!   deactivation of the virtual interrupt deactivates it. It is made
+//!   inactive again once the host's timer is back, so the host's own timer
+//!   interrupt is never held back.
 //!
 //! PPIs 25 and 26 are enabled only for the run (the host's GIC
 //! configuration leaves them off: nothing of the host uses them).
@@ -92,12 +93,13 @@ fn write_sgi_frame(offset: u64, bits: u32) {
     unsafe { ((rd + offset) as *mut u32).write_volatile(bits) };
 }
 
-/// Before a guest run (the guest's timer registers loaded): arms the EL2
-/// timer at the host's virtual-timer deadline, if its timer is armed
-/// (CNTV_CTL: ENABLE set, IMASK clear); enables the maintenance interrupt;
-/// and makes the physical virtual-timer interrupt active if the guest's
-/// is in flight (`vtimer_in_flight`).
-pub fn run_begins(cntv_ctl: u64, cntv_cval: u64, vtimer_in_flight: bool) {
+/// Before a guest run (before the guest's timer registers are loaded):
+/// arms the EL2 timer at the host's virtual-timer deadline, if its timer
+/// is armed (CNTV_CTL: ENABLE set, IMASK clear); enables the maintenance
+/// interrupt; and makes the physical virtual-timer interrupt active if the
+/// guest's is to be held (`hold_vtimer`: in flight in a list register, or
+/// asserted and waiting for one).
+pub fn run_begins(cntv_ctl: u64, cntv_cval: u64, hold_vtimer: bool) {
     let mut enable = 1 << MAINTENANCE_PPI;
     if cntv_ctl & 0b11 == 0b01 {
         // With CNTVOFF_EL2 = 0 the virtual and physical counts are the same.
@@ -109,7 +111,7 @@ pub fn run_begins(cntv_ctl: u64, cntv_cval: u64, vtimer_in_flight: bool) {
         enable |= 1 << HYP_TIMER_PPI;
     }
     write_sgi_frame(GICR_SGI_ISENABLER0, enable);
-    if vtimer_in_flight {
+    if hold_vtimer {
         write_sgi_frame(GICR_SGI_ISACTIVER0, 1 << VTIMER_PPI);
     }
     // The redistributor writes complete before the guest runs.
@@ -117,17 +119,17 @@ pub fn run_begins(cntv_ctl: u64, cntv_cval: u64, vtimer_in_flight: bool) {
     barrier::isb();
 }
 
-/// After the run, before the host's timer registers come back: undoes
+/// After the run, once the host's timer registers are back: undoes
 /// [`run_begins`] (the EL2 timer's interrupt, level-sensitive, is no
 /// longer pending once it is disabled).
-pub fn run_ends(vtimer_in_flight: bool) {
+pub fn run_ends(hold_vtimer: bool) {
     // SAFETY: as above.
     unsafe { core::arch::asm!("msr cnthp_ctl_el2, {}", in(reg) 0u64, options(nostack)) };
     write_sgi_frame(
         GICR_SGI_ICENABLER0,
         (1 << HYP_TIMER_PPI) | (1 << MAINTENANCE_PPI),
     );
-    if vtimer_in_flight {
+    if hold_vtimer {
         write_sgi_frame(GICR_SGI_ICACTIVER0, 1 << VTIMER_PPI);
     }
     barrier::dsb_sy();

@@ -176,6 +176,20 @@ pub fn keel_vcpu_irq(handle: u64, vcpu: u64, intid: u64, priority: u64) -> Resul
     call(func::KEEL_VCPU_IRQ, handle, vcpu, intid, priority).map(drop)
 }
 
+/// KEEL_VCPU_VTIMER (keel extension, not in ABI 1.0): the guest's own
+/// configuration of its virtual timer's interrupt (enabled, priority), as
+/// it wrote it to the redistributor the VMM emulates.
+pub fn keel_vcpu_vtimer(handle: u64, vcpu: u64, enabled: bool, priority: u64) -> Result<(), Error> {
+    call(
+        func::KEEL_VCPU_VTIMER,
+        handle,
+        vcpu,
+        u64::from(enabled),
+        priority,
+    )
+    .map(drop)
+}
+
 pub fn vm_create(nr_vcpus: u64) -> Result<u64, Error> {
     Ok(call(func::VM_CREATE, nr_vcpus, 0, 0, 0)?.0[1])
 }

@@ -51,10 +51,23 @@ pub mod func {
     /// INTID or priority; BUSY while the vCPU runs, or when 32 interrupts
     /// already wait for it (run it, then retry).
     pub const KEEL_VCPU_IRQ: u64 = 0xC600_01F2;
+    /// keel extension (not in ABI 1.0): x1 = VM handle, x2 = vCPU index,
+    /// x3 = 1 if the guest has its virtual timer's interrupt (PPI 27)
+    /// enabled, 0 if not, x4 = its priority (0..=255): what the guest
+    /// wrote to the redistributor the VMM emulates. keel raises the timer
+    /// only while it is enabled, at that priority (by default: enabled,
+    /// 0xa0). INVALID_PARAMETER for a bad handle, index (or a vCPU never
+    /// started), x3 or x4; BUSY while the vCPU runs.
+    pub const KEEL_VCPU_VTIMER: u64 = 0xC600_01F3;
 
     /// The keel extensions: host only, like [`HOST_CALLS`] (a guest gets
     /// NOT_SUPPORTED).
-    pub const KEEL_CALLS: [u64; 3] = [KEEL_CHECK_INVARIANTS, KEEL_TABLE_PAGES, KEEL_VCPU_IRQ];
+    pub const KEEL_CALLS: [u64; 4] = [
+        KEEL_CHECK_INVARIANTS,
+        KEEL_TABLE_PAGES,
+        KEEL_VCPU_IRQ,
+        KEEL_VCPU_VTIMER,
+    ];
 
     /// Every host-side function the contract defines, for tests that sweep them.
     pub const HOST_CALLS: [u64; 20] = [

@@ -52,6 +52,7 @@ fn expected() -> Vec<(&'static str, i128)> {
         ),
         ("KEEL_FN_KEEL_TABLE_PAGES", u(func::KEEL_TABLE_PAGES)),
         ("KEEL_FN_KEEL_VCPU_IRQ", u(func::KEEL_VCPU_IRQ)),
+        ("KEEL_FN_KEEL_VCPU_VTIMER", u(func::KEEL_VCPU_VTIMER)),
         // Statuses.
         ("KEEL_STATUS_SUCCESS", s(status::SUCCESS)),
         ("KEEL_STATUS_NOT_SUPPORTED", s(status::NOT_SUPPORTED)),

@@ -335,7 +335,7 @@ impl Input<'_> {
 }
 
 /// IDs the decoder names by index.
-const IDS: [u64; 27] = [
+const IDS: [u64; 28] = [
     func::FEATURES,
     func::CALL_UID,
     func::REVISION,
@@ -364,6 +364,7 @@ const IDS: [u64; 27] = [
     // Last, so that the corpus's earlier indices keep their meaning.
     func::KEEL_TABLE_PAGES,
     func::KEEL_VCPU_IRQ,
+    func::KEEL_VCPU_VTIMER,
 ];
 
 /// Guest-side IDs (x0 of a trapped HVC or SMC).
@@ -564,6 +565,11 @@ impl Machine {
                     }
                     func::VM_UNSHARE => [inp.handle(), inp.ipa(), inp.nr(), 0, 0],
                     func::VM_MEM_STATE => [inp.handle(), inp.ipa(), 0, 0, 0],
+                    func::KEEL_VCPU_VTIMER => {
+                        let enabled = inp.pick(&[0, 1, 1, 2, u64::MAX]);
+                        let prio = inp.pick(&[0, 0x40, 0xa0, 0xff, 0x100]);
+                        [inp.handle(), inp.vcpu(), enabled, prio, 0]
+                    }
                     func::KEEL_VCPU_IRQ => {
                         let intid = match inp.byte() % 4 {
                             0..=1 => u64::from(inp.byte()) * 4,

@@ -360,8 +360,9 @@ keel_guest_start:
 
 170: /* IRQS: takes interrupts through the GIC's CPU interface: ICC_PMR_EL1
       * 0xff, group 1 on, the IRQ vector above, IRQs unmasked; if a1, the
-      * virtual timer fires in a1 ticks (CNTV_TVAL_EL0); then spins a2
-      * times, or (a2 = 0) waits with WFI until an interrupt came.
+      * virtual timer fires in a1 ticks (CNTV_TVAL_EL0); then, if a3, waits
+      * until a2 interrupts came or a3 ticks of CNTVCT_EL0 passed; else
+      * spins a2 times, or (a2 = 0) waits with WFI until an interrupt came.
       * Report (INTIDs taken, 10 bits each, the last lowest; how many) */
     adr     x9, keel_guest_start
     msr     vbar_el1, x9
@@ -376,12 +377,21 @@ keel_guest_start:
     msr     cntv_ctl_el0, x9
 171: isb
     msr     daifclr, #2
+    cbnz    x13, 175f
     cbz     x12, 173f
 172: subs   x12, x12, #1
     b.ne    172b
     b       174f
 173: wfi
     cbz     x6, 173b
+    b       174f
+175: mrs    x14, cntvct_el0
+    add     x13, x13, x14
+176: cmp    x6, x12
+    b.hs    174f
+    mrs     x14, cntvct_el0
+    cmp     x14, x13
+    b.lo    176b
 174: msr    daifset, #2
     msr     cntv_ctl_el0, xzr
     msr     vbar_el1, xzr

@@ -108,7 +108,7 @@ const MAX_VCPUS: usize = 4;
 const HANDLE_BASE: u64 = keel_abi::VM_HANDLE_BASE;
 
 /// Every function ID the ABI names, and the keel extensions.
-const IDS: [u64; 27] = [
+const IDS: [u64; 28] = [
     func::FEATURES,
     func::CALL_UID,
     func::REVISION,
@@ -136,6 +136,7 @@ const IDS: [u64; 27] = [
     func::KEEL_CHECK_INVARIANTS,
     func::KEEL_TABLE_PAGES,
     func::KEEL_VCPU_IRQ,
+    func::KEEL_VCPU_VTIMER,
 ];
 
 fn call_name(id: u64) -> &'static str {
@@ -167,6 +168,7 @@ fn call_name(id: u64) -> &'static str {
         func::KEEL_CHECK_INVARIANTS => "KEEL_CHECK_INVARIANTS",
         func::KEEL_TABLE_PAGES => "KEEL_TABLE_PAGES",
         func::KEEL_VCPU_IRQ => "KEEL_VCPU_IRQ",
+        func::KEEL_VCPU_VTIMER => "KEEL_VCPU_VTIMER",
         _ => "?",
     }
 }
@@ -1009,6 +1011,30 @@ impl Fuzzer {
                     return Err(self.fail(format_args!(
                         "KEEL_TABLE_PAGES of {:#x}: status {}, {} pages",
                         which, r.0[0] as i64, r.0[1]
+                    )));
+                }
+            }
+            func::KEEL_VCPU_VTIMER => {
+                // A started vCPU of a live VM takes a good configuration.
+                let (h, i) = (self.handle(), self.vcpu());
+                let enabled = self.rng.pick(&[0, 1, 1, 2]);
+                let prio = if self.rng.one_in(8) {
+                    self.rng.next()
+                } else {
+                    self.rng.below(256)
+                };
+                let r = self.call(id, [h, i, enabled, prio, 0])?;
+                let started =
+                    matches!(self.known_cpu(h, i), Some((_, _, c)) if !matches!(c, Cpu::Uninit));
+                let want = if enabled <= 1 && prio <= 0xff && started {
+                    status::SUCCESS
+                } else {
+                    status::INVALID_PARAMETER
+                };
+                if r.0[0] as i64 != want {
+                    return Err(self.fail(format_args!(
+                        "KEEL_VCPU_VTIMER({:#x}, {}, {}, {:#x}): status {}, expected {}",
+                        h, i, enabled, prio, r.0[0] as i64, want
                     )));
                 }
             }
