@@ -2215,6 +2215,25 @@ fn virtual_timer(boot: &BootInfo) -> TestResult {
         "interrupts with the timer off"
     );
     released()?;
+    // Four host interrupts at 0xff, which the guest's priority mask keeps
+    // out, fill QEMU's four list registers: the timer takes the place of
+    // one (it neither waits behind them nor ends every run meanwhile), and
+    // so does a host interrupt of higher priority.
+    for i in 0..4 {
+        ok(func::KEEL_VCPU_IRQ, [h, 0, 60 + i, 0xff], "KEEL_VCPU_IRQ")?;
+    }
+    ensure_eq!(
+        g.op(Op::Irqs, 2000, 1, second)?,
+        (27, 1),
+        "the timer, with every list register holding a masked interrupt"
+    );
+    ok(func::KEEL_VCPU_IRQ, [h, 0, 50, 0x20], "KEEL_VCPU_IRQ")?;
+    ensure_eq!(
+        g.op(Op::Irqs, 0, 1, second)?,
+        (50, 1),
+        "a host interrupt, with every list register holding a masked one"
+    );
+    released()?;
     g.teardown()
 }
 
