@@ -714,42 +714,44 @@ static long keel_ioc_vm_destroy(struct keel_file *kf, void __user *argp)
 	return ret;
 }
 
-static long keel_ioc_vcpu_init(struct keel_file *kf, void __user *argp)
+/*
+ * A call on VM `handle` of this file with three more arguments that
+ * answers with a status (VCPU_INIT, KEEL_VCPU_IRQ), made under the VM's run
+ * lock (shared), so that a teardown waits for it.
+ */
+static long keel_vm_status_call(struct keel_file *kf, u64 id, u64 handle, u64 a1, u64 a2,
+				u64 a3)
 {
-	struct keel_vcpu_init_arg a;
-	struct keel_vm *vm;
+	struct keel_vm *vm = keel_vm_get(kf, handle);
 	long s;
 
-	if (copy_from_user(&a, argp, sizeof(a)))
-		return -EFAULT;
-	vm = keel_vm_get(kf, a.handle);
 	if (!vm)
 		return -ENOENT;
 	down_read(&vm->run_lock);
 	s = vm->dead ? KEEL_STATUS_INVALID_PARAMETER :
-		keel_vcpu_init(vm->handle, a.vcpu, a.entry, a.x0);
+		keel_call_status(id, vm->handle, a1, a2, a3);
 	up_read(&vm->run_lock);
 	keel_vm_put(vm);
 	return keel_status_to_errno(s);
 }
 
-static long keel_ioc_vcpu_irq(struct keel_file *kf, void __user *argp)
+static long keel_ioc_vcpu_init(struct keel_file *kf, void __user *argp)
 {
-	struct keel_vcpu_irq_arg a;
-	struct keel_vm *vm;
-	long s;
+	struct keel_vcpu_init_arg a;
 
 	if (copy_from_user(&a, argp, sizeof(a)))
 		return -EFAULT;
-	vm = keel_vm_get(kf, a.handle);
-	if (!vm)
-		return -ENOENT;
-	down_read(&vm->run_lock);
-	s = vm->dead ? KEEL_STATUS_INVALID_PARAMETER :
-		keel_vcpu_irq(vm->handle, a.vcpu, a.intid, a.priority);
-	up_read(&vm->run_lock);
-	keel_vm_put(vm);
-	return keel_status_to_errno(s);
+	return keel_vm_status_call(kf, KEEL_FN_VCPU_INIT, a.handle, a.vcpu, a.entry, a.x0);
+}
+
+static long keel_ioc_vcpu_irq(struct keel_file *kf, void __user *argp)
+{
+	struct keel_vcpu_irq_arg a;
+
+	if (copy_from_user(&a, argp, sizeof(a)))
+		return -EFAULT;
+	return keel_vm_status_call(kf, KEEL_FN_KEEL_VCPU_IRQ, a.handle, a.vcpu, a.intid,
+				   a.priority);
 }
 
 static long keel_ioc_vcpu_run(struct keel_file *kf, void __user *argp)

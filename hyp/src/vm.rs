@@ -526,16 +526,7 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         intid: u64,
         priority: u64,
     ) -> Result<(), CallError> {
-        let vm = self.vms.live_mut(handle)?;
-        if index >= vm.nr_vcpus as u64 {
-            return Err(CallError::Invalid);
-        }
-        let vcpu = &mut vm.vcpus[index as usize];
-        match vcpu.state {
-            VcpuState::Uninit => Err(CallError::Invalid),
-            VcpuState::Running => Err(CallError::Busy),
-            VcpuState::Ready | VcpuState::Failed(_) => vcpu.vgic.inject(intid, priority),
-        }
+        self.idle_vcpu(handle, index)?.vgic.inject(intid, priority)
     }
 
     /// KEEL_VCPU_VTIMER: the guest's configuration of its virtual timer's
@@ -548,18 +539,27 @@ impl<G: TlbMaintenance, T: TlbMaintenance, M: HypMmu> VmOps<'_, G, T, M> {
         enabled: u64,
         priority: u64,
     ) -> Result<(), CallError> {
+        if enabled > 1 || priority > 0xff {
+            return Err(CallError::Invalid);
+        }
+        let vcpu = self.idle_vcpu(handle, index)?;
+        vcpu.vgic.set_timer(enabled == 1, priority as u8);
+        Ok(())
+    }
+
+    /// vCPU `index` of live VM `handle`, started and not running now: the
+    /// state the host may change between its runs (Invalid for a vCPU
+    /// never started, Busy for one that runs).
+    fn idle_vcpu(&mut self, handle: u64, index: u64) -> Result<&mut Vcpu, CallError> {
         let vm = self.vms.live_mut(handle)?;
-        if index >= vm.nr_vcpus as u64 || enabled > 1 || priority > 0xff {
+        if index >= vm.nr_vcpus as u64 {
             return Err(CallError::Invalid);
         }
         let vcpu = &mut vm.vcpus[index as usize];
         match vcpu.state {
             VcpuState::Uninit => Err(CallError::Invalid),
             VcpuState::Running => Err(CallError::Busy),
-            VcpuState::Ready | VcpuState::Failed(_) => {
-                vcpu.vgic.set_timer(enabled == 1, priority as u8);
-                Ok(())
-            }
+            VcpuState::Ready | VcpuState::Failed(_) => Ok(vcpu),
         }
     }
 
