@@ -1,6 +1,7 @@
 //! The GICv3 virtual CPU interface's EL2 registers that keel switches per
 //! vCPU: the list registers (ICH_LR<n>_EL2), the active-priority registers
-//! (ICH_AP0R<n>_EL2, ICH_AP1R<n>_EL2) and the control (ICH_HCR_EL2).
+//! (ICH_AP0R<n>_EL2, ICH_AP1R<n>_EL2), the guest's own controls
+//! (ICH_VMCR_EL2) and keel's (ICH_HCR_EL2).
 //! Their contents are `keel_hyp::vgic`'s business; this moves them.
 //!
 //! The registers are named by encoding, which assemblers without GICv3
@@ -115,10 +116,12 @@ mod regs {
         4 "s3_4_c12_c9_0", 5 "s3_4_c12_c9_1", 6 "s3_4_c12_c9_2", 7 "s3_4_c12_c9_3",
     );
 
-    /// Reads the CPU's list registers into `lr` and its active priorities
-    /// into `apr` (group 0's in `apr[0..4]`, group 1's in `apr[4..8]`);
-    /// entries past the CPU's registers are left as they are.
-    pub fn save(shape: VgicShape, lr: &mut [u64; 16], apr: &mut [u64; 8]) {
+    /// Reads the CPU's list registers into `lr`, its active priorities
+    /// into `apr` (group 0's in `apr[0..4]`, group 1's in `apr[4..8]`) and
+    /// ICH_VMCR_EL2 into `vmcr`; entries past the CPU's registers are left
+    /// as they are.
+    pub fn save(shape: VgicShape, lr: &mut [u64; 16], apr: &mut [u64; 8], vmcr: &mut u64) {
+        *vmcr = crate::sysreg::ich_vmcr_el2();
         for (n, l) in lr.iter_mut().enumerate().take(shape.lrs) {
             *l = read_lr(n);
         }
@@ -128,13 +131,15 @@ mod regs {
         }
     }
 
-    /// Loads a vCPU's list and active-priority registers, then ICH_HCR_EL2
-    /// (`hcr`).
+    /// Loads a vCPU's list and active-priority registers and ICH_VMCR_EL2,
+    /// then ICH_HCR_EL2 (`hcr`).
     ///
     /// # Safety
     /// Only while the guest they belong to is about to run: with
     /// ICH_HCR_EL2.En set they are what its EL1 takes as interrupts.
-    pub unsafe fn restore(shape: VgicShape, lr: &[u64; 16], apr: &[u64; 8], hcr: u64) {
+    pub unsafe fn restore(shape: VgicShape, lr: &[u64; 16], apr: &[u64; 8], vmcr: u64, hcr: u64) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::sysreg::set_ich_vmcr_el2(vmcr) };
         for (n, l) in lr.iter().enumerate().take(shape.lrs) {
             // SAFETY: the caller's contract.
             unsafe { write_lr(n, *l) };

@@ -98,6 +98,10 @@ pub struct Vgic {
     /// ICH_AP0R<n>_EL2, then ICH_AP1R<n>_EL2: the guest's active
     /// priorities (nested interrupts it has acknowledged).
     pub apr: [u64; 2 * MAX_APRS],
+    /// ICH_VMCR_EL2: the guest's ICC_PMR, binary points and group enables,
+    /// which reach the virtual interface while it runs. Switched, or one
+    /// guest would read what another wrote there.
+    pub vmcr: u64,
     queue: [Queued; QUEUE],
     queued: u8,
     timer_enabled: bool,
@@ -133,6 +137,7 @@ impl Vgic {
         Vgic {
             lr: [0; MAX_LRS],
             apr: [0; 2 * MAX_APRS],
+            vmcr: 0,
             queue: [Queued {
                 intid: 0,
                 priority: 0,

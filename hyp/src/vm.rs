@@ -84,13 +84,9 @@ pub struct Vcpu {
     pub pstate: u64,
     pub el1: [u64; EL1_REGS],
     pub ext: [u64; EXT_REGS],
-    /// ICH_VMCR_EL2: the guest's GIC CPU interface state (its ICC_PMR,
-    /// BPR and group enables, which reach the virtual interface while it
-    /// runs). Switched, or one guest would read what another wrote there.
-    pub vmcr: u64,
     pub fp: Fp,
-    /// The virtual GIC CPU interface's list and active-priority registers,
-    /// and the host's interrupts waiting for them.
+    /// The virtual GIC CPU interface's state (list and active-priority
+    /// registers, ICH_VMCR_EL2), and the host's interrupts waiting for it.
     pub vgic: Vgic,
     pub state: VcpuState,
     pub pending: Pending,
@@ -104,7 +100,6 @@ impl Vcpu {
             pstate: 0,
             el1: [0; EL1_REGS],
             ext: [0; EXT_REGS],
-            vmcr: 0,
             fp: Fp {
                 v: [0; 32],
                 fpsr: 0,

@@ -1732,13 +1732,7 @@ fn a_cpu_with_less_than_guests_read_stays_out() {
             vcpu.state = VcpuState::Running;
             // MRS x3, ID_AA64PFR0_EL1.
             let esr = sysreg_esr(3, 0, 0, 4, 0, 3, true);
-            let trap = Trap {
-                kind: TrapKind::Sync,
-                esr,
-                far: 0,
-                hpfar: 0,
-            };
-            assert_eq!(m.hyp.guest_trap(slot(h), &mut vcpu, &trap), Action::Resume);
+            assert_eq!(m.trap(h, &mut vcpu, esr, 0, 0), Action::Resume);
             assert_eq!((vcpu.x[3] >> 48) & 0xf, 1, "the guest read DIT");
         }
         let late = m.hyp.guest_ids.lock().add_cpu(&without);
@@ -1765,16 +1759,7 @@ fn guest_system_register_traps() {
         vcpu.pc = 0x1000;
         vcpu.x[3] = 0xdead;
         vcpu.state = VcpuState::Running;
-        let a = m.hyp.guest_trap(
-            slot(h),
-            &mut vcpu,
-            &Trap {
-                kind: TrapKind::Sync,
-                esr,
-                far: 0,
-                hpfar: 0,
-            },
-        );
+        let a = m.trap(h, &mut vcpu, esr, 0, 0);
         assert_eq!(vcpu.state, VcpuState::Running, "ESR {esr:#x}");
         (a, vcpu.pc, vcpu.x[3])
     };
@@ -1870,16 +1855,7 @@ fn a_guest_sgi_exits_to_the_host() {
         vcpu.pc = 0x1000;
         vcpu.x[3] = 0x0100_0000_0001_0002;
         vcpu.state = VcpuState::Running;
-        let a = m.hyp.guest_trap(
-            slot(h),
-            &mut vcpu,
-            &Trap {
-                kind: TrapKind::Sync,
-                esr,
-                far: 0,
-                hpfar: 0,
-            },
-        );
+        let a = m.trap(h, &mut vcpu, esr, 0, 0);
         (a, vcpu.pc, vcpu.pending)
     };
     let value = 0x0100_0000_0001_0002;

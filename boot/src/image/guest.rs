@@ -177,7 +177,6 @@ fn load_guest(vcpu: &Vcpu, ticket: &RunTicket, index: u64, host: &HostState) {
         sysreg::set_vtcr_el2(ticket.vtcr | VTCR_RES1);
         El1Regs { r: vcpu.el1 }.restore_quiesced();
         ExtRegs { r: vcpu.ext }.restore(host.has);
-        sysreg::set_ich_vmcr_el2(vcpu.vmcr);
         // The host's PMU counts nothing of the guest (its events would be a
         // side channel), and raises no overflow interrupt inside it.
         if host.pmu.is_some() {
@@ -238,7 +237,10 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
         tlb::vmalle1_local();
     }
     // SAFETY: the guest's own interrupt state, for the run that follows.
-    unsafe { gic::restore(shape, &vcpu.vgic.lr, &vcpu.vgic.apr, entry.hcr) };
+    unsafe {
+        let v = &vcpu.vgic;
+        gic::restore(shape, &v.lr, &v.apr, v.vmcr, entry.hcr)
+    };
     let mut run = GuestRun {
         save: HostSave::default(),
         vcpu: ticket.vcpu,
@@ -258,8 +260,8 @@ pub fn vcpu_run(hyp: &Hyp, frame: &mut TrapFrame) {
     // until `restore_host` has loaded the host's.
     let _ = unsafe { El1Regs::quiesce() };
     vcpu.ext = ExtRegs::save(host.has).r;
-    vcpu.vmcr = sysreg::ich_vmcr_el2();
-    gic::save(shape, &mut vcpu.vgic.lr, &mut vcpu.vgic.apr);
+    let v = &mut vcpu.vgic;
+    gic::save(shape, &mut v.lr, &mut v.apr, &mut v.vmcr);
     // SAFETY: the host has no virtual CPU interface.
     unsafe { gic::set_hcr(0) };
     let mut fp = FpRegs::default();
